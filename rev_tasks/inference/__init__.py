@@ -1,0 +1,1 @@
+"""Model loading and activation capture with transformers (torch; no celery)."""
