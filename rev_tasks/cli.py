@@ -1,0 +1,260 @@
+"""The ``rev`` console script.
+
+In-process commands (``verify``, ``fingerprint``, ``audit``) need no broker or database.
+Farm commands (``submit``, ``status``, ``wait``, ``worker``, ``backup``, ``health`` …) are
+added by their own modules through ``add_commands(subparsers)`` so that this file stays a
+thin dispatcher. Every user error ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+_PLUGINS = (
+    "rev_tasks.client",
+    "rev_tasks.worker_cli",
+    "rev_tasks.ops.backup",
+    "rev_tasks.ops.health",
+    "rev_tasks.auth_cli",
+)
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _progress_printer(enabled: bool, label: str) -> Any:
+    if not enabled:
+        return None
+    start = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        width = 24
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        elapsed = time.monotonic() - start
+        sys.stderr.write(f"\r{label} [{bar}] {done}/{total} challenges  {elapsed:5.1f}s")
+        sys.stderr.flush()
+
+    return show
+
+
+def _load(path: str, dtype: str, device: str) -> Any:
+    from rev_tasks.inference import load_model
+
+    return load_model(path, dtype=dtype, device=device)
+
+
+def _read_key(path: str | None) -> bytes:
+    from rev_tasks.core.keys import load_key
+
+    try:
+        return load_key(path)
+    except FileNotFoundError as exc:
+        raise UserError(f"key file not found: {path}") from exc
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rev_tasks.engine import (
+        Verification,
+        VerifyParams,
+        load_fingerprint,
+        looks_like_fingerprint,
+    )
+
+    key = _read_key(args.key_file)
+    params = VerifyParams(
+        tolerance=args.tolerance,
+        alpha=args.alpha,
+        max_challenges=args.max_challenges,
+        batch_size=args.batch_size,
+        bits=args.bits,
+    )
+    budget_mb = args.memory_budget
+    reference: Any
+    if os.path.isfile(args.reference) and looks_like_fingerprint(args.reference):
+        reference = load_fingerprint(args.reference)
+    else:
+        reference = _load_side(args.reference, args, budget_mb)
+    candidate = _load_side(args.candidate, args, budget_mb)
+    show = _progress_printer(not args.json and sys.stderr.isatty(), "verifying")
+    outcome = Verification(reference, candidate, key, params).run(show)
+    if show:
+        sys.stderr.write("\n")
+    if args.transcript:
+        Path(args.transcript).write_text(json.dumps(outcome.transcript, indent=1) + "\n")
+    result = dict(outcome.result)
+    if args.transcript:
+        result["transcript"] = str(args.transcript)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        d = result["distances"]
+        mean = "n/a" if d["mean"] is None else f"{d['mean']:.6f}"
+        print(f"verdict:     {result['verdict']}")
+        print(f"reason:      {result['reason']}")
+        print(
+            f"challenges:  {result['challenges_used']} of {result['challenges_max']} "
+            f"(tolerance {result['tolerance']}, alpha {result['alpha']})"
+        )
+        print(f"distance:    mean {mean} over {d['count']} challenges; sites {result['sites']}")
+        print(f"transcript:  root {result['transcript_root']}")
+        for note in result["notes"]:
+            print(f"note:        {note}")
+    return 0
+
+
+def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> Any:
+    if budget_mb:
+        try:
+            from rev_tasks.inference.streaming import load_streamed
+        except ImportError as exc:
+            raise UserError("--memory-budget needs the streaming engine, not installed") from exc
+        return load_streamed(path, memory_budget_mb=budget_mb, dtype=args.dtype)
+    return _load(path, args.dtype, args.device)
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from rev_tasks.engine import fingerprint_model
+
+    key = _read_key(args.key_file)
+    model = _load(args.model, args.dtype, args.device)
+    show = _progress_printer(sys.stderr.isatty(), "fingerprinting")
+    doc = fingerprint_model(model, key, n=args.challenges, bits=args.bits, progress=show)
+    if show:
+        sys.stderr.write("\n")
+    Path(args.output).write_text(json.dumps(doc) + "\n")
+    print(
+        f"wrote {args.output}: {len(doc['signatures'])} challenges, sites {doc['sites']}, "
+        f"commitment {doc['challenge_commitment']}"
+    )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rev_tasks.core.transcript import audit
+
+    try:
+        doc = json.loads(Path(args.transcript).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UserError(f"transcript not found: {args.transcript}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"transcript is not JSON: {args.transcript}: {exc}") from exc
+    problems = audit(doc)
+    if args.json:
+        print(json.dumps({"valid": not problems, "problems": problems}))
+    elif problems:
+        print(f"INVALID transcript {args.transcript}:")
+        for p in problems:
+            print(f"  - {p}")
+    else:
+        decision = doc.get("decision", {})
+        print(
+            f"valid transcript: root {doc.get('root')}, {len(doc.get('records', []))} records, "
+            f"verdict {decision.get('verdict')} after {decision.get('challenges_used')} challenges"
+        )
+    return 1 if problems else 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _memory_budget(text: str) -> int:
+    """Accepts 512, 512MB, 2GB, 1.5G; returns megabytes."""
+    t = text.strip().upper().removesuffix("B")
+    scale = 1.0
+    if t.endswith("G"):
+        scale, t = 1024.0, t[:-1]
+    elif t.endswith("M"):
+        t = t[:-1]
+    try:
+        mb = int(float(t) * scale)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MB)") from exc
+    if mb < 16:
+        raise argparse.ArgumentTypeError("memory budget must be at least 16MB")
+    return mb
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    from rev_tasks.inference.loader import DTYPES
+
+    p.add_argument("--key-file", help="secret challenge key (default: the public demo key)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--bits", type=_positive_int, default=4096, help="signature bits per site")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rev", description="REV Farm: verify that a model is the model it claims to be."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    v = sub.add_parser("verify", help="compare two models in-process")
+    v.add_argument("reference", help="reference model folder or fingerprint file")
+    v.add_argument("candidate", help="candidate model folder")
+    v.add_argument("--tolerance", choices=("exact", "precision"), default="exact")
+    v.add_argument("--alpha", type=float, default=0.01)
+    v.add_argument("--max-challenges", type=_positive_int, default=64)
+    v.add_argument("--batch-size", type=_positive_int, default=8)
+    v.add_argument("--memory-budget", type=_memory_budget, help="stream layers within e.g. 512MB")
+    v.add_argument("--transcript", help="write the auditable transcript here")
+    v.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _model_options(v)
+    v.set_defaults(func=cmd_verify)
+
+    f = sub.add_parser("fingerprint", help="store a reference model's signatures")
+    f.add_argument("model")
+    f.add_argument("-o", "--output", required=True)
+    f.add_argument("--challenges", type=_positive_int, default=64)
+    _model_options(f)
+    f.set_defaults(func=cmd_fingerprint)
+
+    a = sub.add_parser("audit", help="check a transcript: root, proofs, distances, decision")
+    a.add_argument("transcript")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_audit)
+
+    for name in _PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rev_tasks.inference.loader import ModelLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ModelLoadError, ValueError, OSError) as exc:
+        print(f"rev: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rev: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Similarity-preserving binary signatures: seeded random projection, sign, pack.
+
+For two activation vectors at angle θ, each projected sign bit differs with probability θ/π
+(Charikar's SimHash), so the normalised Hamming distance between signatures estimates how far
+the activations moved: float noise flips almost no bits, a changed weight flips a few, an
+unrelated model flips about half. The projection comes from the secret key through SHAKE-256,
+so it is fixed by the key alone, the same on every machine and numpy version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import numpy as np
+
+from rev_tasks.core.keys import derive
+
+DEFAULT_BITS = 4096
+
+
+def _check_bits(bits: int) -> None:
+    if bits < 64 or bits % 64:
+        raise ValueError(f"bits per site must be a positive multiple of 64, not {bits}")
+
+
+@lru_cache(maxsize=32)
+def projection(key: bytes, site: int, hidden_size: int, bits: int = DEFAULT_BITS) -> np.ndarray:
+    """A ±1 matrix of shape (hidden_size, bits), float64, derived from the key and the site."""
+    _check_bits(bits)
+    seed = derive(key, f"projection/{hidden_size}x{bits}", site)
+    raw = hashlib.shake_256(seed).digest(hidden_size * bits // 8)
+    signs = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).reshape(hidden_size, bits)
+    matrix = signs.astype(np.float64) * 2.0 - 1.0
+    matrix.setflags(write=False)
+    return matrix
+
+
+def sign_signatures(pooled: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Packed sign bits of ``pooled @ matrix``: shape (batch, bits // 8), dtype uint8."""
+    if pooled.ndim != 2 or pooled.shape[1] != matrix.shape[0]:
+        raise ValueError(f"pooled states {pooled.shape} do not fit projection {matrix.shape}")
+    return np.packbits(pooled.astype(np.float64, copy=False) @ matrix > 0.0, axis=1)
+
+
+def site_signatures(
+    pooled_by_site: dict[int, np.ndarray], key: bytes, bits: int = DEFAULT_BITS
+) -> list[dict[int, np.ndarray]]:
+    """Per-challenge signatures ``[{site: packed bits}, ...]`` from pooled states by site."""
+    sites = sorted(pooled_by_site)
+    if not sites:
+        return []
+    batch = pooled_by_site[sites[0]].shape[0]
+    packed = {
+        s: sign_signatures(pooled_by_site[s], projection(key, s, pooled_by_site[s].shape[1], bits))
+        for s in sites
+    }
+    return [{s: packed[s][i] for s in sites} for i in range(batch)]
