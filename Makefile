@@ -26,3 +26,25 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# ---- the local farm (scripts/stack.py): real background processes, pid files + logs in var/
+up: setup
+	$(BIN)/python scripts/stack.py up
+
+down:
+	$(BIN)/python scripts/stack.py down
+
+# `make up`, the MiniLM SAME/DIFFERENT demo over HTTP, then `make down` even on failure.
+demo: setup
+	@trap '$(MAKE) --no-print-directory down' EXIT; \
+	$(MAKE) --no-print-directory up && $(BIN)/python scripts/stack.py demo
+
+.PHONY: test-integration
+# Only the farm's integration tests (real Redis, PostgreSQL and celery worker processes).
+test-integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+.PHONY: calibrate
+# Per-challenge distances of MiniLM variants: the data behind the tolerances (docs/statistics.md §9).
+calibrate: setup
+	$(BIN)/python -m bench.calibrate --challenges 64 --json bench/results/calibration.json
