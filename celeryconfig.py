@@ -1,0 +1,92 @@
+"""The farm's one explicit Celery configuration (``app.config_from_object("celeryconfig")``).
+
+Why each setting is what it is:
+
+* JSON only: messages carry ids and small JSON, never pickles or tensors.
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a worker killed mid-job (OOM, node
+  loss) gets its message redelivered instead of silently acked; the tasks are idempotent.
+* prefetch 1: a long inference job must not reserve the next one behind it.
+* Redis ``visibility_timeout`` above the longest job, or Redis redelivers a running job.
+* Redis result backend: chords complete by counter, without ``chord_unlock`` polling.
+* Declared queues with explicit routes; an unknown queue is an error, not a new queue.
+"""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from rev_tasks.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+result_expires = 24 * 3600
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_track_started = True
+task_time_limit = _settings.job_time_limit + 300
+task_soft_time_limit = _settings.job_time_limit
+worker_max_memory_per_child = _settings.worker_max_memory_kb or None
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = False
+
+timezone = "UTC"
+enable_utc = True
+
+QUEUE_CPU = "inference.cpu"
+QUEUE_CONSENSUS = "consensus"
+QUEUE_DEFAULT = "default"
+QUEUE_MAINTENANCE = "maintenance"
+GPU_QUEUES = _settings.gpu_queues
+
+task_default_queue = QUEUE_DEFAULT
+task_create_missing_queues = False
+task_queues = [
+    Queue(QUEUE_DEFAULT, routing_key=QUEUE_DEFAULT),
+    Queue(QUEUE_CPU, routing_key=QUEUE_CPU),
+    *[Queue(q, routing_key=q) for q in GPU_QUEUES],
+    Queue(QUEUE_CONSENSUS, routing_key=QUEUE_CONSENSUS),
+    Queue(QUEUE_MAINTENANCE, routing_key=QUEUE_MAINTENANCE),
+]
+ALL_QUEUES = [q.name for q in task_queues]
+
+# Inference tasks default to the CPU queue; the coordinator sends each job to the queue of
+# the device it resolved (inference.cpu or inference.cudaN) with an explicit ``queue=``.
+task_routes = {
+    "rev_tasks.tasks.verify.prepare": {"queue": QUEUE_DEFAULT},
+    "rev_tasks.tasks.verify.run_inference": {"queue": QUEUE_CPU},
+    "rev_tasks.tasks.models.fingerprint": {"queue": QUEUE_CPU},
+    "rev_tasks.tasks.consensus.validate": {"queue": QUEUE_CONSENSUS},
+    "rev_tasks.tasks.consensus.tally": {"queue": QUEUE_CONSENSUS},
+    "rev_tasks.tasks.consensus.consensus_failed": {"queue": QUEUE_CONSENSUS},
+    "rev_tasks.tasks.maintenance.*": {"queue": QUEUE_MAINTENANCE},
+    "rev_tasks.ops.*": {"queue": QUEUE_MAINTENANCE},
+}
+
+include = [
+    "rev_tasks.tasks.verify",
+    "rev_tasks.tasks.consensus",
+    "rev_tasks.tasks.models",
+    "rev_tasks.tasks.maintenance",
+]
+
+# Beat entries expire so that a backlog after an outage does not run them all at once.
+beat_schedule = {
+    "reap-stale-jobs": {
+        "task": "rev_tasks.tasks.maintenance.reap_stale_jobs",
+        "schedule": 300.0,
+        "options": {"expires": 240, "queue": QUEUE_MAINTENANCE},
+    },
+}

@@ -1,0 +1,91 @@
+"""The farm's Celery app (``celery -A rev_tasks worker`` finds it here as ``rev_tasks.celery``).
+
+Configuration lives in the top-level ``celeryconfig`` module. The signal handlers below make
+``-c N`` scale: each prefork child gets ``cores // N`` torch threads, drops the database
+connections it inherited from the parent and starts with an empty model cache. CUDA is
+never touched here: a child initialises it lazily when it first loads a model on ``cuda``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+
+log = logging.getLogger(__name__)
+
+if importlib.util.find_spec("celeryconfig") is None:  # started outside the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+app = Celery("rev_tasks")
+app.config_from_object("celeryconfig")
+
+_CONCURRENCY_ENV = "REV_WORKER_CONCURRENCY"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_child(concurrency: int, cores: int | None = None) -> int:
+    """Torch threads for one child so that ``-c`` children share the cores, not oversubscribe."""
+    return max(1, (cores or _cores()) // max(1, concurrency))
+
+
+@signals.celeryd_init.connect
+def _remember_concurrency(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+    """The parent knows ``-c``; children inherit it through the environment."""
+    concurrency = getattr(instance, "concurrency", None) or (kwargs.get("options") or {}).get(
+        "concurrency"
+    )
+    if concurrency:
+        os.environ[_CONCURRENCY_ENV] = str(int(concurrency))
+
+
+@signals.worker_process_init.connect
+def _init_child(**_: Any) -> None:
+    """Per-child setup after fork: fresh DB pool, empty model cache, bounded torch threads."""
+    from rev_tasks import modelcache
+    from rev_tasks.db.session import dispose_engine
+
+    dispose_engine(close=False)
+    modelcache.reset()
+    concurrency = int(os.environ.get(_CONCURRENCY_ENV, "1") or 1)
+    threads = threads_per_child(concurrency)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    log.info("worker child %s: %d torch thread(s) for -c %d", os.getpid(), threads, concurrency)
+
+
+@signals.worker_init.connect
+def _start_metrics(**_: Any) -> None:
+    """Serve the worker's merged Prometheus metrics from the main process (REV_METRICS_PORT)."""
+    try:
+        from rev_tasks import metrics
+
+        metrics.start_worker_metrics_server()
+    except Exception:  # noqa: BLE001 - a worker without /metrics still works
+        log.warning("worker metrics server not started", exc_info=True)
+
+
+@signals.worker_process_shutdown.connect
+def _child_exit(pid: int | None = None, **_: Any) -> None:
+    """Forget an exiting child's live gauges (models cached, validators running)."""
+    try:
+        from rev_tasks import metrics
+
+        metrics.mark_process_dead(pid or os.getpid())
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,159 @@
+"""Typed SQLAlchemy models: jobs, registered models, fingerprints, transcripts, votes.
+
+Big documents (transcripts, fingerprints) are zlib-compressed JSON in ``LargeBinary``
+columns: they are written once, read whole, and never queried inside. Small structured
+fields (request, result, error) are JSON columns so the API can return them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Job status as the API shows it; ``stage`` says where in the pipeline a running job is.
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+TERMINAL = frozenset({SUCCEEDED, FAILED})
+STAGES = ("queued", "prepared", "inference", "consensus", "done")
+
+MODEL_PENDING, MODEL_READY, MODEL_FAILED = "pending", "ready", "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def pack_json(doc: Any) -> bytes:
+    """Compact JSON, compressed: the storage form of transcripts and fingerprints."""
+    return zlib.compress(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(), 6)
+
+
+def unpack_json(blob: bytes) -> Any:
+    return json.loads(zlib.decompress(blob).decode())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class ModelRecord(Base):
+    """A registered reference model: a folder under the model roots plus its fingerprint."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=MODEL_PENDING)
+    descriptor: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class Fingerprint(Base):
+    """One model's signatures for its committed challenges under the farm key."""
+
+    __tablename__ = "fingerprints"
+
+    model_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    key_id: Mapped[str] = mapped_column(String(64))
+    n_challenges: Mapped[int] = mapped_column(Integer)
+    bits: Mapped[int] = mapped_column(Integer)
+    sites: Mapped[list[Any]] = mapped_column(JSON)
+    descriptor: Mapped[dict[str, Any]] = mapped_column(JSON)
+    commitment: Mapped[str | None] = mapped_column(String(64), default=None)
+    doc: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def document(self) -> dict[str, Any]:
+        return unpack_json(self.doc)
+
+
+class Job(Base):
+    """A verify or identify job; status and progress are what the API reports."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_created_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    stage: Mapped[str] = mapped_column(String(16), default="queued")
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    device: Mapped[str] = mapped_column(String(8))
+    queue: Mapped[str] = mapped_column(String(64))
+    reference_model_id: Mapped[str | None] = mapped_column(
+        String(128), ForeignKey("models.id", ondelete="SET NULL"), default=None
+    )
+    reference_path: Mapped[str | None] = mapped_column(Text, default=None)
+    candidate_path: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    commitment: Mapped[str | None] = mapped_column(String(64), default=None)
+    challenges_done: Mapped[int] = mapped_column(Integer, default=0)
+    challenges_max: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    consensus_dispatched_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), default=None
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class Transcript(Base):
+    """The committed transcript of a decided verification and the engine's result."""
+
+    __tablename__ = "transcripts"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    root: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[dict[str, Any]] = mapped_column(JSON)
+    doc: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def document(self) -> dict[str, Any]:
+        return unpack_json(self.doc)
+
+
+class Vote(Base):
+    """One validator's vote; (job, validator) is unique so redelivered votes are upserts."""
+
+    __tablename__ = "votes"
+    __table_args__ = (UniqueConstraint("job_id", "validator", name="uq_votes_job_validator"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    validator: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64))
+    problems: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,169 @@
+"""Small repository functions shared by the tasks and the web coordinator.
+
+Writes that a redelivered task may repeat are upserts keyed by their natural key (job id for
+a transcript, (job, validator) for a vote), so running a step twice stores one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from rev_tasks.db.models import (
+    FAILED,
+    MODEL_READY,
+    TERMINAL,
+    Fingerprint,
+    Job,
+    ModelRecord,
+    Transcript,
+    Vote,
+    pack_json,
+    utcnow,
+)
+
+
+def _insert(session: Session, model: type[Any]) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+def upsert(
+    session: Session,
+    model: type[Any],
+    values: dict[str, Any],
+    keys: Sequence[str],
+    update_columns: Sequence[str] | None = None,
+) -> None:
+    """INSERT … ON CONFLICT (keys) DO UPDATE/NOTHING, on PostgreSQL and SQLite alike."""
+    stmt = _insert(session, model).values(**values)
+    if update_columns:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={c: stmt.excluded[c] for c in update_columns}
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    session.execute(stmt)
+
+
+def fail_job(session: Session, job_id: str, code: str, message: str, **details: Any) -> bool:
+    """Mark a job failed unless it already finished; True when this call failed it."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(TERMINAL))
+        .values(status=FAILED, stage="done", error=error, finished_at=now, updated_at=now)
+    )
+    return bool(res.rowcount)
+
+
+def set_progress(session: Session, job_id: str, done: int, maximum: int) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(TERMINAL))
+        .values(challenges_done=done, challenges_max=maximum, updated_at=utcnow())
+    )
+
+
+def store_transcript(
+    session: Session, job_id: str, outcome: dict[str, Any], transcript: dict[str, Any]
+) -> None:
+    upsert(
+        session,
+        Transcript,
+        {
+            "job_id": job_id,
+            "root": str(outcome["transcript_root"]),
+            "verdict": str(outcome["verdict"]),
+            "outcome": outcome,
+            "doc": pack_json(transcript),
+            "created_at": utcnow(),
+        },
+        keys=["job_id"],
+        update_columns=["root", "verdict", "outcome", "doc"],
+    )
+
+
+def store_vote(
+    session: Session,
+    job_id: str,
+    validator: int,
+    verdict: str,
+    digest: str,
+    problems: list[str],
+) -> None:
+    """First vote wins: a redelivered validator cannot change its recorded vote."""
+    upsert(
+        session,
+        Vote,
+        {
+            "job_id": job_id,
+            "validator": validator,
+            "verdict": verdict,
+            "digest": digest,
+            "problems": problems,
+            "created_at": utcnow(),
+        },
+        keys=["job_id", "validator"],
+    )
+
+
+def votes_for(session: Session, job_id: str) -> list[Vote]:
+    return list(session.scalars(select(Vote).where(Vote.job_id == job_id).order_by(Vote.validator)))
+
+
+def store_fingerprint(session: Session, model_id: str, doc: dict[str, Any]) -> None:
+    upsert(
+        session,
+        Fingerprint,
+        {
+            "model_id": model_id,
+            "key_id": doc["key_id"],
+            "n_challenges": len(doc["signatures"]),
+            "bits": int(doc["bits"]),
+            "sites": list(doc["sites"]),
+            "descriptor": doc["descriptor"],
+            "commitment": doc.get("challenge_commitment"),
+            "doc": pack_json(doc),
+            "created_at": utcnow(),
+        },
+        keys=["model_id"],
+        update_columns=[
+            "key_id",
+            "n_challenges",
+            "bits",
+            "sites",
+            "descriptor",
+            "commitment",
+            "doc",
+        ],
+    )
+
+
+def ready_fingerprints(session: Session, key_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every ready model's fingerprint document (optionally only those under one key)."""
+    stmt = (
+        select(Fingerprint)
+        .join(ModelRecord, ModelRecord.id == Fingerprint.model_id)
+        .where(ModelRecord.status == MODEL_READY)
+        .order_by(Fingerprint.model_id)
+    )
+    if key_id is not None:
+        stmt = stmt.where(Fingerprint.key_id == key_id)
+    return {fp.model_id: fp.document() for fp in session.scalars(stmt)}
+
+
+def fingerprint_doc(session: Session, model_id: str) -> dict[str, Any] | None:
+    fp = session.get(Fingerprint, model_id)
+    return fp.document() if fp is not None else None

@@ -1,0 +1,136 @@
+"""Farm configuration from the environment, read once per process.
+
+Every process of the farm (web, workers, beat, the stack script) builds the same
+:class:`Settings` from the same variables, so a deployment is described by its environment
+alone. Nothing here imports Celery, Flask, SQLAlchemy or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+VALIDATORS = 5
+QUORUM = 4
+REEXEC_SAMPLE = 2
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, not {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from exc
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _list(raw: str, sep: str = ",") -> list[str]:
+    return [part.strip() for part in raw.split(sep) if part.strip()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a farm process needs to know about its deployment."""
+
+    var_dir: Path
+    database_url: str
+    redis_url: str
+    model_roots: tuple[Path, ...]
+    secret_key_file: Path
+    max_models_per_worker: int = 2
+    gpu_count: int = 8
+    fingerprint_challenges: int = 256
+    default_batch_size: int = 8
+    job_time_limit: int = 3600
+    worker_device: str = "cpu"
+    worker_max_memory_kb: int = 6_000_000
+    required_queues: tuple[str, ...] = ("inference.cpu", "consensus", "default", "maintenance")
+    inspect_timeout: float = 1.0
+    inspect_cache_seconds: float = 5.0
+    fault_injection: bool = False
+    faulty_validators: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis redelivers unacked messages after this: it must exceed the longest job."""
+        return max(2 * self.job_time_limit, self.job_time_limit + 3600)
+
+    @property
+    def gpu_queues(self) -> list[str]:
+        return [f"inference.cuda{i}" for i in range(self.gpu_count)]
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        var_dir = Path(os.environ.get("REV_VAR_DIR") or Path.cwd() / "var").resolve()
+        roots_raw = os.environ.get("REV_MODEL_ROOTS", "")
+        roots = tuple(Path(r).expanduser().resolve() for r in _list(roots_raw, os.pathsep)) or (
+            var_dir / "models",
+        )
+        key_file = os.environ.get("REV_SECRET_KEY_FILE") or str(var_dir / "secret.key")
+        faulty: frozenset[int] = frozenset()
+        if _flag("REV_ENABLE_FAULT_INJECTION"):
+            faulty = frozenset(
+                int(v) for v in _list(os.environ.get("REV_TEST_FAULTY_VALIDATORS", ""))
+            )
+        device = os.environ.get("REV_WORKER_DEVICE", "cpu").strip() or "cpu"
+        if device not in {"cpu", "cuda"}:
+            raise ValueError(f"REV_WORKER_DEVICE must be cpu or cuda, not {device!r}")
+        required = tuple(_list(os.environ.get("REV_REQUIRED_QUEUES", ""))) or (
+            "inference.cpu",
+            "consensus",
+            "default",
+            "maintenance",
+        )
+        return cls(
+            var_dir=var_dir,
+            database_url=os.environ.get("DATABASE_URL") or f"sqlite:///{var_dir / 'rev.db'}",
+            redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            model_roots=roots,
+            secret_key_file=Path(key_file).expanduser(),
+            max_models_per_worker=max(1, _int("REV_MAX_MODELS_PER_WORKER", 2)),
+            gpu_count=max(0, _int("REV_GPU_COUNT", 8)),
+            fingerprint_challenges=min(4096, max(1, _int("REV_FINGERPRINT_CHALLENGES", 256))),
+            default_batch_size=min(256, max(1, _int("REV_BATCH_SIZE", 8))),
+            job_time_limit=max(60, _int("REV_JOB_TIME_LIMIT", 3600)),
+            worker_device=device,
+            worker_max_memory_kb=max(0, _int("REV_WORKER_MAX_MEMORY_KB", 6_000_000)),
+            required_queues=required,
+            inspect_timeout=_float("REV_INSPECT_TIMEOUT", 1.0),
+            inspect_cache_seconds=_float("REV_INSPECT_CACHE_SECONDS", 5.0),
+            fault_injection=_flag("REV_ENABLE_FAULT_INJECTION"),
+            faulty_validators=faulty,
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached: the environment is read once)."""
+    return Settings.from_env()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()
+
+
+def api_url() -> str:
+    """Where the CLI client finds the coordinator."""
+    return (os.environ.get("REV_API_URL") or DEFAULT_API_URL).rstrip("/")

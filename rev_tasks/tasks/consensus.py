@@ -1,0 +1,188 @@
+"""Consensus: five independent validators re-check a decided job; a quorum of four publishes.
+
+Each ``validate`` audits the stored transcript (root, inclusion proofs, recomputed distances
+and decision), checks it against the commitment made at ``prepare``, re-executes two
+challenges chosen by its own seeded RNG, and votes. ``tally`` (the chord callback) reads the
+votes from the database and publishes the verdict only when four of five agree with the
+transcript's decision; otherwise the job fails with ``no_consensus`` and no verdict.
+
+Votes are upserts keyed by (job, validator): a redelivered validator leaves the first vote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from rev_tasks.celery import app
+from rev_tasks.db import repo
+from rev_tasks.db.models import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
+from rev_tasks.db.session import session_scope
+from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
+from rev_tasks.tasks.common import FarmError, farm_key, load_cached, metric
+
+log = logging.getLogger(__name__)
+
+VERDICTS = ("SAME", "DIFFERENT", "UNDECIDED", "INVALID")
+_OPPOSITE = {"SAME": "DIFFERENT", "DIFFERENT": "SAME", "UNDECIDED": "DIFFERENT", "INVALID": "SAME"}
+
+
+def vote_digest(job_id: str, transcript_root: str, verdict: str) -> str:
+    """sha256 hex of the canonical JSON of what a validator attests to."""
+    doc = {"job_id": job_id, "transcript_root": transcript_root, "verdict": verdict}
+    return hashlib.sha256(
+        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    ).hexdigest()
+
+
+def opposite(verdict: str) -> str:
+    """The lie a faulty validator tells (test-only fault injection)."""
+    return _OPPOSITE[verdict]
+
+
+def _vote_doc(v: Vote) -> dict[str, Any]:
+    return {"validator": v.validator, "verdict": v.verdict, "digest": v.digest}
+
+
+def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
+    """(recorded verdict, transcript root, problems) for one validator's independent check."""
+    from rev_tasks.core.transcript import audit
+    from rev_tasks.engine import reexecute_sample, sample_indices
+
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        tr = s.get(Transcript, job_id)
+        if job is None or tr is None:
+            return "INVALID", tr.root if tr else "", ["no transcript stored for this job"]
+        doc = tr.document()
+        recorded, root = tr.verdict, tr.root
+        commitment = job.commitment
+        ref_fp = repo.fingerprint_doc(s, job.reference_model_id) if job.reference_model_id else None
+        ref_path, cand_path = job.reference_path, job.candidate_path
+
+    problems = [f"audit: {p}" for p in audit(doc)]
+    if doc.get("root") != root:
+        problems.append("stored transcript root differs from the document's root")
+    if commitment is not None and doc.get("committed_root") != commitment:
+        problems.append("transcript's challenge commitment differs from the one made at prepare")
+    records = doc.get("records") or []
+    indices = sample_indices(f"{job_id}:{validator}", len(records), REEXEC_SAMPLE)
+    if indices:
+        try:
+            key = farm_key()
+            candidate = load_cached(cand_path)
+            reference: Any = ref_fp if ref_fp is not None else load_cached(str(ref_path))
+            problems += [
+                f"re-execution: {p}"
+                for p in reexecute_sample(doc, reference, candidate, key, indices)
+            ]
+        except FarmError as exc:
+            problems.append(f"re-execution impossible: {exc.message}")
+        except Exception as exc:  # noqa: BLE001 - a model that no longer loads is a failed check
+            problems.append(f"re-execution impossible: {type(exc).__name__}: {exc}"[:300])
+    return recorded, root, problems
+
+
+# Validator results are kept: the chord counts them before it calls ``tally``.
+@app.task(name="rev_tasks.tasks.consensus.validate")
+def validate(job_id: str, validator: int) -> dict[str, Any]:
+    """One validator's independent check and vote (stored before it is returned)."""
+    with session_scope() as s:
+        existing = s.query(Vote).filter_by(job_id=job_id, validator=validator).one_or_none()
+        if existing is not None:
+            return _vote_doc(existing)
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(Exception):
+            from rev_tasks import metrics
+
+            stack.enter_context(metrics.validator_running())
+        recorded, root, problems = _check(job_id, validator)
+    verdict = "INVALID" if problems else recorded
+    settings = get_settings()
+    if settings.fault_injection and validator in settings.faulty_validators:
+        log.warning("fault injection: validator %d lies about job %s", validator, job_id)
+        verdict = opposite(verdict)
+    digest = vote_digest(job_id, root, verdict)
+    with session_scope() as s:
+        repo.store_vote(s, job_id, validator, verdict, digest, problems)
+    with session_scope() as s:  # the stored vote, which is the first one on a race
+        stored = s.query(Vote).filter_by(job_id=job_id, validator=validator).one()
+        doc = _vote_doc(stored)
+    metric("validator_vote", "reject" if doc["verdict"] == "INVALID" else "accept")
+    if problems:
+        log.warning("validator %d on job %s: %s", validator, job_id, "; ".join(problems[:3]))
+    return doc
+
+
+@app.task(name="rev_tasks.tasks.consensus.tally", ignore_result=True)
+def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
+    """Publish the verdict when ≥ 4 of 5 votes agree with the transcript; else fail the job."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        tr = s.get(Transcript, job_id)
+        if job is None or job.status in TERMINAL:
+            return {"job_id": job_id, "skipped": True}
+        votes = repo.votes_for(s, job_id)
+        counts = Counter((v.verdict, v.digest) for v in votes)
+        (top_verdict, _digest), agreeing = counts.most_common(1)[0] if counts else ((None, None), 0)
+        recorded = tr.verdict if tr is not None else None
+        quorum = agreeing >= QUORUM
+        agreed = quorum and top_verdict == recorded and top_verdict != "INVALID"
+        consensus = {
+            "validators": VALIDATORS,
+            "quorum": QUORUM,
+            "votes": [_vote_doc(v) for v in votes],
+            "agreeing": agreeing,
+            "verdict": top_verdict if quorum else None,
+            "agreed": agreed,
+        }
+        result = dict(tr.outcome) if tr is not None else {}
+        result["consensus"] = consensus
+        now = utcnow()
+        if agreed:
+            job.status, job.error = SUCCEEDED, None
+            outcome = "published"
+        else:
+            result["verdict"] = None
+            job.status = FAILED
+            if quorum and top_verdict == "INVALID":
+                job.error = {
+                    "code": "invalid_transcript",
+                    "message": f"{agreeing} of {VALIDATORS} validators found the transcript invalid",
+                }
+            else:
+                job.error = {
+                    "code": "no_consensus",
+                    "message": (
+                        f"only {agreeing} of {VALIDATORS} validators agree on "
+                        f"{top_verdict} (quorum {QUORUM}); no verdict is published"
+                    ),
+                }
+            outcome = "no_quorum"
+        job.result = result
+        job.stage = "done"
+        job.finished_at = now
+        status, verdict = job.status, result.get("verdict")
+    metric("consensus_round", outcome, (time.time() - started) if started is not None else None)
+    metric("job_finished", "verify", status, verdict)
+    return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
+
+
+@app.task(name="rev_tasks.tasks.consensus.consensus_failed", ignore_result=True)
+def consensus_failed(task_id: str, job_id: str) -> None:
+    """Chord errback: a validator or the tally raised; the job must not stay running."""
+    with session_scope() as s:
+        failed = repo.fail_job(
+            s,
+            job_id,
+            "consensus_error",
+            f"a consensus task failed (task {task_id}); no verdict is published",
+        )
+    if failed:
+        metric("consensus_round", "failed")
+        metric("job_finished", "verify", FAILED, None)

@@ -1,0 +1,45 @@
+"""Housekeeping run by beat on the ``maintenance`` queue."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from rev_tasks.celery import app
+from rev_tasks.db import repo
+from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, RUNNING, Job, ModelRecord, utcnow
+from rev_tasks.db.session import session_scope
+from rev_tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name="rev_tasks.tasks.maintenance.reap_stale_jobs", ignore_result=True)
+def reap_stale_jobs() -> dict[str, int]:
+    """Fail jobs and registrations that stopped making progress.
+
+    A running job whose row has not changed for longer than the broker would take to
+    redeliver it (visibility timeout) plus a whole job's time limit can no longer finish:
+    it is failed with ``stale`` so that no client waits forever.
+    """
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.visibility_timeout + settings.job_time_limit)
+    jobs = models = 0
+    with session_scope() as s:
+        stale = s.scalars(select(Job.id).where(Job.status == RUNNING, Job.updated_at < cutoff))
+        for job_id in list(stale):
+            if repo.fail_job(s, job_id, "stale", "the job stopped making progress"):
+                jobs += 1
+        for rec in s.scalars(
+            select(ModelRecord).where(
+                ModelRecord.status == MODEL_PENDING, ModelRecord.updated_at < cutoff
+            )
+        ):
+            rec.status = MODEL_FAILED
+            rec.error = {"code": "stale", "message": "fingerprinting never finished"}
+            models += 1
+    if jobs or models:
+        log.warning("reaped %d stale job(s) and %d stale model registration(s)", jobs, models)
+    return {"jobs": jobs, "models": models}

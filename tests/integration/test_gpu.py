@@ -1,0 +1,178 @@
+"""GPU pinning end to end: ``rev worker --gpu 0`` consumes ``inference.cuda0`` on the device.
+
+Skipped without a CUDA device (it is not a missing *service*: CI has no GPU). Runs on an
+embedded-style stack: SQLite and whatever Redis ``REDIS_URL`` names, so it needs no
+PostgreSQL on the GPU machine. A CPU worker runs the other queues: the validators
+re-execute the GPU's challenges on the CPU, which is the cross-device consensus check.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.farm import (
+    ALL_QUEUES,
+    ROOT,
+    TEST_KEY,
+    FarmWorker,
+    assert_drained,
+    purge,
+    reconfigure,
+    register,
+    rev_verify,
+    submit,
+    wait_job,
+)
+from tests.models import build_tiny_gpt2, copy_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.gpu]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
+    if not _cuda():
+        pytest.skip("no CUDA device")
+    root = tmp_path_factory.mktemp("gpu-models")
+    dirs = {
+        "gpt2-a": build_tiny_gpt2(root / "gpt2-a", seed=0),
+        "gpt2-b": build_tiny_gpt2(root / "gpt2-b", seed=1),
+    }
+    dirs["gpt2-a-copy"] = copy_model(dirs["gpt2-a"], root / "gpt2-a-copy")
+    var = tmp_path_factory.mktemp("gpu-var")
+    (var / "secret.key").write_bytes(TEST_KEY)
+    env = {
+        "DATABASE_URL": f"sqlite:///{var / 'rev.db'}",
+        "REDIS_URL": redis_url,
+        "REV_MODEL_ROOTS": str(root),
+        "REV_SECRET_KEY_FILE": str(var / "secret.key"),
+        "REV_VAR_DIR": str(var),
+        "REV_INSPECT_TIMEOUT": "0.5",
+        "REV_INSPECT_CACHE_SECONDS": "1",
+        "REV_FINGERPRINT_CHALLENGES": "64",
+        "REV_METRICS_PORT": "0",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reconfigure()
+    purge(redis_url)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    logs = tmp_path_factory.mktemp("gpu-logs")
+    gpu = FarmWorker(
+        env,
+        logs,
+        queues="inference.cuda0",
+        name="gpu0",
+        command=[sys.executable, "-m", "rev_tasks.cli", "worker", "--gpu", "0"],
+    )
+    cpu = FarmWorker(env, logs, queues=ALL_QUEUES, name="cpu")
+    workers = [gpu.start(), cpu.start()]
+    from rev_tasks.settings import Settings
+    from web import create_app
+
+    app = create_app({"TESTING": True, "REV_SETTINGS": Settings.from_env(), "REV_METRICS": False})
+    try:
+        yield {"client": app.test_client(), "dirs": dirs, "env": env, "gpu": gpu}
+    finally:
+        for w in workers:
+            print(f"--- {w.name} log tail\n{w.log_tail(3000)}")
+            w.stop()
+        purge(redis_url)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reconfigure()
+
+
+def _check_on_gpu(doc: dict[str, Any], gpu: FarmWorker) -> None:
+    assert doc["device"] == "cuda" and doc["queue"] == "inference.cuda0", doc
+    executed = doc["result"]["executed_on"]
+    assert executed["device"].startswith("cuda"), executed
+    assert executed["worker"] == gpu.name
+
+
+def test_readyz_lists_the_gpu_queue(gpu_farm: dict[str, Any]) -> None:
+    body = gpu_farm["client"].get("/readyz").get_json()
+    assert body["checks"]["gpu_queues"] == ["inference.cuda0"], body
+
+
+@pytest.mark.parametrize(
+    ("candidate", "device", "expected"),
+    [
+        ("gpt2-a-copy", "cuda", "SAME"),
+        ("gpt2-b", "cuda", "DIFFERENT"),
+        ("gpt2-a-copy", "auto", "SAME"),
+    ],
+)
+def test_verify_on_the_gpu_worker(
+    gpu_farm: dict[str, Any], candidate: str, device: str, expected: str
+) -> None:
+    client, dirs = gpu_farm["client"], gpu_farm["dirs"]
+    body = {
+        "kind": "verify",
+        "reference": {"path": str(dirs["gpt2-a"])},
+        "candidate": {"path": str(dirs[candidate])},
+        "device": device,
+    }
+    doc = wait_job(client, submit(client, body), timeout=240)
+    assert doc["status"] == "succeeded", doc
+    assert doc["result"]["verdict"] == expected
+    assert doc["result"]["consensus"]["agreed"] is True
+    _check_on_gpu(doc, gpu_farm["gpu"])
+    local = rev_verify(dirs["gpt2-a"], dirs[candidate], gpu_farm["env"]["REV_SECRET_KEY_FILE"])
+    assert local["verdict"] == expected
+
+
+def test_fingerprint_and_verify_against_id_on_gpu(gpu_farm: dict[str, Any]) -> None:
+    client, dirs = gpu_farm["client"], gpu_farm["dirs"]
+    model = register(client, "gpt2-a", dirs["gpt2-a"], timeout=240)
+    assert model["status"] == "ready", model
+    body = {
+        "kind": "verify",
+        "reference": "gpt2-a",
+        "candidate": {"path": str(dirs["gpt2-a-copy"])},
+        "device": "cuda",
+    }
+    doc = wait_job(client, submit(client, body), timeout=240)
+    assert doc["status"] == "succeeded" and doc["result"]["verdict"] == "SAME", doc
+    _check_on_gpu(doc, gpu_farm["gpu"])
+
+
+def test_gpu_queues_drained(gpu_farm: dict[str, Any]) -> None:
+    assert_drained(gpu_farm["env"]["REDIS_URL"])
+
+
+def test_worker_cli_pins_before_torch() -> None:
+    """`rev worker --gpu N` puts CUDA_VISIBLE_DEVICES in the exec'd environment."""
+    from rev_tasks.worker_cli import worker_command
+
+    argv, env = worker_command("gpu", gpu=3, environ={})
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["REV_WORKER_DEVICE"] == "cuda"
+    assert argv[argv.index("-Q") + 1] == "inference.cuda3"
+    assert argv[argv.index("-c") + 1] == "1"
+    assert Path(argv[0]).name.startswith("python")

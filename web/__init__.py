@@ -1,0 +1,56 @@
+"""The REV Farm coordinator: a Flask app factory with blueprints.
+
+``create_app(config=None)`` builds the app; ``config`` overrides Flask settings and may
+carry ``REV_SETTINGS`` (a :class:`rev_tasks.settings.Settings`) and ``CELERY_APP``. The
+coordinator validates requests, writes rows, enqueues after commit and reads status from
+the database; it never runs a model and never waits on a task.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from rev_tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=1 << 20)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # documents read top-down
+    if config:
+        app.config.update(config)
+    settings = app.config.setdefault("REV_SETTINGS", get_settings())
+
+    celery_app = app.config.get("CELERY_APP")
+    if celery_app is None:
+        from rev_tasks.celery import app as celery_app
+    app.extensions["rev_celery"] = celery_app
+
+    from web.services import QueueInspector
+
+    app.extensions["rev_inspector"] = QueueInspector(
+        celery_app, settings.inspect_timeout, settings.inspect_cache_seconds
+    )
+
+    from web import errors, health, jobs, models, openapi
+
+    errors.register_error_handlers(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(models.bp)
+    app.register_blueprint(openapi.bp)
+
+    if app.config.get("REV_METRICS", True):
+        try:
+            from rev_tasks import metrics
+
+            queues = ["default", "inference.cpu", *settings.gpu_queues, "consensus", "maintenance"]
+            metrics.init_app(app, redis_url=settings.redis_url, queues=queues)
+        except Exception:  # noqa: BLE001 - the API works without /metrics
+            log.warning("metrics disabled", exc_info=True)
+    return app

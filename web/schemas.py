@@ -1,0 +1,190 @@
+"""Request and response schemas (pydantic): validation at the boundary and the OpenAPI source.
+
+Requests are strict (no string-to-number coercion, no bools as ints) and reject unknown
+fields, so a typo such as ``max_challenge`` is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+ModelId = Annotated[
+    str,
+    StringConstraints(pattern=MODEL_ID_PATTERN, min_length=1, max_length=128),
+    Field(description="id of a registered model"),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PathRef(_Strict):
+    """A model folder on the server, confined to ``REV_MODEL_ROOTS``."""
+
+    path: str = Field(min_length=1, max_length=4096, description="folder under REV_MODEL_ROOTS")
+
+
+ModelRef = ModelId | PathRef
+
+
+class _JobParams(_Strict):
+    candidate: ModelRef
+    tolerance: Literal["exact", "precision"] = "exact"
+    alpha: float = Field(0.01, gt=0.0, le=0.5, description="error rate of the sequential test")
+    max_challenges: int = Field(64, ge=1, le=1024, description="challenge budget")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int | None = Field(None, ge=1, le=256, description="challenges per batch")
+
+
+class VerifyJobRequest(_JobParams):
+    """Is ``candidate`` the model ``reference``?"""
+
+    kind: Literal["verify"]
+    reference: ModelRef
+
+
+class IdentifyJobRequest(_JobParams):
+    """Which registered model is ``candidate``?"""
+
+    kind: Literal["identify"]
+
+
+JobRequest = Annotated[VerifyJobRequest | IdentifyJobRequest, Field(discriminator="kind")]
+JOB_REQUEST = TypeAdapter(JobRequest)
+
+
+class ModelRegistration(_Strict):
+    """Register a reference model folder; its fingerprint is computed asynchronously."""
+
+    id: ModelId
+    path: str = Field(min_length=1, max_length=4096)
+
+
+# ----------------------------------------------------------------------------- responses
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: Literal["queued"]
+    url: str
+
+
+class Progress(BaseModel):
+    challenges_done: int
+    challenges_max: int
+
+
+class Vote(BaseModel):
+    validator: int
+    verdict: Literal["SAME", "DIFFERENT", "UNDECIDED", "INVALID"]
+    digest: str
+
+
+class Consensus(BaseModel):
+    validators: int
+    quorum: int
+    votes: list[Vote]
+    agreeing: int
+    verdict: str | None
+    agreed: bool
+
+
+class DistanceSummary(BaseModel):
+    count: int
+    mean: float | None
+    min: float | None
+    max: float | None
+
+
+class VerifyResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    verdict: Literal["SAME", "DIFFERENT", "UNDECIDED"] | None
+    challenges_used: int
+    statistic: float
+    transcript_root: str
+    sites: list[int]
+    distances: DistanceSummary
+    consensus: Consensus
+
+
+class IdentifyMatch(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model_id: str
+    mean_distance: float
+    verdict: str
+
+
+class IdentifyResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    ranking: list[IdentifyMatch]
+    best: str | None
+    verdict: str | None
+
+
+class JobDocument(BaseModel):
+    id: str
+    kind: Literal["verify", "identify"]
+    status: Literal["queued", "running", "succeeded", "failed"]
+    stage: str
+    device: str
+    queue: str
+    request: dict[str, Any]
+    progress: Progress
+    result: VerifyResult | IdentifyResult | None
+    error: ErrorBody | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    url: str
+    transcript_url: str | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobDocument]
+    next_cursor: str | None
+
+
+class FingerprintInfo(BaseModel):
+    key_id: str
+    challenges: int
+    bits: int
+    sites: list[int]
+    created_at: str
+
+
+class ModelDocument(BaseModel):
+    id: str
+    path: str
+    status: Literal["pending", "ready", "failed"]
+    descriptor: dict[str, Any] | None
+    error: ErrorBody | None
+    fingerprint: FingerprintInfo | None
+    created_at: str
+    updated_at: str
+    url: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelDocument]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] | None = None
+    reason: str | None = None

@@ -1,0 +1,218 @@
+"""Coordinator services: path confinement, device/queue choice, enqueueing, serialisation.
+
+The coordinator never runs a model and never waits on a task: it validates, writes rows,
+enqueues after the commit, and reads status back from the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rev_tasks.db.models import Fingerprint, Job, ModelRecord
+from rev_tasks.settings import Settings
+from web.errors import Conflict, ServiceUnavailable, Unprocessable
+
+log = logging.getLogger(__name__)
+
+CPU_QUEUE = "inference.cpu"
+GPU_PREFIX = "inference.cuda"
+
+
+def iso(ts: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z (SQLite hands datetimes back naive; they are UTC)."""
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# ----------------------------------------------------------------------------- paths
+def confine(raw: str, roots: tuple[Path, ...]) -> Path:
+    """Resolve ``raw`` (symlinks included) and insist it lies under one of the model roots.
+
+    Relative paths are taken relative to each root in turn. The resolved path is what is
+    stored, so a symlink swapped later cannot redirect a queued job outside the roots.
+    """
+    candidates = (
+        [Path(raw).expanduser()]
+        if Path(raw).expanduser().is_absolute()
+        else [root / raw for root in roots]
+    )
+    for cand in candidates:
+        real = cand.resolve(strict=False)
+        if any(real == root or real.is_relative_to(root) for root in roots):
+            if not real.exists():
+                continue
+            return real
+    for cand in candidates:
+        real = cand.resolve(strict=False)
+        if not any(real == root or real.is_relative_to(root) for root in roots):
+            raise Unprocessable(
+                f"path {raw!r} is outside the model roots", code="path_outside_roots"
+            )
+    raise Unprocessable(f"path {raw!r} does not exist", code="path_not_found")
+
+
+def check_model_folder(path: Path) -> None:
+    """Cheap checks (config, weights, tokenizer) so an obvious non-model fails at submit."""
+    from rev_tasks.inference.loader import ModelLoadError
+    from rev_tasks.inference.loader import check_model_folder as _check
+
+    try:
+        _check(path)
+    except ModelLoadError as exc:
+        raise Unprocessable(str(exc), code="not_a_model") from exc
+
+
+def model_path(raw: str, roots: tuple[Path, ...]) -> str:
+    path = confine(raw, roots)
+    check_model_folder(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- queues
+class QueueInspector:
+    """Which queues have a live consumer, from ``inspect().active_queues()``, cached briefly.
+
+    A broadcast costs the full inspect timeout, so the answer is reused for a few seconds:
+    a worker that just died may still be listed that long, which the job survives (its
+    message waits in the queue until a worker for that queue comes back).
+    """
+
+    def __init__(self, celery_app: Any, timeout: float, ttl: float) -> None:
+        self.app = celery_app
+        self.timeout = timeout
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._queues: dict[str, int] = {}
+
+    def live(self, refresh: bool = False) -> dict[str, int]:
+        """Queue name → number of live workers consuming it."""
+        with self._lock:
+            if refresh or time.monotonic() - self._at > self.ttl:
+                self._queues = self._inspect()
+                self._at = time.monotonic()
+            return dict(self._queues)
+
+    def _inspect(self) -> dict[str, int]:
+        try:
+            replies = self.app.control.inspect(timeout=self.timeout).active_queues() or {}
+        except Exception as exc:  # noqa: BLE001 - broker down: no live workers
+            log.warning("cannot inspect workers: %s", exc)
+            return {}
+        queues: dict[str, int] = {}
+        for worker_queues in replies.values():
+            for q in worker_queues or []:
+                name = q.get("name") if isinstance(q, dict) else None
+                if name:
+                    queues[name] = queues.get(name, 0) + 1
+        return queues
+
+
+def choose_queue(device: str, live: dict[str, int], backlog: dict[str, int]) -> tuple[str, str]:
+    """(device, queue) for a job: a GPU queue only when a GPU worker is alive.
+
+    ``cuda`` without a live GPU worker is refused (409); ``auto`` falls back to the CPU.
+    Among live GPU queues the one with the shortest backlog wins (ties: lowest index).
+    """
+    gpu = sorted(
+        (q for q in live if q.startswith(GPU_PREFIX)),
+        key=lambda q: (backlog.get(q, 0), int(q.removeprefix(GPU_PREFIX) or 0)),
+    )
+    if device == "cpu":
+        return "cpu", CPU_QUEUE
+    if device == "cuda":
+        if not gpu:
+            raise Conflict(
+                "device 'cuda' was requested but no GPU worker is alive",
+                code="no_gpu_worker",
+            )
+        return "cuda", gpu[0]
+    return ("cuda", gpu[0]) if gpu else ("cpu", CPU_QUEUE)
+
+
+def queue_backlog(redis_url: str, queues: list[str]) -> dict[str, int]:
+    if not queues:
+        return {}
+    try:
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        pipe = client.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        return dict(zip(queues, (int(n) for n in pipe.execute()), strict=True))
+    except Exception:  # noqa: BLE001 - backlog only orders GPU queues
+        return {}
+
+
+def enqueue(celery_app: Any, task: str, args: list[Any], queue: str) -> None:
+    """Send one task; a broker failure becomes a 503 (the caller fails the row first)."""
+    try:
+        celery_app.send_task(
+            task, args=args, queue=queue, retry=True, retry_policy={"max_retries": 2}
+        )
+    except Exception as exc:
+        log.error("cannot enqueue %s on %s: %s", task, queue, exc)
+        raise ServiceUnavailable(
+            "the task broker is unavailable", code="broker_unavailable"
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- documents
+def job_document(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "stage": job.stage,
+        "device": job.device,
+        "queue": job.queue,
+        "request": job.request,
+        "progress": {
+            "challenges_done": job.challenges_done,
+            "challenges_max": job.challenges_max,
+        },
+        "result": job.result,
+        "error": job.error,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "url": f"/v1/jobs/{job.id}",
+        "transcript_url": f"/v1/jobs/{job.id}/transcript" if job.kind == "verify" else None,
+    }
+
+
+def model_document(rec: ModelRecord, fp: Fingerprint | None) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "path": rec.path,
+        "status": rec.status,
+        "descriptor": rec.descriptor,
+        "error": rec.error,
+        "fingerprint": (
+            {
+                "key_id": fp.key_id,
+                "challenges": fp.n_challenges,
+                "bits": fp.bits,
+                "sites": list(fp.sites),
+                "created_at": iso(fp.created_at),
+            }
+            if fp is not None
+            else None
+        ),
+        "created_at": iso(rec.created_at),
+        "updated_at": iso(rec.updated_at),
+        "url": f"/v1/models/{rec.id}",
+    }
+
+
+def settings_of(app: Any) -> Settings:
+    return app.config["REV_SETTINGS"]
