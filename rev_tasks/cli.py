@@ -118,7 +118,7 @@ def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> An
             from rev_tasks.inference.streaming import load_streamed
         except ImportError as exc:
             raise UserError("--memory-budget needs the streaming engine, not installed") from exc
-        return load_streamed(path, memory_budget_mb=budget_mb, dtype=args.dtype)
+        return load_streamed(path, memory_budget_mb=budget_mb, dtype=args.dtype, device=args.device)
     return _load(path, args.dtype, args.device)
 
 
@@ -175,17 +175,13 @@ def _positive_int(text: str) -> int:
 
 
 def _memory_budget(text: str) -> int:
-    """Accepts 512, 512MB, 2GB, 1.5G; returns megabytes."""
-    t = text.strip().upper().removesuffix("B")
-    scale = 1.0
-    if t.endswith("G"):
-        scale, t = 1024.0, t[:-1]
-    elif t.endswith("M"):
-        t = t[:-1]
+    """Accepts 512, 512MB, 2GB, 1.5G; returns megabytes (one parser: the streaming engine's)."""
+    from rev_tasks.inference.streaming import parse_memory_mb
+
     try:
-        mb = int(float(t) * scale)
+        mb = parse_memory_mb(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MB)") from exc
+        raise argparse.ArgumentTypeError(str(exc)) from exc
     if mb < 16:
         raise argparse.ArgumentTypeError("memory budget must be at least 16MB")
     return mb

@@ -24,23 +24,29 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits per site must be a positive multiple of 64, not {bits}")
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def projection(key: bytes, site: int, hidden_size: int, bits: int = DEFAULT_BITS) -> np.ndarray:
-    """A ±1 matrix of shape (hidden_size, bits), float64, derived from the key and the site."""
+    """A ±1 matrix of shape (hidden_size, bits), stored as int8, derived from key and site.
+
+    Stored as int8 (one byte per entry instead of eight) so that a worker caching the
+    projections of several large models stays small; :func:`sign_signatures` widens it to
+    float64 for the product, which gives exactly the same signs.
+    """
     _check_bits(bits)
     seed = derive(key, f"projection/{hidden_size}x{bits}", site)
     raw = hashlib.shake_256(seed).digest(hidden_size * bits // 8)
     signs = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).reshape(hidden_size, bits)
-    matrix = signs.astype(np.float64) * 2.0 - 1.0
+    matrix = (signs.astype(np.int8) << 1) - 1
     matrix.setflags(write=False)
     return matrix
 
 
 def sign_signatures(pooled: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Packed sign bits of ``pooled @ matrix``: shape (batch, bits // 8), dtype uint8."""
+    """Packed sign bits of ``pooled @ matrix`` in float64: shape (batch, bits // 8), uint8."""
     if pooled.ndim != 2 or pooled.shape[1] != matrix.shape[0]:
         raise ValueError(f"pooled states {pooled.shape} do not fit projection {matrix.shape}")
-    return np.packbits(pooled.astype(np.float64, copy=False) @ matrix > 0.0, axis=1)
+    product = pooled.astype(np.float64, copy=False) @ matrix.astype(np.float64)
+    return np.packbits(product > 0.0, axis=1)
 
 
 def site_signatures(

@@ -1,0 +1,411 @@
+"""Streamed versus in-memory verification of a model with more than 1 GiB of fp32 weights.
+
+Run: ``.venv/bin/python -m bench.bench_streaming [--family gpt2|llama] [--json [OUT]]``
+(default OUT is bench/results/streaming.json).
+
+It builds (once, into the git-ignored ``var/bench-models/``) a randomly initialised model with
+GPT-2-medium geometry (24 blocks × 1024 hidden, 16 heads) and a 512-token vocabulary, so that
+the blocks, not the embeddings, carry the >1 GiB of fp32 weights. Then it runs, each as its own
+process under ``/usr/bin/time -v``::
+
+    rev verify MODEL MODEL --json --max-challenges 16 --memory-budget 512MB   (streamed)
+    rev verify MODEL MODEL --json --max-challenges 16                          (full load)
+
+and reads "Maximum resident set size" and the wall time of each. The two verdicts and
+transcript roots must agree: the root commits to every signature, so equal roots mean the
+streamed signatures equal the in-memory ones bit for bit on this model too. A second pair of
+processes measures the steady-state cost per challenge batch (``pooled_states`` on the same
+prompts after a warm-up), which is what a long verification pays: the streamed path re-reads
+every block for every batch.
+
+The weight file is read once before the runs so both see a warm page cache; cold-cache
+streaming is bounded by disk bandwidth instead (documented in docs/streaming.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = Path(sys.executable)  # .venv/bin/python when run as the docstring says
+MODELS = ROOT / "var" / "bench-models"
+DEFAULT_OUT = ROOT / "bench" / "results" / "streaming.json"
+TARGET_RATIO = 0.35
+GEOMETRY = {
+    "gpt2": {"layers": 24, "hidden": 1024, "heads": 16},
+    "llama": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 2816},
+}
+
+_BUILD = r"""
+import json, sys, shutil
+from pathlib import Path
+import torch
+from rev_tasks.inference.variants import build_tiny_causal_lm
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+family, out, geo = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+tok_dir = out.parent / (out.name + "-tok")
+build_tiny_causal_lm(tok_dir, family)  # trains the 512-token BPE tokenizer
+torch.manual_seed(0)
+if family == "gpt2":
+    cfg = GPT2Config(vocab_size=512, n_positions=256, n_embd=geo["hidden"], n_layer=geo["layers"],
+                     n_head=geo["heads"])
+    model = GPT2LMHeadModel(cfg)
+else:
+    cfg = LlamaConfig(vocab_size=512, hidden_size=geo["hidden"], intermediate_size=geo["intermediate"],
+                      num_hidden_layers=geo["layers"], num_attention_heads=geo["heads"],
+                      num_key_value_heads=geo["heads"], max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg)
+model.save_pretrained(out, safe_serialization=True, max_shard_size="20GB")
+for f in tok_dir.iterdir():
+    if f.name.startswith(("tokenizer", "special_tokens")):
+        shutil.copy(f, out / f.name)
+shutil.rmtree(tok_dir)
+(out / "BUILT").write_text(json.dumps(geo))
+"""
+
+_FLOOR = r"""
+import sys
+import torch  # noqa: F401
+import rev_tasks.cli, rev_tasks.engine  # noqa: F401,E401
+from rev_tasks.core.keys import load_key
+from rev_tasks.inference.loader import default_sites
+from rev_tasks.inference.signatures import DEFAULT_BITS, projection
+layers, hidden = int(sys.argv[1]), int(sys.argv[2])
+for site in default_sites(layers):
+    projection(load_key(None), site, hidden, DEFAULT_BITS)
+print("{}")
+"""
+
+_STEADY = r"""
+import json, resource, sys, time
+from rev_tasks.core.challenges import generate_challenges
+from rev_tasks.core.keys import load_key
+mode, path, budget, batches = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if mode == "streamed":
+    from rev_tasks.inference.streaming import load_streamed
+    model = load_streamed(path, memory_budget_mb=budget)
+else:
+    from rev_tasks.inference.loader import load_model
+    model = load_model(path)
+prompts = [c.prompt for c in generate_challenges(load_key(None), 8 * (batches + 1))]
+model.pooled_states(prompts[:8], model.sites)  # warm-up: allocator, kernels
+wall, cpu = [], []
+for b in range(1, batches + 1):
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    model.pooled_states(prompts[8 * b : 8 * (b + 1)], model.sites)
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    wall.append(t1 - t0)
+    cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+print(json.dumps({"wall": wall, "cpu": cpu}))
+"""
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the floating-point weights the model actually uses (tied LM heads excluded)."""
+    sys.path.insert(0, str(ROOT))
+    from rev_tasks.inference.streaming import read_safetensors_header
+
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, spec in read_safetensors_header(f).items():
+            if spec.dtype.is_floating_point and not name.startswith("lm_head."):
+                total += spec.nbytes
+    return total
+
+
+def build(family: str) -> Path:
+    geo = GEOMETRY[family]
+    out = MODELS / f"{family}-{geo['layers']}x{geo['hidden']}-v512"
+    marker = out / "BUILT"
+    if marker.is_file() and json.loads(marker.read_text()) == geo:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {out} ...", flush=True)
+    subprocess.run(
+        [str(PYTHON), "-c", _BUILD, family, str(out), json.dumps(geo)], check=True, cwd=ROOT
+    )
+    return out
+
+
+def warm_page_cache(folder: Path) -> None:
+    for f in folder.glob("*.safetensors"):
+        with f.open("rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def _wall_seconds(text: str) -> float:
+    parts = [float(p) for p in text.strip().split(":")]
+    seconds = 0.0
+    for p in parts:
+        seconds = seconds * 60 + p
+    return seconds
+
+
+def timed(cmd: list[str]) -> dict[str, Any]:
+    """Run ``cmd`` under /usr/bin/time -v: peak RSS (bytes), wall seconds, stdout."""
+    proc = subprocess.run(
+        ["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    user = re.search(r"User time \(seconds\): ([\d.]+)", proc.stderr)
+    system = re.search(r"System time \(seconds\): ([\d.]+)", proc.stderr)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr)
+    if proc.returncode != 0 or not rss or not wall or not user or not system:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return {
+        "peak_rss": int(rss.group(1)) * 1024,
+        "wall_s": _wall_seconds(wall.group(1)),
+        "cpu_s": float(user.group(1)) + float(system.group(1)),
+        "stdout": proc.stdout,
+    }
+
+
+def verify(model: Path, budget_mb: int | None, max_challenges: int) -> dict[str, Any]:
+    cmd = [str(PYTHON), "-m", "rev_tasks.cli", "verify", str(model), str(model), "--json"]
+    cmd += ["--max-challenges", str(max_challenges)]
+    if budget_mb is not None:
+        cmd += ["--memory-budget", f"{budget_mb}MB"]
+    run = timed(cmd)
+    result = json.loads(run.pop("stdout").strip().splitlines()[-1])
+    run.update(
+        verdict=result["verdict"],
+        challenges_used=result["challenges_used"],
+        transcript_root=result["transcript_root"],
+    )
+    return run
+
+
+def steady(model: Path, mode: str, budget_mb: int, batches: int) -> dict[str, Any]:
+    run = timed([str(PYTHON), "-c", _STEADY, mode, str(model), str(budget_mb), str(batches)])
+    times = json.loads(run.pop("stdout").strip().splitlines()[-1])
+    return {"peak_rss": run["peak_rss"], "wall": times["wall"], "cpu": times["cpu"]}
+
+
+def floor_rss(layers: int, hidden: int) -> int:
+    """Peak RSS of the CLI's runtime with no model: torch, the engine, the 4 site projections."""
+    return timed([str(PYTHON), "-c", _FLOOR, str(layers), str(hidden)])["peak_rss"]
+
+
+def gpu_compare(model: Path, budget_mb: int, batches: int) -> dict[str, Any]:
+    """On a CUDA device: streamed (blocks moved to the GPU in turn) versus a full GPU load.
+
+    Runs in this process, streamed first, so the in-memory model's weights are not in the
+    streamed run's peak. Peaks are ``torch.cuda.max_memory_allocated`` above what was allocated
+    before the timed batches (the streamed path holds nothing on the device between batches).
+    """
+    import numpy as np
+    import torch
+
+    from rev_tasks.core.challenges import generate_challenges
+    from rev_tasks.core.keys import load_key
+    from rev_tasks.inference.loader import load_model
+    from rev_tasks.inference.streaming import load_streamed
+
+    prompts = [c.prompt for c in generate_challenges(load_key(None), 8 * (batches + 1))]
+
+    def run(m: Any) -> tuple[list[dict[int, Any]], list[float], int, int]:
+        m.pooled_states(prompts[:8], m.sites)  # warm-up
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        outs, times = [], []
+        for b in range(1, batches + 1):
+            t0 = time.perf_counter()
+            outs.append(m.pooled_states(prompts[8 * b : 8 * (b + 1)], m.sites))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return outs, times, torch.cuda.max_memory_allocated() - base, base
+
+    streamed = load_streamed(model, memory_budget_mb=budget_mb, device="cuda")
+    s_out, s_times, s_peak, s_base = run(streamed)
+    del streamed
+    full = load_model(model, device="cuda")
+    f_out, f_times, f_peak, f_base = run(full)
+    pairs = list(zip(s_out, f_out, strict=True))
+    identical = all(np.array_equal(sa[k], fa[k]) for sa, fa in pairs for k in sa)
+    max_diff = max(float(np.abs(sa[k] - fa[k]).max()) for sa, fa in pairs for k in sa)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "batches": batches,
+        "weights_bytes": weights_bytes(model),
+        "streamed_batch_s": statistics.median(s_times),
+        "full_batch_s": statistics.median(f_times),
+        "slowdown": statistics.median(s_times) / statistics.median(f_times),
+        "streamed_cuda_resident_between_batches": s_base,
+        "streamed_cuda_peak_above_resident": s_peak,
+        "full_cuda_resident": f_base,
+        "full_cuda_peak_above_resident": f_peak,
+        "pooled_states_bit_identical": identical,
+        "max_abs_diff": max_diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=sorted(GEOMETRY), default="gpt2")
+    parser.add_argument("--budget-mb", type=int, default=512)
+    parser.add_argument("--max-challenges", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per process")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating process pairs")
+    parser.add_argument("--json", nargs="?", const=str(DEFAULT_OUT), default=str(DEFAULT_OUT))
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: compare on the GPU instead (no /usr/bin/time)"
+    )
+    args = parser.parse_args(argv)
+
+    if args.device != "cpu":
+        doc = {
+            "model": build(args.family).name,
+            **gpu_compare(build(args.family), args.budget_mb, args.batches),
+        }
+        print(json.dumps(doc, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        return 0 if doc["pooled_states_bit_identical"] else 1
+
+    model = build(args.family)
+    geo = GEOMETRY[args.family]
+    size = weights_bytes(model)
+    warm_page_cache(model)
+    print(f"model {model.name}: {size / 2**30:.3f} GiB of fp32 weights", flush=True)
+
+    floor = floor_rss(geo["layers"], geo["hidden"])
+    streamed = verify(model, args.budget_mb, args.max_challenges)
+    full = verify(model, None, args.max_challenges)
+    per_batch: dict[str, dict[str, list[float]]] = {
+        m: {"wall": [], "cpu": []} for m in ("streamed", "full")
+    }
+    steady_rss = {"streamed": 0, "full": 0}
+    for _ in range(args.repeats):  # alternate, so background load hits both alike
+        for mode in ("streamed", "full"):
+            run = steady(model, mode, args.budget_mb, args.batches)
+            per_batch[mode]["wall"] += run["wall"]
+            per_batch[mode]["cpu"] += run["cpu"]
+            steady_rss[mode] = max(steady_rss[mode], run["peak_rss"])
+    med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in per_batch.items()}
+
+    ratio = streamed["peak_rss"] / size
+    doc = {
+        "model": model.name,
+        "family": args.family,
+        "geometry": geo,
+        "weights_bytes": size,
+        "budget_mb": args.budget_mb,
+        "max_challenges": args.max_challenges,
+        "streamed_peak_rss": streamed["peak_rss"],
+        "full_peak_rss": full["peak_rss"],
+        "ratio_to_weights": ratio,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "runtime_floor_rss": floor,
+        "streamed_over_floor": streamed["peak_rss"] - floor,
+        "streamed_over_floor_ratio": (streamed["peak_rss"] - floor) / size,
+        "streamed_wall_s": streamed["wall_s"],
+        "full_wall_s": full["wall_s"],
+        "streamed_cpu_s": streamed["cpu_s"],
+        "full_cpu_s": full["cpu_s"],
+        "slowdown": streamed["wall_s"] / full["wall_s"],
+        "slowdown_cpu": streamed["cpu_s"] / full["cpu_s"],
+        "steady_batch_s": med,
+        "steady_slowdown": med["streamed"]["wall"] / med["full"]["wall"],
+        "steady_slowdown_cpu": med["streamed"]["cpu"] / med["full"]["cpu"],
+        "steady_peak_rss": steady_rss,
+        "steady_samples": per_batch,
+        "verdicts": {"streamed": streamed["verdict"], "full": full["verdict"]},
+        "challenges_used": {
+            "streamed": streamed["challenges_used"],
+            "full": full["challenges_used"],
+        },
+        "transcript_roots_equal": streamed["transcript_root"] == full["transcript_root"],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg": os.getloadavg(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "notes": [
+            "full_peak_rss is `rev verify MODEL MODEL` without a budget: it holds both sides.",
+            "runtime_floor_rss: python + torch + rev's engine + the 4 sites' signature "
+            "projection matrices (hidden x 4096 float64 each), no model.",
+            "steady_*: one model per process, pooled_states per batch of 8 challenges after a "
+            "warm-up batch; medians over all timed batches.",
+            "Warm page cache for both paths; shared 2-core machine, so wall times are noisy "
+            "(cpu_s is less so).",
+        ],
+    }
+    _print_table(doc, args.budget_mb)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0 if doc["meets_target"] and doc["transcript_roots_equal"] else 1
+
+
+def _print_table(doc: dict[str, Any], budget_mb: int) -> None:
+    gib, mib = 2**30, 2**20
+    size = doc["weights_bytes"]
+    med = doc["steady_batch_s"]
+    rows = [
+        ("weights (fp32)", f"{size / gib:.3f} GiB", ""),
+        (
+            "peak RSS",
+            f"{doc['streamed_peak_rss'] / mib:.0f} MiB",
+            f"{doc['full_peak_rss'] / mib:.0f} MiB",
+        ),
+        (
+            "peak RSS / weights",
+            f"{doc['ratio_to_weights']:.3f}",
+            f"{doc['full_peak_rss'] / size:.3f}",
+        ),
+        (
+            "verify wall | cpu",
+            f"{doc['streamed_wall_s']:.1f} | {doc['streamed_cpu_s']:.1f} s",
+            f"{doc['full_wall_s']:.1f} | {doc['full_cpu_s']:.1f} s",
+        ),
+        (
+            "batch of 8 wall | cpu",
+            f"{med['streamed']['wall']:.2f} | {med['streamed']['cpu']:.2f} s",
+            f"{med['full']['wall']:.2f} | {med['full']['cpu']:.2f} s",
+        ),
+        ("verdict", doc["verdicts"]["streamed"], doc["verdicts"]["full"]),
+    ]
+    print(f"\n{'':22} {'streamed (' + str(budget_mb) + ' MB)':>20} {'full load':>16}")
+    for name, a, b in rows:
+        print(f"{name:22} {a:>20} {b:>16}")
+    print(
+        f"\nruntime floor (torch + engine + projections, no model): "
+        f"{doc['runtime_floor_rss'] / mib:.0f} MiB; streamed peak above it: "
+        f"{doc['streamed_over_floor'] / mib:.0f} MiB = {doc['streamed_over_floor_ratio']:.3f}x weights"
+    )
+    print(
+        f"slowdown: verify {doc['slowdown']:.2f}x wall, {doc['slowdown_cpu']:.2f}x cpu; "
+        f"steady per batch {doc['steady_slowdown']:.2f}x wall, {doc['steady_slowdown_cpu']:.2f}x cpu"
+    )
+    print(f"transcript roots equal (bit-identical signatures): {doc['transcript_roots_equal']}")
+    verdict = "meets" if doc["meets_target"] else "DOES NOT meet"
+    print(
+        f"streamed peak RSS is {doc['ratio_to_weights']:.3f}x the weights: "
+        f"{verdict} the {doc['target_ratio']}x target"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
