@@ -399,6 +399,7 @@ def reexecute_sample(
     bits = int(transcript.get("parameters", {}).get("bits_per_site", DEFAULT_BITS))
     allowed = TOLERANCES["exact"].delta
     ref_side, cand_side = as_side(reference, key), as_side(candidate, key)
+    checked: list[tuple[int, dict[str, Any], Challenge]] = []
     for pos in indices:
         if not 0 <= pos < len(records):
             problems.append(f"record {pos} does not exist")
@@ -408,8 +409,13 @@ def reexecute_sample(
         if challenge.digest().hex() != rec.get("challenge_hash"):
             problems.append(f"record {pos}: challenge hash does not match the key")
             continue
-        for label, side in (("reference", ref_side), ("candidate", cand_side)):
-            (fresh,) = side.signatures([challenge], sites, key, bits)
+        checked.append((pos, rec, challenge))
+    if not checked:
+        return problems
+    batch = [c for _, _, c in checked]  # one forward pass per side for the whole sample
+    for label, side in (("reference", ref_side), ("candidate", cand_side)):
+        fresh_sigs = side.signatures(batch, sites, key, bits)
+        for (pos, rec, _), fresh in zip(checked, fresh_sigs, strict=True):
             recorded = {int(s): _b64_sig(v) for s, v in rec[label].items()}
             diff = differing_bits(fresh, recorded, sites)
             if diff / (bits * len(sites)) > allowed:

@@ -41,12 +41,42 @@ def projection(key: bytes, site: int, hidden_size: int, bits: int = DEFAULT_BITS
     return matrix
 
 
+_COLUMN_BLOCK = 512  # int8 -> float64 widening in cache-sized column blocks
+
+
+@lru_cache(maxsize=1)
+def _single_threaded_blas() -> None:
+    """Pin numpy's BLAS to one thread in this process, once.
+
+    The products here are small (a batch of pooled vectors times a 512-column block);
+    OpenBLAS's thread hand-off costs more than the arithmetic (measured 8× slower at batch 8
+    on the 2-core machine), and farm workers already run one process per core.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def sign_signatures(pooled: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Packed sign bits of ``pooled @ matrix`` in float64: shape (batch, bits // 8), uint8."""
+    """Packed sign bits of ``pooled @ matrix`` in float64: shape (batch, bits // 8), uint8.
+
+    The int8 projection is widened to float64 one column block at a time, so the product
+    needs a small cache-resident temporary instead of a full float64 copy of the matrix.
+    """
     if pooled.ndim != 2 or pooled.shape[1] != matrix.shape[0]:
         raise ValueError(f"pooled states {pooled.shape} do not fit projection {matrix.shape}")
-    product = pooled.astype(np.float64, copy=False) @ matrix.astype(np.float64)
-    return np.packbits(product > 0.0, axis=1)
+    _single_threaded_blas()
+    x = pooled.astype(np.float64, copy=False)
+    bits = np.empty((x.shape[0], matrix.shape[1]), dtype=bool)
+    block = np.empty((matrix.shape[0], _COLUMN_BLOCK), dtype=np.float64)
+    for start in range(0, matrix.shape[1], _COLUMN_BLOCK):
+        stop = min(start + _COLUMN_BLOCK, matrix.shape[1])
+        widened = block[:, : stop - start]
+        np.copyto(widened, matrix[:, start:stop], casting="unsafe")
+        np.greater(x @ widened, 0.0, out=bits[:, start:stop])
+    return np.packbits(bits, axis=1)
 
 
 def site_signatures(
