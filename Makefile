@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test lint demo up down bench fuzz test-faults clean
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock setup.py rev_tasks/core/_popcount.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,otel]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,6 +23,15 @@ lint: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Only the fault-injection suite (marker `faults`): SIGKILLed workers, a crashed Redis, an
+# unreachable PostgreSQL, Byzantine validators, faulty models. `make test` runs it too.
+test-faults: setup
+	$(BIN)/python -m pytest -q -m faults tests/integration
+
+# schemathesis against a live, authenticated coordinator: >= 1000 requests, no 5xx allowed.
+fuzz: setup
+	$(BIN)/python scripts/fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
@@ -48,3 +57,11 @@ test-integration: setup
 # Per-challenge distances of MiniLM variants: the data behind the tolerances (docs/statistics.md §9).
 calibrate: setup
 	$(BIN)/python -m bench.calibrate --challenges 64 --json bench/results/calibration.json
+
+# ---- benchmarks (bench/run_all.py): each figure beside a baseline from the same run and the
+# operations guide's table, rendered into docs/performance.md; budgeted to finish in under
+# 15 minutes on the 2-core development VM. The first line rebuilds the C popcount extension
+# if its source changed (the setup stamp only tracks pyproject.toml and the lock file).
+bench: setup
+	$(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/python -m bench.run_all

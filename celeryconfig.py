@@ -9,12 +9,17 @@ Why each setting is what it is:
 * Redis ``visibility_timeout`` above the longest job, or Redis redelivers a running job.
 * Redis result backend: chords complete by counter, without ``chord_unlock`` polling.
 * Declared queues with explicit routes; an unknown queue is an error, not a new queue.
+* Restarts lose nothing: SIGTERM is Celery's warm shutdown (stop consuming, finish the
+  running task, ack it). A second signal (SIGQUIT, or a grace period running out) cancels
+  what still runs; with ``acks_late`` that message was never acked, so the worker hands it
+  back to Redis as it closes and another worker runs it again (the tasks are idempotent).
 """
 
 from __future__ import annotations
 
 from kombu import Queue
 
+from rev_tasks.ops.backup import BACKUP_BEAT_NAME, beat_schedule_entry
 from rev_tasks.settings import get_settings
 
 _settings = get_settings()
@@ -33,6 +38,15 @@ result_accept_content = ["json"]
 
 task_acks_late = True
 task_reject_on_worker_lost = True
+# A task that raised or hit its time limit is acked (Celery's default, stated here): a
+# poison message must not be redelivered forever; the job row carries the failure.
+# (Celery 5.7 splits the old task_acks_on_failure_or_timeout into these two.)
+task_acks_on_failure = True
+task_acks_on_timeout = True
+# A task still running when the broker connection drops can no longer ack its message
+# (its channel is gone), so the message will be delivered again; cancelling the task keeps
+# it from running twice, possibly in parallel on another worker.
+worker_cancel_long_running_tasks_on_connection_loss = True
 worker_prefetch_multiplier = 1
 task_track_started = True
 task_time_limit = _settings.job_time_limit + 300
@@ -83,10 +97,13 @@ include = [
 ]
 
 # Beat entries expire so that a backlog after an outage does not run them all at once.
+# The database backup runs on REV_BACKUP_SCHEDULE (crontab "0 3 * * *" UTC by default, or
+# seconds); a malformed value fails here, at start, not silently at 03:00.
 beat_schedule = {
     "reap-stale-jobs": {
         "task": "rev_tasks.tasks.maintenance.reap_stale_jobs",
         "schedule": 300.0,
         "options": {"expires": 240, "queue": QUEUE_MAINTENANCE},
     },
+    BACKUP_BEAT_NAME: beat_schedule_entry(),
 }

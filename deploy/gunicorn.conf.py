@@ -20,6 +20,29 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "*")
 accesslog = "-"
 errorlog = "-"
 
+# REV_LOG_JSON=1: gunicorn's own error and access lines become JSON too, in the same shape
+# as the app's (rev_tasks/logs.py), so a log pipeline parses every line of the container.
+if os.environ.get("REV_LOG_JSON", "").strip().lower() in {"1", "true", "yes", "on"}:
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "rev_tasks.logs.JsonFormatter"}},
+        "filters": {"context": {"()": "rev_tasks.logs.ContextFilter"}},
+        "handlers": {
+            "json": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "filters": ["context"],
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": "INFO", "handlers": ["json"]},
+        "loggers": {
+            name: {"level": "INFO", "handlers": ["json"], "propagate": False, "qualname": name}
+            for name in ("gunicorn.error", "gunicorn.access")
+        },
+    }
+
 
 def on_starting(server):  # noqa: ARG001 - gunicorn hook signature
     """Wipe stale multiprocess files before any worker forks (prometheus_client docs)."""

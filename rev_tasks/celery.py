@@ -4,6 +4,11 @@ Configuration lives in the top-level ``celeryconfig`` module. The signal handler
 ``-c N`` scale: each prefork child gets ``cores // N`` torch threads, drops the database
 connections it inherited from the parent and starts with an empty model cache. CUDA is
 never touched here: a child initialises it lazily when it first loads a model on ``cuda``.
+
+Observability is wired here too: the main process serves the merged Prometheus metrics
+(``worker_init``), each child starts OpenTelemetry after the fork when an OTLP endpoint
+is set (:mod:`rev_tasks.telemetry`), and every task binds its job id to the log context
+(:mod:`rev_tasks.logs`; JSON lines with ``REV_LOG_JSON=1``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
+
+from rev_tasks import logs
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,9 @@ def _init_child(**_: Any) -> None:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     log.info("worker child %s: %d torch thread(s) for -c %d", os.getpid(), threads, concurrency)
+    from rev_tasks import telemetry
+
+    telemetry.init_worker_process()
 
 
 @signals.worker_init.connect
@@ -82,10 +92,21 @@ def _start_metrics(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _child_exit(pid: int | None = None, **_: Any) -> None:
-    """Forget an exiting child's live gauges (models cached, validators running)."""
+    """Forget an exiting child's live gauges (models cached, validators running); flush spans."""
     try:
         from rev_tasks import metrics
 
         metrics.mark_process_dead(pid or os.getpid())
     except Exception:  # noqa: BLE001
         pass
+    from rev_tasks import telemetry
+
+    telemetry.shutdown()
+
+
+# Job and task ids on every log record of a task (JSON logs print them).
+signals.task_prerun.connect(logs.on_task_prerun, weak=False)
+signals.task_postrun.connect(logs.on_task_postrun, weak=False)
+if logs.json_enabled():
+    # Connected only when asked: any receiver of setup_logging replaces Celery's own setup.
+    signals.setup_logging.connect(logs.on_setup_logging, weak=False)

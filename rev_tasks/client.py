@@ -1,6 +1,8 @@
 """HTTP client for the farm and its ``rev`` subcommands: submit, status, wait, jobs, models.
 
-The coordinator is found at ``REV_API_URL`` (default ``http://127.0.0.1:8000``). Exit
+The coordinator is found at ``REV_API_URL`` (default ``http://127.0.0.1:8000``); the API key
+comes from ``REV_API_KEY``, else the file named by ``REV_API_KEY_FILE``, else ``.rev/api-key``
+(the development key ``make up`` writes) in the current folder or the repository. Exit
 statuses: 0 success (for ``wait``: the job succeeded), 1 the job failed, 2 the request could
 not be made (connection error, or the API refused it: the one-line reason is on stderr),
 3 ``wait`` timed out. Model paths are sent as absolute paths and resolved on the server, so
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from rev_tasks.settings import api_url
@@ -26,19 +29,51 @@ class ClientError(Exception):
     """The request failed; ``str()`` is one line for the user."""
 
 
+def find_api_key() -> str | None:
+    """The key the CLI sends: ``REV_API_KEY``, ``REV_API_KEY_FILE`` or ``.rev/api-key``.
+
+    Read from the environment or a file only (never a command-line argument, which other
+    users can read in ``ps``).
+    """
+    token = os.environ.get("REV_API_KEY", "").strip()
+    if token:
+        return token
+    named = os.environ.get("REV_API_KEY_FILE", "").strip()
+    candidates = (
+        [Path(named).expanduser()]
+        if named
+        else [
+            Path.cwd() / ".rev" / "api-key",
+            Path(__file__).resolve().parents[1] / ".rev" / "api-key",
+        ]
+    )
+    for path in candidates:
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None
+
+
 class FarmClient:
     """A small typed wrapper over the JSON API."""
 
-    def __init__(self, base_url: str | None = None, timeout: float = 15.0) -> None:
+    def __init__(
+        self, base_url: str | None = None, timeout: float = 15.0, api_key: str | None = None
+    ) -> None:
         self.base_url = (base_url or api_url()).rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key if api_key is not None else find_api_key()
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         import requests
 
         url = f"{self.base_url}{path}"
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            resp = requests.request(method, url, json=body, timeout=self.timeout)
+            resp = requests.request(method, url, json=body, timeout=self.timeout, headers=headers)
         except requests.RequestException as exc:
             reason = type(exc).__name__
             raise ClientError(f"cannot reach the farm at {self.base_url} ({reason})") from exc
@@ -48,6 +83,10 @@ class FarmClient:
             data = None
         if resp.status_code >= 400:
             err = (data or {}).get("error") if isinstance(data, dict) else None
+            if resp.status_code == 401 and not self.api_key:
+                raise ClientError(
+                    "401: no API key (set REV_API_KEY, or run `make up` to create .rev/api-key)"
+                )
             if err:
                 raise ClientError(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
             raise ClientError(f"{resp.status_code} from {url}")

@@ -16,6 +16,8 @@ DEFAULT_API_URL = "http://127.0.0.1:8000"
 VALIDATORS = 5
 QUORUM = 4
 REEXEC_SAMPLE = 2
+# Byzantine behaviours a test can give a validator (REV_TEST_FAULTY_VALIDATORS="2:crash,4").
+FAULT_MODES = ("lie", "random", "crash")
 
 
 def _int(name: str, default: int) -> int:
@@ -46,6 +48,18 @@ def _list(raw: str, sep: str = ",") -> list[str]:
     return [part.strip() for part in raw.split(sep) if part.strip()]
 
 
+def _fault_modes(raw: str) -> tuple[tuple[int, str], ...]:
+    """``"0,3:random,4:crash"`` → ((0, "lie"), (3, "random"), (4, "crash")); bare index = lie."""
+    out: list[tuple[int, str]] = []
+    for item in _list(raw):
+        index, _, mode = item.partition(":")
+        mode = mode.strip() or "lie"
+        if mode not in FAULT_MODES:
+            raise ValueError(f"REV_TEST_FAULTY_VALIDATORS: mode must be one of {FAULT_MODES}")
+        out.append((int(index), mode))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a farm process needs to know about its deployment."""
@@ -67,11 +81,36 @@ class Settings:
     inspect_cache_seconds: float = 5.0
     fault_injection: bool = False
     faulty_validators: frozenset[int] = field(default_factory=frozenset)
+    fault_modes: tuple[tuple[int, str], ...] = ()
+    fault_slow_batch_seconds: float = 0.0
+    fault_kill_path: str = ""
+    max_attempts: int = 5
+    visibility_timeout_override: int | None = None
+    # --- security (docs/security.md)
+    rate_limit_rps: float = 100.0
+    rate_limit_burst: int = 200
+    max_body_bytes: int = 1 << 20
+    max_model_bytes: int = 20_000_000_000
+    max_model_files: int = 10_000
+    allow_pickle: bool = False
+    hsts: bool = False
 
     @property
     def visibility_timeout(self) -> int:
-        """Redis redelivers unacked messages after this: it must exceed the longest job."""
+        """Redis redelivers unacked messages after this: it must exceed the longest job.
+
+        ``REV_VISIBILITY_TIMEOUT`` overrides it for the fault-injection tests, which kill
+        workers with SIGKILL and need the lost delivery back in seconds, not hours.
+        """
+        if self.visibility_timeout_override:
+            return self.visibility_timeout_override
         return max(2 * self.job_time_limit, self.job_time_limit + 3600)
+
+    def fault_mode(self, validator: int) -> str | None:
+        """The injected Byzantine behaviour of one validator (only with the enable flag)."""
+        if not self.fault_injection:
+            return None
+        return dict(self.fault_modes).get(validator)
 
     @property
     def gpu_queues(self) -> list[str]:
@@ -86,10 +125,14 @@ class Settings:
         )
         key_file = os.environ.get("REV_SECRET_KEY_FILE") or str(var_dir / "secret.key")
         faulty: frozenset[int] = frozenset()
+        modes: tuple[tuple[int, str], ...] = ()
+        slow = 0.0
+        kill_path = ""
         if _flag("REV_ENABLE_FAULT_INJECTION"):
-            faulty = frozenset(
-                int(v) for v in _list(os.environ.get("REV_TEST_FAULTY_VALIDATORS", ""))
-            )
+            kill_path = os.environ.get("REV_TEST_KILL_INFERENCE_PATH", "").strip()
+            modes = _fault_modes(os.environ.get("REV_TEST_FAULTY_VALIDATORS", ""))
+            faulty = frozenset(i for i, _mode in modes)
+            slow = max(0.0, _float("REV_TEST_SLOW_BATCH_SECONDS", 0.0))
         device = os.environ.get("REV_WORKER_DEVICE", "cpu").strip() or "cpu"
         if device not in {"cpu", "cuda"}:
             raise ValueError(f"REV_WORKER_DEVICE must be cpu or cuda, not {device!r}")
@@ -109,7 +152,7 @@ class Settings:
             gpu_count=max(0, _int("REV_GPU_COUNT", 8)),
             fingerprint_challenges=min(4096, max(1, _int("REV_FINGERPRINT_CHALLENGES", 256))),
             default_batch_size=min(256, max(1, _int("REV_BATCH_SIZE", 8))),
-            job_time_limit=max(60, _int("REV_JOB_TIME_LIMIT", 3600)),
+            job_time_limit=max(1, _int("REV_JOB_TIME_LIMIT", 3600)),
             worker_device=device,
             worker_max_memory_kb=max(0, _int("REV_WORKER_MAX_MEMORY_KB", 6_000_000)),
             required_queues=required,
@@ -117,6 +160,18 @@ class Settings:
             inspect_cache_seconds=_float("REV_INSPECT_CACHE_SECONDS", 5.0),
             fault_injection=_flag("REV_ENABLE_FAULT_INJECTION"),
             faulty_validators=faulty,
+            fault_modes=modes,
+            fault_slow_batch_seconds=slow,
+            fault_kill_path=kill_path,
+            max_attempts=max(1, _int("REV_MAX_ATTEMPTS", 5)),
+            visibility_timeout_override=_int("REV_VISIBILITY_TIMEOUT", 0) or None,
+            rate_limit_rps=max(0.0, _float("REV_RATE_LIMIT_RPS", 100.0)),
+            rate_limit_burst=max(1, _int("REV_RATE_LIMIT_BURST", 200)),
+            max_body_bytes=max(1024, _int("REV_MAX_BODY_BYTES", 1 << 20)),
+            max_model_bytes=max(1, _int("REV_MAX_MODEL_BYTES", 20_000_000_000)),
+            max_model_files=max(1, _int("REV_MAX_MODEL_FILES", 10_000)),
+            allow_pickle=os.environ.get("REV_ALLOW_PICKLE", "").strip() == "1",
+            hsts=_flag("REV_HSTS"),
         )
 
 

@@ -233,6 +233,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "REV_STACK_ID": stack_id,
             "REV_VAR_DIR": str(VAR),
             "REV_SECRET_KEY_FILE": str(key.resolve()),
+            "REV_BACKUP_DIR": os.environ.get("REV_BACKUP_DIR") or str(VAR / "backups"),
             "REV_MODEL_ROOTS": roots,
             "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{VAR / 'rev.db'}",
             "PYTHONUNBUFFERED": "1",
@@ -258,6 +259,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         env = stack_env(state)
         log(f"migrating {env['DATABASE_URL']}")
         subprocess.run([PY, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True)
+        # The development API key (admin, tenant "default"): kept while .rev/api-key holds
+        # an active key, else created; the CLI client and `make demo` read that file.
+        dev_key = ["keys", "ensure-dev", "--file", str(ROOT / ".rev" / "api-key")]
+        subprocess.run([PY, "-m", "rev_tasks.cli", *dev_key], cwd=ROOT, env=env, check=True)
         _start_services(state, port, flower_port)
         log("waiting for /readyz …")
         ready = wait_ready(state["api"], args.timeout)
@@ -268,6 +273,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cmd_down(args)
         return 1
     log(f"coordinator {state['api']}  Flower {state['flower']}  Redis {state['env']['REDIS_URL']}")
+    log("metrics " + "  ".join(f"{k} {v}" for k, v in state.get("metrics", {}).items()))
     print(json.dumps(ready, indent=2))
     return 0
 
@@ -292,8 +298,30 @@ def _prom_dir(name: str) -> str:
     return str(path)
 
 
+def _metrics_port(variable: str, default: int) -> int:
+    """A worker's own metrics port: ``variable``, else ``default`` if free, else any free one.
+
+    Two workers on one host cannot share a port; the chosen ports are recorded in
+    ``var/stack.json`` (``metrics``) for Prometheus and for people.
+    """
+    if os.environ.get(variable):
+        return int(os.environ[variable])
+    return default if not port_open(default) else free_port()
+
+
 def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
     base = stack_env(state)
+    ports = {
+        "worker-cpu": _metrics_port("REV_CPU_METRICS_PORT", 9808),
+        "worker-consensus": _metrics_port("REV_CONSENSUS_METRICS_PORT", 9809),
+    }
+    if ports["worker-consensus"] == ports["worker-cpu"]:
+        ports["worker-consensus"] = free_port()
+    state["metrics"] = {
+        "web": f"{state['api']}/metrics",
+        **{name: f"http://127.0.0.1:{p}/metrics" for name, p in ports.items()},
+    }
+    STATE.write_text(json.dumps(state, indent=2))
     conf = ROOT / "deploy" / "gunicorn.conf.py"
     web_env = {
         **base,
@@ -313,7 +341,7 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
         {
             **base,
             "REV_WORKER_DEVICE": "cpu",
-            "REV_METRICS_PORT": os.environ.get("REV_CPU_METRICS_PORT", "9808"),
+            "REV_METRICS_PORT": str(ports["worker-cpu"]),
             "PROMETHEUS_MULTIPROC_DIR": _prom_dir("worker-cpu"),
         },
     )
@@ -333,7 +361,7 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
         {
             **base,
             "REV_WORKER_DEVICE": "cpu",
-            "REV_METRICS_PORT": os.environ.get("REV_CONSENSUS_METRICS_PORT", "9809"),
+            "REV_METRICS_PORT": str(ports["worker-consensus"]),
             "PROMETHEUS_MULTIPROC_DIR": _prom_dir("worker-consensus"),
         },
     )

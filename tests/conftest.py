@@ -26,7 +26,9 @@ if str(ROOT) not in sys.path:  # ``from tests.models import …`` from any test 
 CI = os.environ.get("CI", "").lower() == "true"
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/15"
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-TEST_DB = "rev_test"
+# REV_TEST_DB lets two people (or CI jobs) share one PostgreSQL server without dropping
+# each other's database.
+TEST_DB = os.environ.get("REV_TEST_DB") or "rev_test"
 
 
 def service_unavailable(reason: str) -> None:

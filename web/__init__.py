@@ -1,9 +1,10 @@
 """The REV Farm coordinator: a Flask app factory with blueprints.
 
 ``create_app(config=None)`` builds the app; ``config`` overrides Flask settings and may
-carry ``REV_SETTINGS`` (a :class:`rev_tasks.settings.Settings`) and ``CELERY_APP``. The
-coordinator validates requests, writes rows, enqueues after commit and reads status from
-the database; it never runs a model and never waits on a task.
+carry ``REV_SETTINGS`` (a :class:`rev_tasks.settings.Settings`), ``CELERY_APP`` and
+``REV_RATE_LIMITER``. The coordinator validates requests, writes rows, enqueues after
+commit and reads status from the database; it never runs a model and never waits on a task.
+Authentication, rate limits and security headers: :mod:`web.security` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ log = logging.getLogger(__name__)
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=1 << 20)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # documents read top-down
     if config:
         app.config.update(config)
     settings = app.config.setdefault("REV_SETTINGS", get_settings())
+    # Bodies are small JSON documents: anything bigger is refused (413) before it is read.
+    if app.config.get("MAX_CONTENT_LENGTH") is None:  # Flask's default is None: unlimited
+        app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     celery_app = app.config.get("CELERY_APP")
     if celery_app is None:
@@ -53,4 +56,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             metrics.init_app(app, redis_url=settings.redis_url, queues=queues)
         except Exception:  # noqa: BLE001 - the API works without /metrics
             log.warning("metrics disabled", exc_info=True)
+
+    # Observability, both opt-in by environment: JSON log lines with the job id
+    # (REV_LOG_JSON=1) and OpenTelemetry spans (OTEL_EXPORTER_OTLP_ENDPOINT).
+    from rev_tasks import logs, telemetry
+
+    logs.init_app(app)
+    telemetry.init_flask(app)
+
+    from web import security
+
+    # Last: authentication, rate limits and security headers (docs/security.md). The
+    # hooks registered above still run first, so metrics count 401/403/429 too.
+    security.init_app(app)
     return app

@@ -2,8 +2,9 @@
 
 Every error leaves as ``{"error": {"code", "message"[, "details"]}}`` with a 4xx/5xx status:
 :class:`ApiError` subclasses for the API's own decisions, werkzeug's HTTP exceptions
-(404 for unknown routes, 405 …) mapped to the same shape, and a last-resort 500 handler that
-logs the traceback and returns JSON instead of an HTML page.
+(404 for unknown routes, 405, 413 …) mapped to the same shape, database outages mapped to
+503 ``database_unavailable`` (a client should retry, not report a bug), and a last-resort
+500 handler that logs the traceback and returns JSON instead of an HTML page.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ApiError(Exception):
         code: str | None = None,
         details: Any = None,
         status: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -39,6 +41,7 @@ class ApiError(Exception):
         if status is not None:
             self.status = status
         self.details = details
+        self.headers = dict(headers or {})
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -71,19 +74,48 @@ class ServiceUnavailable(ApiError):
     status, code = 503, "service_unavailable"
 
 
+# werkzeug's names where the API's own code reads better
+_HTTP_CODES = {413: "payload_too_large"}
+
+
 def register_error_handlers(app: Flask) -> None:
+    from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> ResponseReturnValue:
-        return jsonify(exc.to_dict()), exc.status
+        return jsonify(exc.to_dict()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
         status = exc.code or 500
-        code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify({"error": {"code": code, "message": exc.description or exc.name}}), status
+        code = _HTTP_CODES.get(status) or (exc.name or "error").lower().replace(" ", "_")
+        headers = {"Allow": exc.valid_methods} if getattr(exc, "valid_methods", None) else {}
+        if "Allow" in headers:
+            headers["Allow"] = ", ".join(headers["Allow"])
+        body = {"error": {"code": code, "message": exc.description or exc.name}}
+        return jsonify(body), status, headers
 
-    @app.errorhandler(Exception)
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    @app.errorhandler(PoolTimeout)
+    def _db_down(exc: Exception) -> ResponseReturnValue:
+        log.error("database unavailable: %s", str(exc).splitlines()[0][:300])
+        body = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}
+        return jsonify(body), 503, {"Retry-After": "5"}
+
+    @app.errorhandler(DBAPIError)
+    def _db_error(exc: DBAPIError) -> ResponseReturnValue:
+        if exc.connection_invalidated:
+            return _db_down(exc)
+        if isinstance(exc, DataError):  # a value the column cannot hold: the client's input
+            body = {"error": {"code": "invalid_value", "message": "a value cannot be stored"}}
+            return jsonify(body), 422
+        return _unexpected(exc)
+
     def _unexpected(exc: Exception) -> ResponseReturnValue:
-        log.exception("unhandled error")
+        log.error("unhandled error", exc_info=exc)
         body = {"error": {"code": "internal_error", "message": "internal server error"}}
         return jsonify(body), 500
+
+    app.register_error_handler(Exception, _unexpected)

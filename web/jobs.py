@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request, url_for
@@ -28,24 +29,66 @@ from rev_tasks.db.session import session_scope
 from web import services
 from web.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
+from web.security import can_see, principal
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 PREPARE_TASK = "rev_tasks.tasks.verify.prepare"
 MAX_PAGE = 100
+MAX_CURSOR = 256
+JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Refuse ``{"a": 1, "a": 2}``: parsers disagree on which one wins (smuggling)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def json_body() -> Any:
-    """The request's JSON, or a 400/415 in the API's error shape."""
+    """The request's JSON, or a 400/413/415 in the API's error shape.
+
+    Strict JSON: no duplicate keys, no ``NaN``/``Infinity``; deep nesting is a 400, not a
+    RecursionError. The body size is capped by ``MAX_CONTENT_LENGTH`` (413) before parsing.
+    """
     if not request.is_json:
         from web.errors import UnsupportedMediaType
 
         raise UnsupportedMediaType("send a JSON body with Content-Type: application/json")
     raw = request.get_data(cache=True)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from exc
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        message = str(exc)[:200] if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise BadRequest(f"malformed JSON: {message}", code="malformed_json") from exc
+
+
+def check_query(*allowed: str) -> None:
+    """Query parameters are part of the schema: unknown or repeated ones are a 400."""
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        raise BadRequest(
+            f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter"
+        )
+    repeated = sorted(k for k in request.args if len(request.args.getlist(k)) > 1)
+    if repeated:
+        raise BadRequest(f"repeated query parameter: {repeated[0]}", code="unknown_parameter")
+
+
+def visible_job(session: Any, job_id: str) -> Job:
+    """The job if it exists and the caller may see it; otherwise the same 404 either way."""
+    job = session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
+    if job is None or not can_see(job.tenant):
+        raise NotFound(f"no job {job_id[:64]!r}", code="job_not_found")
+    return job
 
 
 def validation_error(exc: ValidationError) -> Unprocessable:
@@ -58,10 +101,16 @@ def validation_error(exc: ValidationError) -> Unprocessable:
     return Unprocessable(f"{where}: {first['message']}", code="invalid_request", details=details)
 
 
-def _reference_model(session: Any, model_id: str) -> tuple[ModelRecord, Fingerprint]:
+def _visible_model(session: Any, model_id: str) -> ModelRecord:
+    """A registered model the caller may use; another tenant's model is 'unknown' too."""
     rec = session.get(ModelRecord, model_id)
-    if rec is None:
+    if rec is None or not can_see(rec.tenant):
         raise Unprocessable(f"unknown model id {model_id!r}", code="unknown_model")
+    return rec
+
+
+def _reference_model(session: Any, model_id: str) -> tuple[ModelRecord, Fingerprint]:
+    rec = _visible_model(session, model_id)
     if rec.status == MODEL_FAILED:
         raise Conflict(f"model {model_id!r} failed to register", code="model_failed")
     fp = session.get(Fingerprint, model_id)
@@ -70,37 +119,34 @@ def _reference_model(session: Any, model_id: str) -> tuple[ModelRecord, Fingerpr
     return rec, fp
 
 
-def _candidate_path(session: Any, ref: str | PathRef, roots: Any) -> str:
+def _candidate_path(session: Any, ref: str | PathRef, settings: Any) -> str:
     if isinstance(ref, PathRef):
-        return services.model_path(ref.path, roots)
-    rec = session.get(ModelRecord, ref)
-    if rec is None:
-        raise Unprocessable(f"unknown model id {ref!r}", code="unknown_model")
-    return rec.path
+        return services.model_path(ref.path, settings)
+    return _visible_model(session, ref).path
 
 
 @bp.post("")
 def submit() -> ResponseReturnValue:
     settings = services.settings_of(current_app)
+    check_query()
     try:
         req = JOB_REQUEST.validate_python(json_body())
     except ValidationError as exc:
         raise validation_error(exc) from exc
-    roots = settings.model_roots
     job_id = str(uuid.uuid4())
     with session_scope() as s:
         reference_model_id = reference_path = None
         budget = req.max_challenges
         if isinstance(req, VerifyJobRequest):
             if isinstance(req.reference, PathRef):
-                reference_path = services.model_path(req.reference.path, roots)
+                reference_path = services.model_path(req.reference.path, settings)
             else:
                 _rec, fp = _reference_model(s, req.reference)
                 reference_model_id = req.reference
                 budget = min(budget, fp.n_challenges)
         else:
             assert isinstance(req, IdentifyJobRequest)
-        candidate_path = _candidate_path(s, req.candidate, roots)
+        candidate_path = _candidate_path(s, req.candidate, settings)
         inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
         live = inspector.live()
         gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
@@ -110,6 +156,7 @@ def submit() -> ResponseReturnValue:
         s.add(
             Job(
                 id=job_id,
+                tenant=principal().tenant,
                 kind=req.kind,
                 status=QUEUED,
                 stage="queued",
@@ -150,24 +197,42 @@ def _encode_cursor(job: Job) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a page ends at; anything else, however crafted, is a 400."""
     try:
+        if len(cursor) > MAX_CURSOR:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(job_id)
-    except (binascii.Error, ValueError, TypeError) as exc:
+        if (
+            not isinstance(created, str)
+            or not isinstance(job_id, str)
+            or not JOB_ID.fullmatch(job_id)
+        ):
+            raise ValueError("bad cursor fields")
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when, job_id
+    except (binascii.Error, ValueError, TypeError, RecursionError, OverflowError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
 
 
 @bp.get("")
 def list_jobs() -> ResponseReturnValue:
-    """Newest first; ``next_cursor`` continues after the last job of this page."""
+    """Newest first; ``next_cursor`` continues after the last job of this page.
+
+    A tenant lists its own jobs; an admin key lists every tenant's.
+    """
+    check_query("limit", "cursor", "status")
     raw_limit = request.args.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise BadRequest(f"limit must be an integer in 1..{MAX_PAGE}", code="invalid_limit")
     limit = int(raw_limit)
     stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if not principal().is_admin:
+        stmt = stmt.where(Job.tenant == principal().tenant)
     status = request.args.get("status")
-    if status:
+    if status is not None:
         if status not in ("queued", "running", "succeeded", "failed"):
             raise BadRequest(
                 "status must be queued, running, succeeded or failed", code="invalid_status"
@@ -188,20 +253,17 @@ def list_jobs() -> ResponseReturnValue:
 
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> ResponseReturnValue:
+    check_query()
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}", code="job_not_found")
-        return services.job_document(job)
+        return services.job_document(visible_job(s, job_id))
 
 
 @bp.get("/<job_id>/transcript")
 def get_transcript(job_id: str) -> ResponseReturnValue:
     """The committed transcript (``rev audit`` accepts it as it is)."""
+    check_query()
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}", code="job_not_found")
+        job = visible_job(s, job_id)
         if job.kind != "verify":
             raise NotFound("identify jobs have no transcript", code="transcript_not_found")
         tr = s.get(Transcript, job_id)

@@ -1,6 +1,14 @@
-"""``/v1/models``: register reference models (fingerprinted asynchronously) and read them."""
+"""``/v1/models``: register reference models (fingerprinted asynchronously) and read them.
+
+Model ids are global and each model has one owner tenant. Other tenants get 404 on it and
+``unknown_model`` when they name it in a job; admin keys see and use every model. The one
+thing a tenant can learn about another's models is that an id is taken (409 on register):
+docs/security.md explains why that was accepted.
+"""
 
 from __future__ import annotations
+
+import re
 
 from flask import Blueprint, current_app, url_for
 from flask.typing import ResponseReturnValue
@@ -11,8 +19,11 @@ from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelR
 from rev_tasks.db.session import session_scope
 from web import services
 from web.errors import Conflict, NotFound, ServiceUnavailable
-from web.jobs import json_body, validation_error
-from web.schemas import ModelRegistration
+from web.jobs import check_query, json_body, validation_error
+from web.schemas import MODEL_ID_PATTERN, ModelRegistration
+from web.security import can_see, principal
+
+_MODEL_ID = re.compile(MODEL_ID_PATTERN)
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
@@ -23,11 +34,12 @@ FINGERPRINT_TASK = "rev_tasks.tasks.models.fingerprint"
 def register() -> ResponseReturnValue:
     """Store the model as ``pending`` and enqueue its fingerprint (after the commit)."""
     settings = services.settings_of(current_app)
+    check_query()
     try:
         req = ModelRegistration.model_validate(json_body())
     except ValidationError as exc:
         raise validation_error(exc) from exc
-    path = services.model_path(req.path, settings.model_roots)
+    path = services.model_path(req.path, settings)
     inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
     live = inspector.live()
     gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
@@ -37,7 +49,7 @@ def register() -> ResponseReturnValue:
     with session_scope() as s:
         if s.get(ModelRecord, req.id) is not None:
             raise Conflict(f"model {req.id!r} is already registered", code="model_exists")
-        rec = ModelRecord(id=req.id, path=path, status=MODEL_PENDING)
+        rec = ModelRecord(id=req.id, tenant=principal().tenant, path=path, status=MODEL_PENDING)
         s.add(rec)
         s.flush()
         doc = services.model_document(rec, None)
@@ -56,16 +68,24 @@ def register() -> ResponseReturnValue:
 
 @bp.get("")
 def list_models() -> ResponseReturnValue:
+    """The caller's models (every tenant's for an admin key), ordered by id."""
+    check_query()
+    models = select(ModelRecord).order_by(ModelRecord.id)
+    fingerprints = select(Fingerprint).join(ModelRecord, ModelRecord.id == Fingerprint.model_id)
+    if not principal().is_admin:
+        models = models.where(ModelRecord.tenant == principal().tenant)
+        fingerprints = fingerprints.where(ModelRecord.tenant == principal().tenant)
     with session_scope() as s:
-        recs = list(s.scalars(select(ModelRecord).order_by(ModelRecord.id)))
-        fps = {fp.model_id: fp for fp in s.scalars(select(Fingerprint))}
+        recs = list(s.scalars(models))
+        fps = {fp.model_id: fp for fp in s.scalars(fingerprints)}
         return {"models": [services.model_document(r, fps.get(r.id)) for r in recs]}
 
 
 @bp.get("/<model_id>")
 def get_model(model_id: str) -> ResponseReturnValue:
+    check_query()
     with session_scope() as s:
-        rec = s.get(ModelRecord, model_id)
-        if rec is None:
-            raise NotFound(f"no model {model_id!r}", code="model_not_found")
+        rec = s.get(ModelRecord, model_id) if _MODEL_ID.fullmatch(model_id) else None
+        if rec is None or not can_see(rec.tenant):
+            raise NotFound(f"no model {model_id[:128]!r}", code="model_not_found")
         return services.model_document(rec, s.get(Fingerprint, model_id))

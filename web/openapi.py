@@ -38,16 +38,48 @@ def _json(name: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
 
 
+_RATE_HEADERS = {
+    "RateLimit-Limit": "bucket size (burst) of this key",
+    "RateLimit-Remaining": "requests left in the bucket now",
+    "RateLimit-Reset": "seconds until the bucket is full again",
+}
+
+
+def _headers(*names: str) -> dict[str, Any]:
+    text = {**_RATE_HEADERS, "Retry-After": "seconds to wait before retrying"}
+    return {n: {"description": text[n], "schema": {"type": "integer"}} for n in names}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
+    """Error responses of an authenticated operation: the given codes plus 401/403/429/503."""
     text = {
-        400: "malformed JSON or query parameters",
-        404: "not found",
+        400: "malformed JSON or query parameters (unknown or repeated parameters included)",
+        401: "no API key, or an invalid or revoked one (see WWW-Authenticate)",
+        403: "the key lacks the scope this operation needs",
+        404: "not found (or owned by another tenant)",
         409: "conflict with the current state (model not ready, no GPU worker, duplicate id)",
+        413: "the body is larger than REV_MAX_BODY_BYTES",
         415: "the body is not JSON",
         422: "validation failed (unknown fields, out-of-range values, bad paths, unknown models)",
-        503: "broker unavailable",
+        429: "rate limit exceeded for this key; Retry-After says when to retry",
+        503: "database or broker unavailable; retry later",
     }
-    return {str(c): _json("ErrorResponse", text[c]) for c in codes}
+    out = {}
+    for c in sorted({*codes, 401, 403, 429, 503}):
+        out[str(c)] = _json("ErrorResponse", text[c])
+        if c == 429:
+            out[str(c)]["headers"] = _headers("Retry-After", *_RATE_HEADERS)
+        elif c == 503:
+            out[str(c)]["headers"] = _headers("Retry-After")
+    return out
+
+
+def _ok(name: str, description: str) -> dict[str, Any]:
+    """A success response of an authenticated operation, with its RateLimit headers."""
+    return {**_json(name, description), "headers": _headers(*_RATE_HEADERS)}
+
+
+_PUBLIC: list[dict[str, Any]] = []  # `security: []` — no key needed
 
 
 def _id_param(name: str) -> dict[str, Any]:
@@ -72,8 +104,8 @@ def build_spec() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("JobRequest")}},
                 },
                 "responses": {
-                    "202": _json("JobAccepted", "accepted; poll the url"),
-                    **_errors(400, 409, 415, 422, 503),
+                    "202": _ok("JobAccepted", "accepted; poll the url"),
+                    **_errors(400, 409, 413, 415, 422),
                 },
             },
             "get": {
@@ -95,7 +127,7 @@ def build_spec() -> dict[str, Any]:
                         },
                     },
                 ],
-                "responses": {"200": _json("JobPage", "one page of jobs"), **_errors(400)},
+                "responses": {"200": _ok("JobPage", "one page of jobs"), **_errors(400)},
             },
         },
         "/v1/jobs/{job_id}": {
@@ -103,7 +135,7 @@ def build_spec() -> dict[str, Any]:
                 "summary": "A job's status, progress and result",
                 "operationId": "getJob",
                 "parameters": [_id_param("job_id")],
-                "responses": {"200": _json("JobDocument", "the job"), **_errors(404)},
+                "responses": {"200": _ok("JobDocument", "the job"), **_errors(400, 404)},
             }
         },
         "/v1/jobs/{job_id}/transcript": {
@@ -115,8 +147,9 @@ def build_spec() -> dict[str, Any]:
                     "200": {
                         "description": "rev-transcript/1 document",
                         "content": {"application/json": {"schema": {"type": "object"}}},
+                        "headers": _headers(*_RATE_HEADERS),
                     },
-                    **_errors(404, 409),
+                    **_errors(400, 404, 409),
                 },
             }
         },
@@ -129,14 +162,14 @@ def build_spec() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("ModelRegistration")}},
                 },
                 "responses": {
-                    "202": _json("ModelDocument", "registered; status pending"),
-                    **_errors(400, 409, 415, 422, 503),
+                    "202": _ok("ModelDocument", "registered; status pending"),
+                    **_errors(400, 409, 413, 415, 422),
                 },
             },
             "get": {
                 "summary": "List registered models",
                 "operationId": "listModels",
-                "responses": {"200": _json("ModelList", "all models")},
+                "responses": {"200": _ok("ModelList", "the caller's models"), **_errors(400)},
             },
         },
         "/v1/models/{model_id}": {
@@ -144,13 +177,14 @@ def build_spec() -> dict[str, Any]:
                 "summary": "A registered model and its fingerprint",
                 "operationId": "getModel",
                 "parameters": [_id_param("model_id")],
-                "responses": {"200": _json("ModelDocument", "the model"), **_errors(404)},
+                "responses": {"200": _ok("ModelDocument", "the model"), **_errors(400, 404)},
             }
         },
         "/healthz": {
             "get": {
                 "summary": "Liveness",
                 "operationId": "healthz",
+                "security": _PUBLIC,
                 "responses": {"200": _json("Health", "the process answers")},
             }
         },
@@ -158,6 +192,7 @@ def build_spec() -> dict[str, Any]:
             "get": {
                 "summary": "Readiness: database, broker, a live worker per required queue",
                 "operationId": "readyz",
+                "security": _PUBLIC,
                 "responses": {
                     "200": _json("Health", "ready"),
                     "503": _json("Health", "not ready; reason says why"),
@@ -170,10 +205,24 @@ def build_spec() -> dict[str, Any]:
         "info": {
             "title": "REV Farm coordinator",
             "version": __version__,
-            "description": "Behavioural model-identity verification jobs. See docs/api.md.",
+            "description": (
+                "Behavioural model-identity verification jobs. Every /v1 operation needs "
+                "`Authorization: Bearer <API key>` (create keys with `rev keys create`) and is "
+                "rate limited per key. See docs/api.md and docs/security.md."
+            ),
         },
+        "security": [{"bearerAuth": []}],
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an API key `rev_<id>_<secret>` from `rev keys create`",
+                }
+            },
+        },
     }
 
 

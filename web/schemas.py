@@ -19,6 +19,15 @@ ModelId = Annotated[
 ]
 
 
+# A server path: no NUL (the OS cannot take it, PostgreSQL cannot store it), no control
+# characters (they only serve to forge log lines).
+ServerPath = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    Field(description="folder under REV_MODEL_ROOTS (resolved, symlinks included)"),
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -26,7 +35,7 @@ class _Strict(BaseModel):
 class PathRef(_Strict):
     """A model folder on the server, confined to ``REV_MODEL_ROOTS``."""
 
-    path: str = Field(min_length=1, max_length=4096, description="folder under REV_MODEL_ROOTS")
+    path: ServerPath
 
 
 ModelRef = ModelId | PathRef
@@ -44,12 +53,34 @@ class _JobParams(_Strict):
 class VerifyJobRequest(_JobParams):
     """Is ``candidate`` the model ``reference``?"""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"kind": "verify", "reference": "minilm", "candidate": {"path": "minilm-copy"}},
+                {
+                    "kind": "verify",
+                    "reference": {"path": "minilm"},
+                    "candidate": {"path": "minilm-copy"},
+                    "tolerance": "exact",
+                    "alpha": 0.01,
+                    "max_challenges": 64,
+                    "device": "cpu",
+                    "batch_size": 8,
+                },
+            ]
+        }
+    )
+
     kind: Literal["verify"]
     reference: ModelRef
 
 
 class IdentifyJobRequest(_JobParams):
     """Which registered model is ``candidate``?"""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"kind": "identify", "candidate": {"path": "minilm-copy"}}]}
+    )
 
     kind: Literal["identify"]
 
@@ -61,8 +92,10 @@ JOB_REQUEST = TypeAdapter(JobRequest)
 class ModelRegistration(_Strict):
     """Register a reference model folder; its fingerprint is computed asynchronously."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "minilm", "path": "minilm"}]})
+
     id: ModelId
-    path: str = Field(min_length=1, max_length=4096)
+    path: ServerPath
 
 
 # ----------------------------------------------------------------------------- responses
@@ -100,6 +133,9 @@ class Consensus(BaseModel):
     agreeing: int
     verdict: str | None
     agreed: bool
+    abstained: list[int] = Field(
+        default_factory=list, description="validators that crashed and cast no vote"
+    )
 
 
 class DistanceSummary(BaseModel):
@@ -139,6 +175,7 @@ class IdentifyResult(BaseModel):
 
 class JobDocument(BaseModel):
     id: str
+    tenant: str
     kind: Literal["verify", "identify"]
     status: Literal["queued", "running", "succeeded", "failed"]
     stage: str
@@ -170,6 +207,7 @@ class FingerprintInfo(BaseModel):
 
 class ModelDocument(BaseModel):
     id: str
+    tenant: str
     path: str
     status: Literal["pending", "ready", "failed"]
     descriptor: dict[str, Any] | None

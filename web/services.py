@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rev_tasks.db.models import Fingerprint, Job, ModelRecord
+from rev_tasks.inference.guard import within
 from rev_tasks.settings import Settings
 from web.errors import Conflict, ServiceUnavailable, Unprocessable
 
@@ -33,46 +34,82 @@ def iso(ts: datetime | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------- paths
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve(strict=False)
+    except (OSError, RuntimeError, ValueError) as exc:  # loops, NUL bytes, names too long
+        raise Unprocessable(
+            f"path {str(path)!r} cannot be resolved", code="path_not_found"
+        ) from exc
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def confine(raw: str, roots: tuple[Path, ...]) -> Path:
     """Resolve ``raw`` (symlinks included) and insist it lies under one of the model roots.
 
     Relative paths are taken relative to each root in turn. The resolved path is what is
-    stored, so a symlink swapped later cannot redirect a queued job outside the roots.
+    stored, so a symlink swapped later cannot redirect a queued job outside the roots (and
+    the worker checks the folder again before it loads anything).
     """
-    candidates = (
-        [Path(raw).expanduser()]
-        if Path(raw).expanduser().is_absolute()
-        else [root / raw for root in roots]
-    )
+    if "\x00" in raw:
+        raise Unprocessable("path contains a NUL byte", code="path_not_found")
+    base = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
+    candidates = [base] if base.is_absolute() else [root / raw for root in roots]
     for cand in candidates:
-        real = cand.resolve(strict=False)
-        if any(real == root or real.is_relative_to(root) for root in roots):
-            if not real.exists():
+        real = _resolve(cand)
+        if within(real, roots):
+            if not _exists(real):
                 continue
             return real
     for cand in candidates:
-        real = cand.resolve(strict=False)
-        if not any(real == root or real.is_relative_to(root) for root in roots):
+        if not within(_resolve(cand), roots):
             raise Unprocessable(
                 f"path {raw!r} is outside the model roots", code="path_outside_roots"
             )
     raise Unprocessable(f"path {raw!r} does not exist", code="path_not_found")
 
 
-def check_model_folder(path: Path) -> None:
-    """Cheap checks (config, weights, tokenizer) so an obvious non-model fails at submit."""
-    from rev_tasks.inference.loader import ModelLoadError
+def check_model_folder(path: Path, settings: Settings) -> None:
+    """The worker's own checks, run early so that a bad folder fails at submit with a 422.
+
+    config/weights/tokenizer and the pickle rule, then confinement of every file (symlinks
+    inside the folder included), the size and file count caps, no FIFOs or devices.
+    The worker repeats all of it before loading: this check is for the user's benefit.
+    """
+    from rev_tasks.inference.guard import (
+        ModelTooLarge,
+        PathOutsideRoots,
+        inspect_folder,
+    )
+    from rev_tasks.inference.loader import ModelLoadError, UnsafeWeightsError
     from rev_tasks.inference.loader import check_model_folder as _check
 
     try:
-        _check(path)
+        # The cheap stat checks first: a folder that is plainly not a model (a root itself,
+        # say) is refused before anything walks it.
+        _check(path, allow_pickle=settings.allow_pickle)
+        inspect_folder(
+            path, settings.model_roots, settings.max_model_bytes, settings.max_model_files
+        )
+    except PathOutsideRoots as exc:
+        raise Unprocessable(str(exc), code="path_outside_roots") from exc
+    except ModelTooLarge as exc:
+        raise Unprocessable(str(exc), code="model_too_large") from exc
+    except UnsafeWeightsError as exc:
+        raise Unprocessable(str(exc), code="unsafe_weights") from exc
     except ModelLoadError as exc:
         raise Unprocessable(str(exc), code="not_a_model") from exc
 
 
-def model_path(raw: str, roots: tuple[Path, ...]) -> str:
-    path = confine(raw, roots)
-    check_model_folder(path)
+def model_path(raw: str, settings: Settings) -> str:
+    path = confine(raw, settings.model_roots)
+    check_model_folder(path, settings)
     return str(path)
 
 
@@ -154,13 +191,26 @@ def queue_backlog(redis_url: str, queues: list[str]) -> dict[str, int]:
 
 
 def enqueue(celery_app: Any, task: str, args: list[Any], queue: str) -> None:
-    """Send one task; a broker failure becomes a 503 (the caller fails the row first)."""
+    """Send one task; a broker failure becomes a 503 (the caller fails the row first).
+
+    ``ignore_result``: the coordinator never reads task results (status comes from the
+    database). Without it Celery subscribes this process to the result channel of every
+    task it sends; after a Redis outage that subscription's reconnect gives up for good
+    ("The Celery application must be restarted") and every later submit would fail.
+    """
     try:
         celery_app.send_task(
-            task, args=args, queue=queue, retry=True, retry_policy={"max_retries": 2}
+            task,
+            args=args,
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 2},
+            ignore_result=True,
         )
     except Exception as exc:
-        log.error("cannot enqueue %s on %s: %s", task, queue, exc)
+        log.error(
+            "cannot enqueue %s on %s: %s: %s", task, queue, type(exc).__name__, exc, exc_info=True
+        )
         raise ServiceUnavailable(
             "the task broker is unavailable", code="broker_unavailable"
         ) from exc
@@ -170,6 +220,7 @@ def enqueue(celery_app: Any, task: str, args: list[Any], queue: str) -> None:
 def job_document(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
+        "tenant": job.tenant,
         "kind": job.kind,
         "status": job.status,
         "stage": job.stage,
@@ -193,6 +244,7 @@ def job_document(job: Job) -> dict[str, Any]:
 def model_document(rec: ModelRecord, fp: Fingerprint | None) -> dict[str, Any]:
     return {
         "id": rec.id,
+        "tenant": rec.tenant,
         "path": rec.path,
         "status": rec.status,
         "descriptor": rec.descriptor,

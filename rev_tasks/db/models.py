@@ -33,6 +33,9 @@ STAGES = ("queued", "prepared", "inference", "consensus", "done")
 
 MODEL_PENDING, MODEL_READY, MODEL_FAILED = "pending", "ready", "failed"
 
+# Rows written before tenants existed (migration 0002) belong to this tenant.
+DEFAULT_TENANT = "default"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -52,11 +55,19 @@ class Base(DeclarativeBase):
 
 
 class ModelRecord(Base):
-    """A registered reference model: a folder under the model roots plus its fingerprint."""
+    """A registered reference model: a folder under the model roots plus its fingerprint.
+
+    Model ids are global; ``tenant`` is the owner. Other tenants cannot see or use the
+    model (the API answers 404 / ``unknown_model``); admin keys see every tenant's models.
+    """
 
     __tablename__ = "models"
+    __table_args__ = (Index("ix_models_tenant", "tenant"),)
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str] = mapped_column(
+        String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT
+    )
     path: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=MODEL_PENDING)
     descriptor: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
@@ -92,9 +103,15 @@ class Job(Base):
     """A verify or identify job; status and progress are what the API reports."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_created_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_tenant_created_id", "tenant", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(
+        String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT
+    )
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
     stage: Mapped[str] = mapped_column(String(16), default="queued")
@@ -110,6 +127,8 @@ class Job(Base):
     commitment: Mapped[str | None] = mapped_column(String(64), default=None)
     challenges_done: Mapped[int] = mapped_column(Integer, default=0)
     challenges_max: Mapped[int] = mapped_column(Integer, default=0)
+    # Deliveries that started the inference: a poison job is failed after REV_MAX_ATTEMPTS.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -157,3 +176,28 @@ class Vote(Base):
     digest: Mapped[str] = mapped_column(String(64))
     problems: Mapped[list[Any]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only the SHA-256 of the token is stored, never the token itself.
+
+    Tokens are 256-bit random strings, so a plain (unsalted) SHA-256 is enough: there is
+    nothing to brute-force, and looking a request's key up by its hash means no secret is
+    ever compared byte by byte in Python (no timing oracle on the token).
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("token_hash", name="uq_api_keys_token_hash"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    scopes: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str | None] = mapped_column(String(128), default=None)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    @property
+    def scope_set(self) -> frozenset[str]:
+        return frozenset(s for s in self.scopes.split(",") if s)

@@ -151,8 +151,10 @@ def store_fingerprint(session: Session, model_id: str, doc: dict[str, Any]) -> N
     )
 
 
-def ready_fingerprints(session: Session, key_id: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every ready model's fingerprint document (optionally only those under one key)."""
+def ready_fingerprints(
+    session: Session, key_id: str | None = None, tenant: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every ready model's fingerprint document (optionally one key's, one tenant's)."""
     stmt = (
         select(Fingerprint)
         .join(ModelRecord, ModelRecord.id == Fingerprint.model_id)
@@ -161,6 +163,8 @@ def ready_fingerprints(session: Session, key_id: str | None = None) -> dict[str,
     )
     if key_id is not None:
         stmt = stmt.where(Fingerprint.key_id == key_id)
+    if tenant is not None:
+        stmt = stmt.where(ModelRecord.tenant == tenant)
     return {fp.model_id: fp.document() for fp in session.scalars(stmt)}
 
 

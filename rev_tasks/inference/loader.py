@@ -30,6 +30,10 @@ class ModelLoadError(Exception):
     """A model folder cannot be used; ``str(err)`` is a one-line reason for a human."""
 
 
+class UnsafeWeightsError(ModelLoadError):
+    """Only pickle checkpoints and pickle is not allowed (unpickling runs arbitrary code)."""
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
@@ -83,7 +87,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
     if not has_safe and not has_pickle:
         raise ModelLoadError(f"no weights (model.safetensors) in {path}")
     if not has_safe and has_pickle and not allow_pickle:
-        raise ModelLoadError(
+        raise UnsafeWeightsError(
             f"only pickle weights in {path}: pickle checkpoints run code when loaded; "
             "convert to safetensors or set REV_ALLOW_PICKLE=1"
         )

@@ -1,17 +1,35 @@
-"""Helpers shared by the task modules: the farm key, job failure, metrics hooks."""
+"""Helpers shared by the task modules: the farm key, job failure, metrics hooks, DB retries."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from celery import signals
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 from rev_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+# The database is unreachable (restart, failover, network): not the job's fault. Tasks
+# re-raise these instead of failing the job, and Celery retries the task with exponential
+# backoff (1, 2, 4 … 15 s, jittered) for about half an hour; every step is idempotent, so
+# re-running it from the start is safe. ``DB_RETRY`` is passed to ``@app.task``.
+DB_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, PoolTimeout)
+DB_RETRY: dict[str, Any] = {
+    "autoretry_for": DB_ERRORS,
+    "retry_backoff": 1,
+    "retry_backoff_max": 15,
+    "retry_jitter": True,
+    "max_retries": 120,
+}
 
 
 class FarmError(Exception):
@@ -41,10 +59,50 @@ def farm_key() -> bytes:
     return _read_key(str(path))
 
 
+@signals.worker_init.connect
+def _preload_inference_stack(**_: Any) -> None:
+    """Import torch and transformers in the worker's main process, before the pool forks.
+
+    A fresh pool child otherwise spends seconds importing transformers on its first model
+    load, and a child replaces a killed one (OOM killer, ``worker_max_memory_per_child``)
+    exactly when the farm is already in trouble. Imported here, the modules are inherited
+    through fork (copy-on-write). Importing touches no device: CUDA is still initialised
+    only inside a child. ``REV_WORKER_PRELOAD=0`` turns it off.
+    """
+    if os.environ.get("REV_WORKER_PRELOAD", "1").strip() == "0":
+        return
+    start = time.perf_counter()
+    try:
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
+
+        import rev_tasks.engine  # noqa: F401
+        import rev_tasks.inference.loader  # noqa: F401
+    except Exception:  # noqa: BLE001 - the children will import lazily instead
+        log.warning("preloading the inference stack failed", exc_info=True)
+        return
+    log.info("preloaded torch + transformers in %.1fs", time.perf_counter() - start)
+
+
+def check_folder(path: str) -> None:
+    """The worker's own guard before loading: confinement (symlinks included), size caps.
+
+    The coordinator checked the folder at submit time, but it may have changed since (a
+    symlink swapped in, weights replaced by a 500 GB file): this check is the one that
+    protects the worker. Raises ``ModelLoadError`` subclasses with a one-line reason.
+    """
+    from rev_tasks.inference.guard import inspect_folder
+
+    settings = get_settings()
+    inspect_folder(path, settings.model_roots, settings.max_model_bytes, settings.max_model_files)
+
+
 def load_cached(path: str) -> Any:
-    """A model from this child's LRU cache, timing real loads for /metrics."""
+    """A model from this child's LRU cache (checked first), timing real loads for /metrics."""
     from rev_tasks import modelcache
 
+    check_folder(path)
     before = modelcache.stats()["misses"]
     start = time.perf_counter()
     model = modelcache.get(path)

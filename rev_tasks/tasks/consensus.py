@@ -7,6 +7,13 @@ votes from the database and publishes the verdict only when four of five agree w
 transcript's decision; otherwise the job fails with ``no_consensus`` and no verdict.
 
 Votes are upserts keyed by (job, validator): a redelivered validator leaves the first vote.
+A validator that crashes (an exception in its check) abstains instead of failing the chord:
+the quorum of four out of five tolerates one such validator, exactly as it tolerates one
+liar. A database outage is retried with backoff instead (``DB_RETRY``).
+
+Fault injection (tests only, ``REV_ENABLE_FAULT_INJECTION=1``):
+``REV_TEST_FAULTY_VALIDATORS="2"`` makes validator 2 lie (vote the opposite verdict),
+``"1:random"`` vote a random verdict, ``"3:crash"`` raise inside its check.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import random
 import time
 from collections import Counter
 from typing import Any
@@ -24,7 +32,7 @@ from rev_tasks.db import repo
 from rev_tasks.db.models import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.db.session import session_scope
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
-from rev_tasks.tasks.common import FarmError, farm_key, load_cached, metric
+from rev_tasks.tasks.common import DB_ERRORS, DB_RETRY, FarmError, farm_key, load_cached, metric
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +97,44 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
 
 
 # Validator results are kept: the chord counts them before it calls ``tally``.
-@app.task(name="rev_tasks.tasks.consensus.validate")
+@app.task(name="rev_tasks.tasks.consensus.validate", **DB_RETRY)
 def validate(job_id: str, validator: int) -> dict[str, Any]:
-    """One validator's independent check and vote (stored before it is returned)."""
+    """One validator's independent check and vote (stored before it is returned).
+
+    A crash in the check is an abstention (no vote stored, the chord goes on), so that one
+    broken validator cannot block a verdict that four others agree on.
+    """
     with session_scope() as s:
         existing = s.query(Vote).filter_by(job_id=job_id, validator=validator).one_or_none()
         if existing is not None:
             return _vote_doc(existing)
-    with contextlib.ExitStack() as stack:
-        with contextlib.suppress(Exception):
-            from rev_tasks import metrics
+        if s.get(Transcript, job_id) is None:
+            # Nothing to validate (a stray or replayed message): casting INVALID here would
+            # be a permanent vote against a transcript that does not exist yet.
+            log.warning("validator %d: job %s has no transcript; not voting", validator, job_id)
+            return {"validator": validator, "verdict": None, "abstained": True}
+    fault = get_settings().fault_mode(validator)
+    try:
+        with contextlib.ExitStack() as stack:
+            with contextlib.suppress(Exception):
+                from rev_tasks import metrics
 
-            stack.enter_context(metrics.validator_running())
-        recorded, root, problems = _check(job_id, validator)
+                stack.enter_context(metrics.validator_running())
+            if fault == "crash":
+                raise RuntimeError(f"fault injection: validator {validator} crashed")
+            recorded, root, problems = _check(job_id, validator)
+    except DB_ERRORS:
+        raise  # retried with backoff: an outage is not a validator fault
+    except Exception as exc:  # noqa: BLE001 - a crashing validator abstains
+        log.error("validator %d on job %s crashed; it abstains: %s", validator, job_id, exc)
+        return {"validator": validator, "verdict": None, "abstained": True}
     verdict = "INVALID" if problems else recorded
-    settings = get_settings()
-    if settings.fault_injection and validator in settings.faulty_validators:
+    if fault == "lie":
         log.warning("fault injection: validator %d lies about job %s", validator, job_id)
         verdict = opposite(verdict)
+    elif fault == "random":
+        verdict = random.SystemRandom().choice(VERDICTS)
+        log.warning("fault injection: validator %d votes %s at random", validator, verdict)
     digest = vote_digest(job_id, root, verdict)
     with session_scope() as s:
         repo.store_vote(s, job_id, validator, verdict, digest, problems)
@@ -119,11 +147,16 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
     return doc
 
 
-@app.task(name="rev_tasks.tasks.consensus.tally", ignore_result=True)
+@app.task(name="rev_tasks.tasks.consensus.tally", ignore_result=True, **DB_RETRY)
 def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
-    """Publish the verdict when ≥ 4 of 5 votes agree with the transcript; else fail the job."""
+    """Publish the verdict when ≥ 4 of 5 votes agree with the transcript; else fail the job.
+
+    The job row is locked (``FOR UPDATE``) while the tally runs, so two deliveries of the
+    chord body (redelivery, a re-dispatched chord) finish the job exactly once: the second
+    one finds it terminal and skips.
+    """
     with session_scope() as s:
-        job = s.get(Job, job_id)
+        job = s.get(Job, job_id, with_for_update=True)
         tr = s.get(Transcript, job_id)
         if job is None or job.status in TERMINAL:
             return {"job_id": job_id, "skipped": True}
@@ -140,6 +173,7 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
             "agreeing": agreeing,
             "verdict": top_verdict if quorum else None,
             "agreed": agreed,
+            "abstained": sorted(set(range(VALIDATORS)) - {v.validator for v in votes}),
         }
         result = dict(tr.outcome) if tr is not None else {}
         result["consensus"] = consensus
@@ -173,7 +207,7 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
     return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
 
 
-@app.task(name="rev_tasks.tasks.consensus.consensus_failed", ignore_result=True)
+@app.task(name="rev_tasks.tasks.consensus.consensus_failed", ignore_result=True, **DB_RETRY)
 def consensus_failed(task_id: str, job_id: str) -> None:
     """Chord errback: a validator or the tally raised; the job must not stay running."""
     with session_scope() as s:

@@ -1,4 +1,4 @@
-"""Housekeeping run by beat on the ``maintenance`` queue."""
+"""Housekeeping run by beat on the ``maintenance`` queue: stale-job reaper, database backup."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, RUNNING, Job, ModelRecord, utcnow
 from rev_tasks.db.session import session_scope
+from rev_tasks.ops.backup import BACKUP_TASK_NAME, BackupError, backup_from_env
 from rev_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -43,3 +44,23 @@ def reap_stale_jobs() -> dict[str, int]:
     if jobs or models:
         log.warning("reaped %d stale job(s) and %d stale model registration(s)", jobs, models)
     return {"jobs": jobs, "models": models}
+
+
+# The result is kept (not ignore_result): a failed backup must show as FAILURE in the
+# result backend and in Flower, not only as a log line and a counter.
+@app.task(name=BACKUP_TASK_NAME)
+def backup() -> dict[str, object]:
+    """Back up the database into ``REV_BACKUP_DIR`` and prune to ``REV_BACKUP_KEEP``.
+
+    Scheduled by beat (``REV_BACKUP_SCHEDULE``). ``backup_now`` counts the failure in
+    ``rev_backup_failures_total``; this logs it as an error and re-raises, so the task
+    ends FAILURE (acked, not retried: the next scheduled run tries again).
+    """
+    try:
+        path = backup_from_env()
+    except BackupError as exc:
+        log.error("database backup failed: %s", exc)
+        raise
+    size = path.stat().st_size
+    log.info("database backup written: %s (%d bytes)", path, size)
+    return {"path": str(path), "bytes": size}

@@ -11,7 +11,7 @@ from rev_tasks.db import repo
 from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, MODEL_READY, ModelRecord
 from rev_tasks.db.session import session_scope
 from rev_tasks.settings import get_settings
-from rev_tasks.tasks.common import FarmError, farm_key, load_cached
+from rev_tasks.tasks.common import DB_ERRORS, DB_RETRY, FarmError, farm_key, load_cached
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def _mark_failed(model_id: str, code: str, message: str) -> None:
     log.warning("model %s failed: %s: %s", model_id, code, message)
 
 
-@app.task(name="rev_tasks.tasks.models.fingerprint", ignore_result=True)
+@app.task(name="rev_tasks.tasks.models.fingerprint", ignore_result=True, **DB_RETRY)
 def fingerprint(model_id: str) -> str:
     """Compute the model's signatures under the farm key and store them as its fingerprint."""
     from rev_tasks.engine import fingerprint_model
@@ -55,6 +55,8 @@ def fingerprint(model_id: str) -> str:
     except SoftTimeLimitExceeded:
         _mark_failed(model_id, "timeout", "fingerprinting ran past REV_JOB_TIME_LIMIT")
         return "failed"
+    except DB_ERRORS:
+        raise  # retried with backoff (DB_RETRY)
     except Exception as exc:
         log.exception("model %s: unexpected error", model_id)
         _mark_failed(model_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])

@@ -6,12 +6,15 @@ runs the engine's batch loop there (progress written to the database after each 
 stopping at the decision), stores the transcript and starts the consensus chord.
 
 Both are safe to run twice: a finished job is left alone, and a decided one only gets its
-consensus chord dispatched if that had not happened yet.
+consensus chord dispatched if that had not happened yet. A database outage is retried with
+backoff (``DB_RETRY``), never turned into a failed job.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +34,14 @@ from rev_tasks.db.models import (
 )
 from rev_tasks.db.session import session_scope
 from rev_tasks.settings import get_settings
-from rev_tasks.tasks.common import FarmError, farm_key, load_cached, metric
+from rev_tasks.tasks.common import DB_ERRORS, DB_RETRY, FarmError, farm_key, load_cached, metric
 
 log = logging.getLogger(__name__)
+
+# Messages a task sends (the next step, the consensus chord) ride out a broker restart: the
+# publish is retried for about a minute before the task gives up. Celery's default (three
+# tries within a second) would fail a job whose transcript is already stored.
+PUBLISH_RETRY = {"max_retries": 40, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2}
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class _JobSpec:
     """What the inference step needs from the job row, read in one short session."""
 
     id: str
+    tenant: str
     kind: str
     request: dict[str, Any]
     reference_model_id: str | None
@@ -68,7 +77,7 @@ def _fail(job_id: str, code: str, message: str, kind: str = "verify") -> None:
         metric("job_finished", kind, "failed", None)
 
 
-@app.task(name="rev_tasks.tasks.verify.prepare", ignore_result=True)
+@app.task(name="rev_tasks.tasks.verify.prepare", ignore_result=True, **DB_RETRY)
 def prepare(job_id: str) -> str:
     """Commit the job's challenge set (root stored on the job), then enqueue inference."""
     from rev_tasks.core.challenges import commitment, generate_challenges
@@ -105,13 +114,37 @@ def prepare(job_id: str) -> str:
         _fail(job_id, exc.code, exc.message)
         return "failed"
     # Enqueued after the commit above, so the inference task always sees the commitment.
-    run_inference.apply_async((job_id,), queue=queue)
+    run_inference.apply_async(
+        (job_id,),
+        queue=queue,
+        task_id=inference_task_id(job_id),
+        retry=True,
+        retry_policy=PUBLISH_RETRY,
+    )
     return "prepared"
 
 
-@app.task(name="rev_tasks.tasks.verify.run_inference", ignore_result=True)
-def run_inference(job_id: str) -> str:
-    """Run the job's batches on this worker's device; persist; start consensus."""
+def inference_task_id(job_id: str) -> str:
+    """The inference task's id, derived from the job: Flower and ``AsyncResult`` find it.
+
+    A redelivered ``prepare`` sends the same id again, which is harmless: the task is
+    idempotent and the result backend keeps one state per id.
+    """
+    return f"inference-{job_id}"
+
+
+# Results are kept (unlike the other pipeline steps) so that the PROGRESS state written
+# after every batch ends in SUCCESS/FAILURE instead of staying PROGRESS in the backend.
+@app.task(name="rev_tasks.tasks.verify.run_inference", bind=True, **DB_RETRY)
+def run_inference(self: Any, job_id: str) -> str:
+    """Run the job's batches on this worker's device; persist; start consensus.
+
+    Each delivery that starts the inference counts as an attempt (a database retry does
+    not). A job whose inference keeps killing its worker (a model that exhausts memory, a
+    crash in native code) fails with ``worker_lost`` after ``REV_MAX_ATTEMPTS`` instead of
+    being redelivered forever.
+    """
+    settings = get_settings()
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.status in TERMINAL:
@@ -126,8 +159,13 @@ def run_inference(job_id: str) -> str:
             job.status = RUNNING
             job.stage = "inference"
             job.started_at = job.started_at or utcnow()
+            job.challenges_done = 0  # a redelivered run starts over: progress says so
+            if not self.request.retries:
+                job.attempts = (job.attempts or 0) + 1
+            attempts = job.attempts or 0
             spec = _JobSpec(
                 id=job.id,
+                tenant=job.tenant,
                 kind=job.kind,
                 request=dict(job.request),
                 reference_model_id=job.reference_model_id,
@@ -138,23 +176,44 @@ def run_inference(job_id: str) -> str:
     if dispatch:
         _dispatch_consensus(job_id)
         return "consensus dispatched"
+    if attempts > settings.max_attempts:
+        _fail(
+            job_id,
+            "worker_lost",
+            f"the inference was interrupted {attempts - 1} times (worker killed: out of "
+            "memory, or a crash in native code); it is not retried again",
+            spec.kind,
+        )
+        return "failed"
+    _maybe_self_destruct(spec.candidate_path)
     try:
         if spec.kind == "identify":
             _identify(spec)
             return "identified"
-        _verify(spec)
+        if not _verify(spec, self):
+            return "already decided"  # a concurrent delivery stored its transcript first
     except FarmError as exc:
         _fail(job_id, exc.code, exc.message, spec.kind)
         return "failed"
     except SoftTimeLimitExceeded:
         _fail(job_id, "timeout", "the job ran past REV_JOB_TIME_LIMIT", spec.kind)
         return "failed"
+    except DB_ERRORS:
+        raise  # the database is down: retried with backoff, the job is not failed
     except Exception as exc:
         log.exception("job %s: unexpected error", job_id)
         _fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500], spec.kind)
         raise
     _dispatch_consensus(job_id)
     return "decided"
+
+
+def _maybe_self_destruct(candidate_path: str) -> None:
+    """Test-only: SIGKILL this child for a marked candidate (a model that OOM-kills workers)."""
+    marker = get_settings().fault_kill_path
+    if marker and marker in candidate_path:
+        log.warning("fault injection: killing this worker child (%s)", candidate_path)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _load(path: str, side: str) -> Any:
@@ -166,8 +225,15 @@ def _load(path: str, side: str) -> Any:
         raise FarmError("model_load_error", f"{side}: {exc}") from exc
 
 
-def _progress(job_id: str, family: str, device: str) -> Any:
+def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
+    """The engine's per-batch callback: metrics, the job row, and the task's PROGRESS state.
+
+    The database row is what the API and ``rev wait`` read; the PROGRESS state (meta
+    ``challenges_done``/``challenges_max``) is what Flower and ``AsyncResult`` show.
+    """
     last = [time.perf_counter(), 0]
+    # Test-only: a slow model (REV_TEST_SLOW_BATCH_SECONDS, with REV_ENABLE_FAULT_INJECTION).
+    slow = get_settings().fault_slow_batch_seconds
 
     def report(done: int, maximum: int) -> None:
         now = time.perf_counter()
@@ -178,11 +244,22 @@ def _progress(job_id: str, family: str, device: str) -> Any:
         last[0], last[1] = now, done
         with session_scope() as s:
             repo.set_progress(s, job_id, done, maximum)
+        if slow:
+            time.sleep(slow)
+        if task is not None and getattr(task.request, "id", None):
+            try:
+                task.update_state(
+                    state="PROGRESS",
+                    meta={"job_id": job_id, "challenges_done": done, "challenges_max": maximum},
+                )
+            except Exception:  # noqa: BLE001 - a result-backend hiccup must not fail the job
+                log.debug("job %s: progress state not stored", job_id, exc_info=True)
 
     return report
 
 
-def _verify(spec: _JobSpec) -> None:
+def _verify(spec: _JobSpec, task: Any = None) -> bool:
+    """Run the verification; True when this delivery stored the job's transcript."""
     from rev_tasks.engine import Verification
 
     key = farm_key()
@@ -207,19 +284,25 @@ def _verify(spec: _JobSpec) -> None:
         )
     family = str(candidate.descriptor.get("family", "unknown"))
     try:
-        outcome = verification.run(progress=_progress(spec.id, family, candidate.device))
+        outcome = verification.run(progress=_progress(spec.id, family, candidate.device, task))
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     result = dict(outcome.result)
     result["executed_on"] = _executed_on(candidate)
     with session_scope() as s:
+        # The first delivery to finish wins, under a row lock: two deliveries of one job can
+        # run at once (a redelivery while the first still runs), and a late one must neither
+        # replace a transcript the validators already checked nor reopen a finished job.
+        job = s.get(Job, spec.id, with_for_update=True)
+        if job is None or job.status in TERMINAL or s.get(Transcript, spec.id) is not None:
+            log.info("job %s: already decided by another delivery; result discarded", spec.id)
+            return False
         repo.store_transcript(s, spec.id, result, outcome.transcript)
-        job = s.get(Job, spec.id)
-        assert job is not None
         job.challenges_done = int(outcome.result["challenges_used"])
         job.challenges_max = int(outcome.result.get("challenges_max", job.challenges_max))
         job.decided_at = utcnow()
         job.stage = "consensus"
+    return True
 
 
 def _executed_on(model: Any) -> dict[str, Any]:
@@ -237,7 +320,9 @@ def _identify(spec: _JobSpec) -> None:
     key = farm_key()
     params = _params(spec.request)
     with session_scope() as s:
-        fingerprints = repo.ready_fingerprints(s, key_id=key_id(key))
+        # Only the job's own tenant's models are candidates: identify never reveals (or
+        # compares against) another tenant's registry.
+        fingerprints = repo.ready_fingerprints(s, key_id=key_id(key), tenant=spec.tenant)
     candidate = _load(spec.candidate_path, "candidate")
     try:
         ranking = identify(candidate, fingerprints, key, params)
@@ -278,7 +363,7 @@ def _dispatch_consensus(job_id: str) -> None:
 
     header = [validate.si(job_id, i) for i in range(VALIDATORS)]
     body = tally.si(job_id, time.time()).on_error(consensus_failed.s(job_id))
-    chord(header)(body)
+    chord(header)(body, retry=True, retry_policy=PUBLISH_RETRY)
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is not None and job.consensus_dispatched_at is None:

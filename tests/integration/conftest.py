@@ -3,18 +3,28 @@
 The farm runs exactly as deployed: ``.venv/bin/celery -A rev_tasks worker -P prefork -c 1``
 processes consume the declared queues, and the Flask app (test client) enqueues into the
 same Redis. Models are built once per session into a temporary model root.
+
+Every API call authenticates: ``client`` sends an admin key (tenant ``ops``) by default;
+``keys`` holds per-tenant keys (``alpha``, ``beta`` with submit+read, ``alpha-reader`` with
+read only) and ``client_for(token)`` builds a client for any of them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.farm import ALL_QUEUES, TEST_KEY, FarmWorker, purge, reconfigure
+from tests.integration.farm import (
+    ALL_QUEUES,
+    FarmWorker,
+    authed_client,
+    create_key,
+    farm_environment,
+    purge,
+)
 from tests.models import (
     build_tiny_gpt2,
     build_tiny_llama,
@@ -64,34 +74,8 @@ def farm_env(
     Module-scoped and restored afterwards, so tests outside tests/integration never see
     the farm's DATABASE_URL or key file in their environment.
     """
-    var = tmp_path_factory.mktemp("var")
-    key_file = var / "secret.key"
-    key_file.write_bytes(TEST_KEY)
-    env = {
-        "DATABASE_URL": postgres_url,
-        "REDIS_URL": redis_url,
-        "REV_MODEL_ROOTS": os.pathsep.join([str(model_dirs["root"]), str(model_dirs["minilm"])]),
-        "REV_SECRET_KEY_FILE": str(key_file),
-        "REV_VAR_DIR": str(var),
-        "REV_INSPECT_TIMEOUT": "0.5",
-        "REV_INSPECT_CACHE_SECONDS": "1",
-        "REV_FINGERPRINT_CHALLENGES": "64",
-        "REV_MAX_MODELS_PER_WORKER": "3",
-        "REV_METRICS_PORT": "0",
-        "REV_ENABLE_FAULT_INJECTION": "",
-        "REV_TEST_FAULTY_VALIDATORS": "",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reconfigure()
-    purge(redis_url)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reconfigure()
+    with farm_environment(redis_url, postgres_url, model_dirs, tmp_path_factory) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -121,5 +105,23 @@ def app(farm_env: dict[str, str]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def client(app: Any) -> Any:
-    return app.test_client()
+def keys(farm_env: dict[str, str]) -> dict[str, str]:
+    """Tokens by name: ``admin`` (tenant ops), ``alpha``, ``beta``, ``alpha-reader``."""
+    return {
+        "admin": create_key("ops", "admin,read,submit"),
+        "alpha": create_key("alpha", "submit,read"),
+        "beta": create_key("beta", "submit,read"),
+        "alpha-reader": create_key("alpha", "read"),
+    }
+
+
+@pytest.fixture(scope="module")
+def client_for(app: Any) -> Any:
+    """``client_for(token)``: a test client that sends ``Authorization: Bearer token``."""
+    return lambda token: authed_client(app, token)
+
+
+@pytest.fixture(scope="module")
+def client(app: Any, keys: dict[str, str]) -> Any:
+    """The admin's client: every existing test runs authenticated, seeing all tenants."""
+    return authed_client(app, keys["admin"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,90 @@ ALL_QUEUES = "inference.cpu,consensus,default,maintenance"
 TERMINAL = {"succeeded", "failed"}
 # A fixed test key (the farm's key file); the in-process comparison uses the same bytes.
 TEST_KEY = bytes(range(100, 132))
+
+
+def create_key(tenant: str, scopes: str, name: str = "test") -> str:
+    """A new API key on the farm's DATABASE_URL (what `rev keys create` does); the token."""
+    from rev_tasks import apikeys
+    from rev_tasks.db.session import session_scope
+
+    with session_scope() as s:
+        _row, token = apikeys.create_key(s, tenant, scopes, name)
+    return token
+
+
+def authed_client(app: Any, token: str | None) -> Any:
+    """A Flask test client that sends ``Authorization: Bearer <token>`` on every request."""
+    client = app.test_client()
+    if token is not None:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
+@contextlib.contextmanager
+def farm_environment(
+    redis_url: str,
+    database_url: str,
+    model_dirs: dict[str, Path],
+    tmp_path_factory: Any,
+    **extra: str,
+) -> Iterator[dict[str, str]]:
+    """The farm's environment, applied to this process (and restored after) for workers.
+
+    Module fixtures use it so that tests outside tests/integration never see the farm's
+    DATABASE_URL or key file; the chaos tests pass their own Redis, database URL (through
+    a TCP proxy) and a short visibility timeout in ``extra``.
+    """
+    var = tmp_path_factory.mktemp("var")
+    key_file = var / "secret.key"
+    key_file.write_bytes(TEST_KEY)
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "REV_MODEL_ROOTS": os.pathsep.join([str(model_dirs["root"]), str(model_dirs["minilm"])]),
+        "REV_SECRET_KEY_FILE": str(key_file),
+        "REV_VAR_DIR": str(var),
+        "REV_INSPECT_TIMEOUT": "0.5",
+        "REV_INSPECT_CACHE_SECONDS": "1",
+        "REV_FINGERPRINT_CHALLENGES": "64",
+        "REV_MAX_MODELS_PER_WORKER": "3",
+        "REV_METRICS_PORT": "0",
+        "REV_ENABLE_FAULT_INJECTION": "",
+        "REV_TEST_FAULTY_VALIDATORS": "",
+        "REV_TEST_SLOW_BATCH_SECONDS": "",
+        "REV_VISIBILITY_TIMEOUT": "",
+        **extra,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reconfigure()
+    purge(redis_url)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reconfigure()
+
+
+def reset_broker_connections() -> None:
+    """Drop this process's pooled broker connections (after a Redis restart or URL change).
+
+    kombu keeps connection and producer pools in process-wide registries keyed by URL;
+    ``kombu.pools.reset()`` closes and forgets them, and the app builds fresh ones.
+    """
+    from kombu import pools
+
+    from rev_tasks.celery import app
+
+    with contextlib.suppress(Exception):
+        pools.reset()
+    app._pool = None
+    with contextlib.suppress(AttributeError, KeyError):
+        app.__dict__["amqp"]._producer_pool = None
 
 
 def reconfigure() -> None:
@@ -40,6 +125,11 @@ def reconfigure() -> None:
         app.config_from_object(celeryconfig, force=True)
         app.conf.broker_url = celeryconfig.broker_url
         app.conf.result_backend = celeryconfig.result_backend
+        reset_broker_connections()  # pools are keyed by URL: the old broker's must go
+        # The result backend too (it may point at a stopped Redis): Celery caches it per app,
+        # or per thread when the backend is not thread-safe.
+        app._backend_cache = None
+        app._local.__dict__.pop("backend", None)
 
 
 def purge(redis_url: str) -> None:
@@ -140,7 +230,16 @@ class FarmWorker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if app.control.ping(destination=[self.name], timeout=1.0):
+            # The worker's own "ready." line, or a ping: after a broker restart this test
+            # process's pidbox may not get replies although the worker consumes normally.
+            if f"{self.name} ready." in self.log_tail(200_000):
+                return self
+            try:
+                answered = app.control.ping(destination=[self.name], timeout=1.0)
+            except Exception:  # noqa: BLE001 - this process's broker link died (Redis restart)
+                reset_broker_connections()
+                answered = None
+            if answered:
                 return self
             time.sleep(0.5)
         self.stop()
@@ -154,6 +253,43 @@ class FarmWorker:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children): a lost node.
+
+        Nothing is acked or restored on the way down: the message the worker held stays in
+        Redis's ``unacked`` table until the visibility timeout hands it to another worker.
+        """
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+        self.proc = None
+
+    def children(self) -> list[int]:
+        """Pids of the prefork pool's children (the processes that run tasks)."""
+        import psutil
+
+        if self.proc is None:
+            return []
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_child(self) -> int:
+        """SIGKILL the pool child running the task (the OOM killer's way); returns its pid.
+
+        The main process sees the child die, rejects the message with requeue
+        (``task_reject_on_worker_lost``) and forks a new child.
+        """
+        pids = self.children()
+        assert pids, "the worker has no pool child"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[0], signal.SIGKILL)
+        return pids[0]
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM to the group), then SIGKILL whatever is left."""

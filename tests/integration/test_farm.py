@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.farm import (
     assert_drained,
+    authed_client,
     register,
     rev_verify,
     submit,
@@ -180,6 +181,23 @@ def test_identify_minilm(
     assert doc["status"] == "succeeded", doc
     assert doc["result"]["ranking"][0]["model_id"] == "minilm"
     assert doc["result"]["ranking"][0]["verdict"] == "SAME"
+
+
+def test_a_tenant_identifies_only_against_its_own_models(
+    app: Any, keys: dict[str, str], registry: dict[str, Any], model_dirs: dict[str, Path]
+) -> None:
+    """The registry above belongs to the admin's tenant: tenant alpha neither sees nor uses it."""
+    alpha = authed_client(app, keys["alpha"])
+    body = {"kind": "identify", "candidate": {"path": str(model_dirs["gpt2-a-copy"])}}
+    doc = wait_job(alpha, submit(alpha, body))
+    assert doc["status"] == "succeeded", doc
+    assert doc["tenant"] == "alpha"
+    assert doc["result"]["registered"] == 0 and doc["result"]["ranking"] == []
+    assert doc["result"]["best"] is None
+    verify = {"kind": "verify", "reference": "gpt2-a", "candidate": body["candidate"]}
+    resp = alpha.post("/v1/jobs", json=verify)
+    assert resp.status_code == 422 and resp.get_json()["error"]["code"] == "unknown_model"
+    assert alpha.get("/v1/models").get_json() == {"models": []}
 
 
 def test_model_that_fails_to_load_fails_its_job_and_worker_lives_on(

@@ -15,7 +15,7 @@ from tests.integration.farm import ROOT
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"models", "fingerprints", "jobs", "transcripts", "votes"}
+TABLES = {"models", "fingerprints", "jobs", "transcripts", "votes", "api_keys"}
 
 
 def _alembic(url: str, *args: str) -> None:

@@ -1,0 +1,109 @@
+"""Checks on a model folder before anything reads it: confinement, size, file kinds.
+
+The coordinator runs them at submit time (a clear 422 for the user) and the worker runs
+them again right before loading (the folder may have changed in between: the worker's
+check is the one that protects it). They only ``lstat``/``stat`` and never open a file.
+
+* Every entry, followed through symlinks, must resolve under one of the model roots: a
+  symlink inside a root that points outside it (``model.safetensors -> /etc/shadow``, or a
+  whole folder) is rejected, not followed.
+* Only regular files and folders: a FIFO or device named ``model.safetensors`` would hang
+  or feed the loader.
+* The folder's total size is capped (``REV_MAX_MODEL_BYTES``) and so is its entry count,
+  so that one request cannot make a worker read terabytes or walk millions of files.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from rev_tasks.inference.loader import ModelLoadError
+
+
+class PathOutsideRoots(ModelLoadError):
+    """The folder, or something it links to, lies outside the model roots."""
+
+
+class ModelTooLarge(ModelLoadError):
+    """The folder holds more bytes or files than this farm accepts."""
+
+
+class NotRegularFile(ModelLoadError):
+    """The folder holds a FIFO, socket or device file."""
+
+
+def within(path: Path, roots: Sequence[Path]) -> bool:
+    """``path`` (already resolved) equals or lies under one of ``roots`` (resolved)."""
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _name(entry: Path, top: Path) -> str:
+    try:
+        return str(entry.relative_to(top))
+    except ValueError:
+        return str(entry)
+
+
+def inspect_folder(
+    path: str | os.PathLike[str],
+    roots: Sequence[Path] | None,
+    max_bytes: int,
+    max_files: int = 10_000,
+) -> int:
+    """Walk the model folder; return its total size in bytes or raise a ModelLoadError.
+
+    ``roots=None`` skips confinement (the CLI on the user's own files); the farm always
+    passes its ``REV_MODEL_ROOTS``.
+    """
+    folder = Path(path)
+    try:
+        real = folder.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ModelLoadError(f"model path does not exist: {folder}") from exc
+    resolved_roots = [Path(r).resolve() for r in roots] if roots is not None else None
+    if resolved_roots is not None and not within(real, resolved_roots):
+        raise PathOutsideRoots(f"model path {folder} resolves outside the model roots")
+    if not real.is_dir():
+        raise ModelLoadError(f"model path is not a folder: {folder}")
+
+    total = 0
+    count = 0
+    seen: set[Path] = set()
+    stack = [real]
+    while stack:
+        current = stack.pop()
+        if current in seen:  # a symlink cycle or two links to one folder
+            continue
+        seen.add(current)
+        try:
+            entries = list(os.scandir(current))
+        except OSError as exc:
+            raise ModelLoadError(f"cannot list {current}: {exc.strerror}") from exc
+        for entry in entries:
+            count += 1
+            if count > max_files:
+                raise ModelTooLarge(f"model folder {folder} has more than {max_files} entries")
+            entry_path = Path(entry.path)
+            try:
+                target = entry_path.resolve(strict=True)
+                st = target.stat()
+            except (OSError, RuntimeError) as exc:
+                raise ModelLoadError(f"broken link in the model folder: {entry_path}") from exc
+            if resolved_roots is not None and not within(target, resolved_roots):
+                raise PathOutsideRoots(
+                    f"{_name(entry_path, real)} in {folder} links outside the model roots"
+                )
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(target)
+            elif stat.S_ISREG(st.st_mode):
+                total += st.st_size
+                if total > max_bytes:
+                    raise ModelTooLarge(
+                        f"model folder {folder} is larger than REV_MAX_MODEL_BYTES={max_bytes}"
+                    )
+            else:
+                raise NotRegularFile(f"{_name(entry_path, real)} in {folder} is not a regular file")
+    return total

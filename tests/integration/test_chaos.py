@@ -1,0 +1,318 @@
+"""Chaos on the real farm: SIGKILLed workers, a crashed Redis, an unreachable PostgreSQL.
+
+The module runs its own farm: a private ``redis-server`` (AOF, fsync always) on a spare
+port and a TCP proxy in front of PostgreSQL, so that both can fail for real without
+touching the shared services. Workers are ``celery worker`` subprocesses: a *stable* one on
+``consensus,default,maintenance`` and a *victim* on ``inference.cpu`` that is killed.
+
+What happens on SIGKILL, measured here rather than assumed:
+
+* **pool child killed** (the OOM killer's way): the worker's main process sees the child
+  die, rejects the message with requeue (``task_reject_on_worker_lost``) and forks a new
+  child; the job is redelivered at once.
+* **whole worker killed** (node loss): nobody is left to reject or restore the message; it
+  stays in Redis's ``unacked`` table. Kombu restores unacked messages older than the
+  visibility timeout when a worker starts (``on_poll_init``) and every
+  ``unacked_restore_interval × unacked_restore_throttle`` (10 s × 10 = 100 s by default)
+  afterwards. So redelivery takes the visibility timeout (here ``REV_VISIBILITY_TIMEOUT=3``;
+  in production hours) plus up to one sweep period. The test restarts the worker once the
+  message is older than the timeout, so the new worker's startup sweep restores it.
+
+``REV_TEST_SLOW_BATCH_SECONDS`` (fault injection) stretches each inference batch so that a
+kill lands between batches of a running inference, not before or after it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.chaos import RedisServer, TcpProxy, free_port
+from tests.integration.farm import ROOT, TERMINAL, farm_environment, wait_job
+from tests.integration.farm import submit as _submit
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+VISIBILITY = 3
+VICTIM_ENV = {"REV_ENABLE_FAULT_INJECTION": "1", "REV_TEST_SLOW_BATCH_SECONDS": "0.25"}
+FIGURES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def services(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from sqlalchemy.engine import make_url
+
+    redis = RedisServer(tmp_path_factory.mktemp("chaos-redis"), free_port(6390)).start()
+    pg = make_url(postgres_url)
+    proxy = TcpProxy(pg.host or "127.0.0.1", pg.port or 5432).start()
+    url = pg.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        yield {"redis": redis, "proxy": proxy, "database_url": url}
+    finally:
+        proxy.stop()
+        redis.stop()
+        if FIGURES:  # the suite's own numbers, for docs/security.md and reviews
+            out = ROOT / "var" / "faults" / "chaos.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(FIGURES, indent=2) + "\n")
+            print("\nchaos figures:", json.dumps(FIGURES, indent=2))
+
+
+@pytest.fixture(scope="module")
+def farm_env(
+    services: dict[str, Any], model_dirs: dict[str, Path], tmp_path_factory: Any
+) -> Iterator[dict[str, str]]:
+    """This module's farm: the private Redis, PostgreSQL through the proxy, short visibility."""
+    with farm_environment(
+        services["redis"].url,
+        services["database_url"],
+        model_dirs,
+        tmp_path_factory,
+        REV_VISIBILITY_TIMEOUT=str(VISIBILITY),
+    ) as env:
+        yield env
+
+
+SUBMITTED: list[str] = []
+
+
+def submit(client: Any, body: dict[str, Any]) -> str:
+    job_id = _submit(client, body)
+    SUBMITTED.append(job_id)
+    return job_id
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_job_left_running(farm_env: dict[str, str]) -> Iterator[None]:
+    """A failed chaos test must not leave jobs running for the modules that follow."""
+    yield
+    from rev_tasks.db import repo
+    from rev_tasks.db.session import session_scope
+
+    with session_scope() as s:
+        for job_id in SUBMITTED:
+            repo.fail_job(s, job_id, "test_cleanup", "left unfinished by a failed chaos test")
+
+
+@pytest.fixture(scope="module")
+def stable(start_worker: Any) -> Any:
+    return start_worker(queues="consensus,default,maintenance", name="stable")
+
+
+def _bodies(model_dirs: dict[str, Path], n: int) -> list[tuple[dict[str, Any], str]]:
+    """Alternating SAME (a vs its byte copy) and DIFFERENT (a vs b) jobs, 2 challenges/batch."""
+    out = []
+    for i in range(n):
+        candidate, expected = (("gpt2-a-copy", "SAME"), ("gpt2-b", "DIFFERENT"))[i % 2]
+        body = {
+            "kind": "verify",
+            "reference": {"path": str(model_dirs["gpt2-a"])},
+            "candidate": {"path": str(model_dirs[candidate])},
+            "device": "cpu",
+            "batch_size": 2,
+        }
+        out.append((body, expected))
+    return out
+
+
+def _rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
+    from sqlalchemy import select
+
+    from rev_tasks.db.models import Job
+    from rev_tasks.db.session import session_scope
+
+    with session_scope() as s:
+        rows = s.execute(
+            select(Job.id, Job.status, Job.stage, Job.challenges_done).where(Job.id.in_(job_ids))
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def _votes(job_id: str) -> list[int]:
+    from sqlalchemy import select
+
+    from rev_tasks.db.models import Vote
+    from rev_tasks.db.session import session_scope
+
+    with session_scope() as s:
+        return list(s.scalars(select(Vote.validator).where(Vote.job_id == job_id)))
+
+
+def _check_outcomes(
+    client: Any, expected: dict[str, str], stable: Any, timeout: float = 240.0
+) -> dict[str, dict[str, Any]]:
+    """Every job succeeded once, with the right verdict and exactly five distinct votes."""
+    docs = {job_id: wait_job(client, job_id, timeout=timeout) for job_id in expected}
+    for job_id, doc in docs.items():
+        assert doc["status"] == "succeeded", doc
+        assert doc["result"]["verdict"] == expected[job_id], doc["result"]
+        consensus = doc["result"]["consensus"]
+        assert consensus["agreed"] and consensus["agreeing"] == 5, consensus
+        votes = _votes(job_id)
+        assert sorted(votes) == [0, 1, 2, 3, 4], votes  # no duplicate, none missing
+    # Finished exactly once: one tally per job changed it, any other delivery was skipped.
+    log = stable.log_tail(10_000_000)
+    for job_id in expected:
+        published = re.findall(rf"\{{'job_id': '{job_id}', 'status': '(\w+)'", log)
+        assert published == ["succeeded"], (job_id, published)
+    return docs
+
+
+def _unacked_oldest_needed(redis_url: str) -> float:
+    """Seconds to wait until every unacked delivery is older than the visibility timeout."""
+    import redis
+
+    scores = [
+        s
+        for _, s in redis.Redis.from_url(redis_url).zrange("unacked_index", 0, -1, withscores=True)
+    ]
+    if not scores:
+        return 0.0
+    return max(0.0, max(scores) + VISIBILITY + 0.5 - time.time())
+
+
+def test_sigkill_mid_inference_again_and_again(
+    client: Any,
+    start_worker: Any,
+    stable: Any,
+    model_dirs: dict[str, Path],
+    farm_env: dict[str, str],
+) -> None:
+    """≥ 20 kills, each while a job's inference is between batches; every job ends once.
+
+    Two of every three kills take the pool child (the worker forks a new one), the third
+    the whole worker (restarted by the test once the visibility timeout has passed).
+    """
+    started = time.monotonic()
+    wanted_kills = 20
+    expected: dict[str, str] = {}
+    for body, verdict in _bodies(model_dirs, wanted_kills):
+        expected[submit(client, body)] = verdict
+    victim = start_worker(queues="inference.cpu", name="victim", **VICTIM_ENV)
+    logs = [victim]
+    kills = {"child": 0, "worker": 0}
+    killed: set[str] = set()
+    armed: set[str] = set()
+    deadline = time.monotonic() + 330
+    while True:
+        rows = _rows(list(expected))
+        done = all(status in TERMINAL for status, _, _ in rows.values())
+        if done and sum(kills.values()) >= wanted_kills:
+            break
+        if done:  # a run slipped past the detector: give it more jobs to kill
+            for body, verdict in _bodies(model_dirs, 2):
+                expected[submit(client, body)] = verdict
+            continue
+        assert time.monotonic() < deadline, (kills, rows)
+        for job_id, (status, stage, progress) in rows.items():
+            if status != "running" or stage != "inference":
+                continue
+            if progress == 0:
+                armed.add(job_id)  # this run started over: the next progress is this run's
+            elif job_id in armed and job_id not in killed and progress >= 2:
+                if sum(kills.values()) % 3 != 2:  # two pool-child kills, then a whole worker
+                    victim.kill_child()
+                    kills["child"] += 1
+                else:
+                    victim.kill()
+                    kills["worker"] += 1
+                    time.sleep(_unacked_oldest_needed(farm_env["REDIS_URL"]))
+                    victim = start_worker(queues="inference.cpu", name="victim", **VICTIM_ENV)
+                    logs.append(victim)
+                killed.add(job_id)
+                armed.clear()
+                break
+        time.sleep(0.05)
+    _check_outcomes(client, expected, stable)
+    assert victim.alive()
+    runs = sum(
+        len(re.findall(r"run_inference\[[^\]]+\] received", w.log_tail(10_000_000))) for w in logs
+    )
+    FIGURES["sigkill"] = {
+        "jobs": len(expected),
+        "kills": kills,
+        "worker_restarts": kills["worker"],
+        "child_respawns": kills["child"],
+        "inference_deliveries": runs,
+        "outcome": "every job succeeded once with the expected verdict, 5 distinct votes each",
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    assert sum(kills.values()) >= wanted_kills
+    assert runs >= len(expected) + sum(kills.values())  # each kill cost one more delivery
+    victim.stop()
+
+
+def _wait_mid_inference(job_ids: list[str], timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job_id, (status, stage, progress) in _rows(job_ids).items():
+            if status == "running" and stage == "inference" and progress >= 2:
+                return job_id
+        time.sleep(0.05)
+    raise AssertionError("no job reached the middle of its inference")
+
+
+def test_redis_crash_and_restart_loses_no_job(
+    client: Any,
+    start_worker: Any,
+    stable: Any,
+    model_dirs: dict[str, Path],
+    services: dict[str, Any],
+) -> None:
+    started = time.monotonic()
+    victim = start_worker(queues="inference.cpu", name="victim-redis", **VICTIM_ENV)
+    expected = {submit(client, body): verdict for body, verdict in _bodies(model_dirs, 6)}
+    _wait_mid_inference(list(expected))
+    services["redis"].restart(down_for=2.0)
+    _check_outcomes(client, expected, stable, timeout=150)
+    assert victim.alive() and stable.alive()
+    FIGURES["redis_restart"] = {
+        "jobs": len(expected),
+        "restarts": services["redis"].restarts,
+        "down_s": 2.0,
+        "outcome": "no job lost: all succeeded with the expected verdict",
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    victim.stop()
+
+
+def test_postgres_outage_503_then_jobs_finish(
+    client: Any,
+    start_worker: Any,
+    stable: Any,
+    model_dirs: dict[str, Path],
+    services: dict[str, Any],
+) -> None:
+    started = time.monotonic()
+    victim = start_worker(queues="inference.cpu", name="victim-pg", **VICTIM_ENV)
+    bodies = _bodies(model_dirs, 4)
+    expected = {submit(client, body): verdict for body, verdict in bodies}
+    job_id = _wait_mid_inference(list(expected))
+    services["proxy"].stop()
+    try:
+        resp = client.post("/v1/jobs", json=bodies[0][0])
+        assert resp.status_code == 503, resp.get_data(as_text=True)
+        assert resp.get_json()["error"]["code"] == "database_unavailable"
+        assert resp.headers["Retry-After"]
+        resp = client.get(f"/v1/jobs/{job_id}")
+        assert resp.status_code == 503 and resp.is_json
+        time.sleep(6.0)  # the workers hit the outage and back off
+    finally:
+        services["proxy"].start()
+    _check_outcomes(client, expected, stable)
+    retries = sum(w.log_tail(10_000_000).count("Retry in") for w in (victim, stable))
+    assert retries >= 1, "no task retried while PostgreSQL was unreachable"
+    FIGURES["postgres_outage"] = {
+        "jobs": len(expected),
+        "down_s": 6.0,
+        "task_retries": retries,
+        "outcome": "POST/GET answered 503 JSON; all jobs succeeded after the database returned",
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    victim.stop()

@@ -1,0 +1,162 @@
+"""Authentication, scopes, tenant visibility, rate limits and security headers.
+
+Every request except the public probes (``/healthz``, ``/readyz``, ``/openapi.json``,
+``/metrics``) must carry ``Authorization: Bearer <token>``. The order of the checks is
+deliberate:
+
+1. **authenticate** (PostgreSQL): no or bad key → 401 with ``WWW-Authenticate``;
+2. **rate limit** (Redis, per key): over the bucket → 429 with ``Retry-After``. It runs
+   before the scope check so that a key hammering a forbidden route is throttled too;
+3. **scope**: ``GET``/``HEAD`` need ``read``, ``POST`` needs ``submit``; ``admin`` implies
+   both → 403 with ``error="insufficient_scope"``.
+
+Tenant isolation is applied by the views through :func:`can_see`: another tenant's job or
+model answers 404 exactly like a missing one, so ids cannot be probed. Unknown routes need
+a key too (a 401 before the 404), so the route map cannot be probed without one either.
+
+Every response, errors included, gets the security headers; authenticated responses get
+the RateLimit headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from sqlalchemy import update
+
+from rev_tasks import apikeys
+from rev_tasks.apikeys import Principal
+from rev_tasks.db.models import ApiKey, utcnow
+from rev_tasks.db.session import session_scope
+from web.errors import ApiError
+from web.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
+REALM = 'Bearer realm="rev-farm"'
+SCOPE_BY_METHOD = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "POST": "submit"}
+LAST_USED_EVERY = 60.0  # seconds between last_used_at writes per key and process
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+HSTS = "max-age=31536000; includeSubDomains"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, "rate_limited"
+
+
+def principal() -> Principal:
+    """The authenticated caller of this request (views behind authentication only)."""
+    return g.rev_principal  # type: ignore[no-any-return]
+
+
+def can_see(tenant: str | None) -> bool:
+    """Admin keys see every tenant; other keys only their own."""
+    p = principal()
+    return p.is_admin or tenant == p.tenant
+
+
+_touched: dict[str, float] = {}
+_touched_lock = threading.Lock()
+
+
+def _due_for_touch(key_id: str) -> bool:
+    now = time.monotonic()
+    with _touched_lock:
+        if now - _touched.get(key_id, -LAST_USED_EVERY) < LAST_USED_EVERY:
+            return False
+        _touched[key_id] = now
+        return True
+
+
+def authenticate() -> Principal:
+    """The caller's key from ``Authorization: Bearer``, or a 401 (DB errors become 503)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if not header:
+        raise Unauthorized(
+            "send an API key: Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": REALM},
+        )
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(
+            "the Authorization header must be 'Bearer <token>'",
+            headers={"WWW-Authenticate": f'{REALM}, error="invalid_request"'},
+        )
+    with session_scope() as s:
+        row = apikeys.lookup(s, token)
+        if row is None:
+            raise Unauthorized(
+                "invalid or revoked API key",
+                headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
+            )
+        who = Principal(key_id=row.id, tenant=row.tenant, scopes=row.scope_set)
+        if _due_for_touch(row.id):  # forensics for a stolen key, without a write per request
+            s.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=utcnow()))
+    return who
+
+
+def _before() -> None:
+    if request.path in PUBLIC_PATHS:
+        return
+    who = authenticate()
+    g.rev_principal = who
+    limiter: RateLimiter = current_app.extensions["rev_ratelimit"]
+    decision = limiter.hit(who.key_id)
+    if decision is not None:
+        g.rev_ratelimit_headers = decision.headers()
+        if not decision.allowed:
+            raise TooManyRequests(
+                f"rate limit exceeded for key {who.key_id}; retry after {decision.retry_after}s",
+                headers=g.rev_ratelimit_headers,
+            )
+    needed = SCOPE_BY_METHOD.get(request.method, "admin")
+    if not who.allows(needed):
+        raise Forbidden(
+            f"this key lacks the {needed!r} scope",
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{needed}"'},
+        )
+
+
+def _after(response: Any) -> Any:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if current_app.config["REV_SETTINGS"].hsts:
+        response.headers.setdefault("Strict-Transport-Security", HSTS)
+    for name, value in (g.get("rev_ratelimit_headers") or {}).items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Register the hooks; call after every other ``before_request`` (metrics count 401s)."""
+    from rev_tasks import redact
+
+    settings = app.config["REV_SETTINGS"]
+    app.extensions["rev_ratelimit"] = app.config.get("REV_RATE_LIMITER") or RateLimiter(
+        settings.redis_url, settings.rate_limit_rps, settings.rate_limit_burst
+    )
+    app.before_request(_before)
+    app.after_request(_after)
+    redact.install()
