@@ -148,7 +148,8 @@ def submit() -> ResponseReturnValue:
             assert isinstance(req, IdentifyJobRequest)
         candidate_path = _candidate_path(s, req.candidate, settings)
         inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
-        live = inspector.live()
+        # A CPU job needs no worker census; only auto/cuda look for live GPU queues.
+        live = {} if req.device == "cpu" else inspector.live()
         gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
         device, queue = services.choose_queue(
             req.device, live, services.queue_backlog(settings.redis_url, gpu_live)

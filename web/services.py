@@ -115,11 +115,13 @@ def model_path(raw: str, settings: Settings) -> str:
 
 # ----------------------------------------------------------------------------- queues
 class QueueInspector:
-    """Which queues have a live consumer, from ``inspect().active_queues()``, cached briefly.
+    """Which queues have a live consumer, from ``inspect().active_queues()``, cached.
 
-    A broadcast costs the full inspect timeout, so the answer is reused for a few seconds:
-    a worker that just died may still be listed that long, which the job survives (its
-    message waits in the queue until a worker for that queue comes back).
+    A broadcast costs the full inspect timeout (it waits for every worker's reply), so a
+    request never waits for one once an answer exists: a stale answer is returned at once
+    and refreshed in a background thread (stale-while-revalidate). Only the first call, or
+    ``refresh=True``, blocks. A worker that just died may still be listed for about ``ttl``
+    seconds, which the job survives (its message waits until a worker for that queue is back).
     """
 
     def __init__(self, celery_app: Any, timeout: float, ttl: float) -> None:
@@ -127,16 +129,30 @@ class QueueInspector:
         self.timeout = timeout
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._at = 0.0
+        self._at: float | None = None
+        self._refreshing = False
         self._queues: dict[str, int] = {}
 
     def live(self, refresh: bool = False) -> dict[str, int]:
         """Queue name → number of live workers consuming it."""
         with self._lock:
-            if refresh or time.monotonic() - self._at > self.ttl:
-                self._queues = self._inspect()
-                self._at = time.monotonic()
+            if refresh or self._at is None:
+                self._store(self._inspect())
+                return dict(self._queues)
+            if time.monotonic() - self._at > self.ttl and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, name="queue-inspector", daemon=True).start()
             return dict(self._queues)
+
+    def _store(self, queues: dict[str, int]) -> None:
+        self._queues = queues
+        self._at = time.monotonic()
+
+    def _refresh(self) -> None:
+        queues = self._inspect()
+        with self._lock:
+            self._store(queues)
+            self._refreshing = False
 
     def _inspect(self) -> dict[str, int]:
         try:
