@@ -43,10 +43,12 @@ task_reject_on_worker_lost = True
 # (Celery 5.7 splits the old task_acks_on_failure_or_timeout into these two.)
 task_acks_on_failure = True
 task_acks_on_timeout = True
-# A task still running when the broker connection drops can no longer ack its message
-# (its channel is gone), so the message will be delivered again; cancelling the task keeps
-# it from running twice, possibly in parallel on another worker.
-worker_cancel_long_running_tasks_on_connection_loss = True
+# A task still running when the broker connection drops is NOT cancelled: measured in the
+# Redis-restart fault test (tests/integration/test_chaos.py), cancelling it failed to restore
+# the message while Redis was down and then acked (deleted) it after the reconnect, so the
+# job was lost. Left running, it finishes, the message comes back once, and the repeat is a
+# no-op because every step is idempotent ("already decided").
+worker_cancel_long_running_tasks_on_connection_loss = False
 worker_prefetch_multiplier = 1
 task_track_started = True
 task_time_limit = _settings.job_time_limit + 300

@@ -65,7 +65,9 @@ def test_restart_safety_settings() -> None:
         " c.task_time_limit]"
     )
     acks_late, reject_lost, on_failure, on_timeout, cancel_on_loss, prefetch, vis, limit = got
-    assert acks_late and reject_lost and on_failure and on_timeout and cancel_on_loss
+    assert acks_late and reject_lost and on_failure and on_timeout
+    # Not cancelled on connection loss: with Redis that loses the message (see celeryconfig).
+    assert cancel_on_loss is False
     assert prefetch == 1
     assert vis > limit  # Redis must not redeliver a task that is still running
 
