@@ -174,19 +174,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _memory_budget(text: str) -> int:
-    """Accepts 512, 512MB, 2GB, 1.5G; returns megabytes (one parser: the streaming engine's)."""
-    from rev_tasks.inference.streaming import parse_memory_mb
-
-    try:
-        mb = parse_memory_mb(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    if mb < 16:
-        raise argparse.ArgumentTypeError("memory budget must be at least 16MB")
-    return mb
-
-
 def _model_options(p: argparse.ArgumentParser) -> None:
     from rev_tasks.inference.loader import DTYPES
 
@@ -197,6 +184,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rev_tasks.inference.budget import memory_budget_arg
+
     parser = argparse.ArgumentParser(
         prog="rev", description="REV Farm: verify that a model is the model it claims to be."
     )
@@ -210,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--alpha", type=float, default=0.01)
     v.add_argument("--max-challenges", type=_positive_int, default=64)
     v.add_argument("--batch-size", type=_positive_int, default=8)
-    v.add_argument("--memory-budget", type=_memory_budget, help="stream layers within e.g. 512MB")
+    v.add_argument(
+        "--memory-budget", type=memory_budget_arg, help="stream layers within e.g. 512MB"
+    )
     v.add_argument("--transcript", help="write the auditable transcript here")
     v.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _model_options(v)

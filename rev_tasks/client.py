@@ -211,6 +211,8 @@ def cmd_submit(args: argparse.Namespace, client: FarmClient) -> int:
     }
     if args.batch_size:
         body["batch_size"] = args.batch_size
+    if args.memory_budget:
+        body["memory_budget_mb"] = args.memory_budget
     if not args.identify:
         if not args.reference:
             raise ClientError("verify needs --reference (a model id or folder), or use --identify")
@@ -298,6 +300,8 @@ def _waiting(p: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers: Any) -> None:
     """Add the farm client commands to the ``rev`` CLI (called by rev_tasks.cli)."""
+    from rev_tasks.inference.budget import memory_budget_arg
+
     s = subparsers.add_parser("submit", help="submit a verify or identify job to the farm")
     s.add_argument("candidate", help="candidate: registered model id or model folder")
     s.add_argument("--reference", "-r", help="reference: registered model id or model folder")
@@ -307,6 +311,11 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--max-challenges", type=int, default=64)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument(
+        "--memory-budget",
+        type=memory_budget_arg,
+        help="run the models layer by layer within e.g. 512MB (default: the worker's)",
+    )
     s.add_argument("--wait", action="store_true", help="wait for the result (exit 0/1)")
     _common(s)
     _waiting(s)

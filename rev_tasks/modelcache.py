@@ -2,8 +2,12 @@
 
 A worker child loads a model once and reuses it for every job and validator that needs it;
 the bound keeps a long-lived child's memory flat. Entries are keyed by the resolved path,
-the dtype, the device and the weight files' size/mtime, so a folder rewritten in place is
-loaded again rather than served stale.
+the dtype, the device, the memory budget and the weight files' size/mtime, so a folder
+rewritten in place is loaded again rather than served stale.
+
+With a memory budget the entry is a layer-streamed model (``load_streamed``): it holds only
+file handles, headers and the tokenizer, and reads each block from disk as a batch needs it.
+A streamed entry and an in-memory entry of the same folder are different entries.
 """
 
 from __future__ import annotations
@@ -30,18 +34,24 @@ def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-def get(path: str, dtype: str = "float32", device: str | None = None) -> Any:
-    """The loaded model for ``path`` (a ``LoadedModel``), loading it on a miss.
+def get(
+    path: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    memory_budget_mb: int | None = None,
+) -> Any:
+    """The model for ``path``, loading it on a miss.
 
-    Raises ``rev_tasks.inference.ModelLoadError`` for folders that cannot be loaded; failures
-    are not cached, so a fixed folder loads on the next try.
+    A ``LoadedModel`` (whole model in memory) without a budget, a ``StreamedModel`` (blocks
+    read one at a time, within ``memory_budget_mb`` MiB) with one. Raises
+    ``rev_tasks.inference.ModelLoadError`` for folders that cannot be loaded, including
+    ``MemoryBudgetError`` for budgets too small for one block; failures are not cached, so a
+    fixed folder loads on the next try.
     """
-    from rev_tasks.inference import load_model
-
     settings = get_settings()
     device = device or settings.worker_device
     resolved = Path(path).resolve()
-    key = (str(resolved), dtype, device, _stamp(resolved))
+    key = (str(resolved), dtype, device, memory_budget_mb, _stamp(resolved))
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -49,14 +59,24 @@ def get(path: str, dtype: str = "float32", device: str | None = None) -> Any:
             return _cache[key]
         _stats["misses"] += 1
         # Drop stale entries of the same folder before loading a new copy.
-        for stale in [k for k in _cache if k[:3] == key[:3]]:
+        for stale in [k for k in _cache if k[:4] == key[:4]]:
             del _cache[stale]
         while len(_cache) >= settings.max_models_per_worker:
             _cache.popitem(last=False)
             _stats["evictions"] += 1
-        model = load_model(str(resolved), dtype=dtype, device=device)
+        model = _load(str(resolved), dtype, device, memory_budget_mb)
         _cache[key] = model
         return model
+
+
+def _load(path: str, dtype: str, device: str, memory_budget_mb: int | None) -> Any:
+    if memory_budget_mb is None:
+        from rev_tasks.inference import load_model
+
+        return load_model(path, dtype=dtype, device=device)
+    from rev_tasks.inference.streaming import load_streamed
+
+    return load_streamed(path, memory_budget_mb=memory_budget_mb, dtype=dtype, device=device)
 
 
 def reset() -> None:

@@ -76,6 +76,9 @@ class Settings:
     job_time_limit: int = 3600
     worker_device: str = "cpu"
     worker_max_memory_kb: int = 6_000_000
+    # REV_MEMORY_BUDGET_MB: stream layers within this many MiB unless a job names its own
+    # budget (docs/streaming.md); None loads models in memory.
+    memory_budget_mb: int | None = None
     required_queues: tuple[str, ...] = ("inference.cpu", "consensus", "default", "maintenance")
     inspect_timeout: float = 1.0
     inspect_cache_seconds: float = 5.0
@@ -133,6 +136,8 @@ class Settings:
             modes = _fault_modes(os.environ.get("REV_TEST_FAULTY_VALIDATORS", ""))
             faulty = frozenset(i for i, _mode in modes)
             slow = max(0.0, _float("REV_TEST_SLOW_BATCH_SECONDS", 0.0))
+        from rev_tasks.inference.budget import budget_from_env
+
         device = os.environ.get("REV_WORKER_DEVICE", "cpu").strip() or "cpu"
         if device not in {"cpu", "cuda"}:
             raise ValueError(f"REV_WORKER_DEVICE must be cpu or cuda, not {device!r}")
@@ -155,6 +160,7 @@ class Settings:
             job_time_limit=max(1, _int("REV_JOB_TIME_LIMIT", 3600)),
             worker_device=device,
             worker_max_memory_kb=max(0, _int("REV_WORKER_MAX_MEMORY_KB", 6_000_000)),
+            memory_budget_mb=budget_from_env(None),
             required_queues=required,
             inspect_timeout=_float("REV_INSPECT_TIMEOUT", 1.0),
             inspect_cache_seconds=_float("REV_INSPECT_CACHE_SECONDS", 5.0),

@@ -147,6 +147,8 @@ def submit() -> ResponseReturnValue:
         else:
             assert isinstance(req, IdentifyJobRequest)
         candidate_path = _candidate_path(s, req.candidate, settings)
+        if req.memory_budget_mb is not None:
+            services.check_streamable([p for p in (reference_path, candidate_path) if p])
         inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
         # A CPU job needs no worker census; only auto/cuda look for live GPU queues.
         live = {} if req.device == "cpu" else inspector.live()

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
+from rev_tasks.inference.budget import MAX_BUDGET_MB, MIN_BUDGET_MB
+
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 ModelId = Annotated[
@@ -48,6 +50,16 @@ class _JobParams(_Strict):
     max_challenges: int = Field(64, ge=1, le=1024, description="challenge budget")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int | None = Field(None, ge=1, le=256, description="challenges per batch")
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=MIN_BUDGET_MB,
+        le=MAX_BUDGET_MB,
+        description=(
+            "run the models layer by layer within this many MiB (GPT-2, Llama and BERT "
+            "families; same signatures as a full load). Default: the worker's "
+            "REV_MEMORY_BUDGET_MB, else the whole model is loaded in memory"
+        ),
+    )
 
 
 class VerifyJobRequest(_JobParams):
@@ -57,6 +69,12 @@ class VerifyJobRequest(_JobParams):
         json_schema_extra={
             "examples": [
                 {"kind": "verify", "reference": "minilm", "candidate": {"path": "minilm-copy"}},
+                {
+                    "kind": "verify",
+                    "reference": {"path": "gpt2-medium"},
+                    "candidate": {"path": "gpt2-medium-copy"},
+                    "memory_budget_mb": 512,
+                },
                 {
                     "kind": "verify",
                     "reference": {"path": "minilm"},

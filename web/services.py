@@ -107,6 +107,20 @@ def check_model_folder(path: Path, settings: Settings) -> None:
         raise Unprocessable(str(exc), code="not_a_model") from exc
 
 
+def check_streamable(paths: list[str]) -> None:
+    """A job with ``memory_budget_mb`` runs its models layer-streamed: refuse, with a 422,
+    architectures the streamed engine does not execute rather than fail the job later."""
+    from rev_tasks.inference.budget import streaming_refusal
+
+    for path in paths:
+        reason = streaming_refusal(path)
+        if reason is not None:
+            raise Unprocessable(
+                f"{reason}; submit without memory_budget_mb to load it in memory",
+                code="streaming_unsupported",
+            )
+
+
 def model_path(raw: str, settings: Settings) -> str:
     path = confine(raw, settings.model_roots)
     check_model_folder(path, settings)

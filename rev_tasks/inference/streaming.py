@@ -49,6 +49,7 @@ from rev_tasks.inference.arch_common import (
     Tensor,
     TokenBatch,
 )
+from rev_tasks.inference.budget import MB, SUPPORTED, budget_from_env
 from rev_tasks.inference.loader import (
     DTYPES,
     MAX_TOKENS,
@@ -59,10 +60,7 @@ from rev_tasks.inference.loader import (
     pool_masked,
 )
 
-ENV_BUDGET = "REV_MEMORY_BUDGET_MB"
-MB = 1 << 20
 BUDGET_BATCH = 8  # the engine's default batch size: what a budget is checked against at load
-SUPPORTED = ("gpt2", "llama", "bert")
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -91,47 +89,7 @@ class MemoryBudgetError(ModelLoadError):
 
 
 # --------------------------------------------------------------------------- budget
-
-
-def parse_memory_mb(text: str | int) -> int:
-    """``512``, ``512MB``, ``2GB``, ``1.5G`` → megabytes (MiB), as ``rev --memory-budget``."""
-    if isinstance(text, int):
-        mb = text
-    else:
-        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-        scale = 1.0
-        if t.endswith("G"):
-            scale, t = 1024.0, t[:-1]
-        elif t.endswith("M"):
-            t = t[:-1]
-        try:
-            mb = int(float(t) * scale)
-        except ValueError as exc:
-            raise ValueError(f"not a memory size: {text!r} (e.g. 512MB)") from exc
-    if mb < 1:
-        raise ValueError(f"memory budget must be positive, not {text!r}")
-    return mb
-
-
-def budget_from_env(
-    memory_budget_mb: int | None = None, environ: Mapping[str, str] | None = None
-) -> int | None:
-    """The budget to use: the explicit one, else ``REV_MEMORY_BUDGET_MB``, else ``None``.
-
-    The farm's job field ``memory_budget_mb`` wins over the worker's default so that one job can
-    ask for less (or more) than the worker is configured with; an empty or ``0`` variable means
-    "no budget" (load in memory).
-    """
-    if memory_budget_mb is not None:
-        return parse_memory_mb(int(memory_budget_mb))
-    raw = (environ if environ is not None else os.environ).get(ENV_BUDGET, "").strip()
-    if raw.lower() in ("", "0", "none", "off"):
-        return None
-    try:
-        return parse_memory_mb(raw)
-    except ValueError as exc:
-        raise ValueError(f"{ENV_BUDGET}={raw!r}: {exc}") from exc
-
+# Parsing budgets and REV_MEMORY_BUDGET_MB lives in rev_tasks.inference.budget (no torch).
 
 _malloc_tuned = False
 

@@ -98,14 +98,30 @@ def check_folder(path: str) -> None:
     inspect_folder(path, settings.model_roots, settings.max_model_bytes, settings.max_model_files)
 
 
-def load_cached(path: str) -> Any:
-    """A model from this child's LRU cache (checked first), timing real loads for /metrics."""
+def memory_budget(request: dict[str, Any] | None = None) -> int | None:
+    """The budget a model is run under: the job's ``memory_budget_mb``, else the worker's.
+
+    ``REV_MEMORY_BUDGET_MB`` (read into the settings at start) is the worker default, so an
+    operator can give a small-memory worker a budget that every job honours; a job's own
+    field wins so that one job can ask for a tighter (or looser) bound. ``None``: in memory.
+    """
+    value = (request or {}).get("memory_budget_mb")
+    if value is not None:
+        return int(value)
+    return get_settings().memory_budget_mb
+
+
+def load_cached(path: str, memory_budget_mb: int | None = None) -> Any:
+    """A model from this child's LRU cache (checked first), timing real loads for /metrics.
+
+    With ``memory_budget_mb`` the model is layer-streamed (see ``memory_budget``).
+    """
     from rev_tasks import modelcache
 
     check_folder(path)
     before = modelcache.stats()["misses"]
     start = time.perf_counter()
-    model = modelcache.get(path)
+    model = modelcache.get(path, memory_budget_mb=memory_budget_mb)
     elapsed = time.perf_counter() - start
     stats = modelcache.stats()
     with contextlib.suppress(Exception):
@@ -113,7 +129,8 @@ def load_cached(path: str) -> Any:
 
         metrics.set_models_cached(stats["size"])
         if stats["misses"] > before:
-            log.info("loaded %s into the worker cache in %.2fs", path, elapsed)
+            how = f"streamed within {memory_budget_mb} MB" if memory_budget_mb else "in memory"
+            log.info("loaded %s (%s) into the worker cache in %.2fs", path, how, elapsed)
             metrics.MODEL_LOAD_DURATION.labels(
                 model_family=model.descriptor.get("family", "unknown"), device=model.device
             ).observe(elapsed)

@@ -32,7 +32,15 @@ from rev_tasks.db import repo
 from rev_tasks.db.models import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.db.session import session_scope
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
-from rev_tasks.tasks.common import DB_ERRORS, DB_RETRY, FarmError, farm_key, load_cached, metric
+from rev_tasks.tasks.common import (
+    DB_ERRORS,
+    DB_RETRY,
+    FarmError,
+    farm_key,
+    load_cached,
+    memory_budget,
+    metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,9 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
         commitment = job.commitment
         ref_fp = repo.fingerprint_doc(s, job.reference_model_id) if job.reference_model_id else None
         ref_path, cand_path = job.reference_path, job.candidate_path
+        # The validator runs the models as the inference did: a job that asked for a memory
+        # budget is re-executed layer-streamed within it (same signatures, bit for bit).
+        budget = memory_budget(job.request)
 
     problems = [f"audit: {p}" for p in audit(doc)]
     if doc.get("root") != root:
@@ -83,8 +94,8 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
     if indices:
         try:
             key = farm_key()
-            candidate = load_cached(cand_path)
-            reference: Any = ref_fp if ref_fp is not None else load_cached(str(ref_path))
+            candidate = load_cached(cand_path, budget)
+            reference: Any = ref_fp if ref_fp is not None else load_cached(str(ref_path), budget)
             problems += [
                 f"re-execution: {p}"
                 for p in reexecute_sample(doc, reference, candidate, key, indices)

@@ -39,7 +39,7 @@ def fingerprint(model_id: str) -> str:
     settings = get_settings()
     try:
         key = farm_key()
-        model = load_cached(path)
+        model = load_cached(path, settings.memory_budget_mb)  # the worker default, if any
         doc = fingerprint_model(
             model,
             key,

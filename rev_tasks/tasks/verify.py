@@ -34,7 +34,15 @@ from rev_tasks.db.models import (
 )
 from rev_tasks.db.session import session_scope
 from rev_tasks.settings import get_settings
-from rev_tasks.tasks.common import DB_ERRORS, DB_RETRY, FarmError, farm_key, load_cached, metric
+from rev_tasks.tasks.common import (
+    DB_ERRORS,
+    DB_RETRY,
+    FarmError,
+    farm_key,
+    load_cached,
+    memory_budget,
+    metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +224,22 @@ def _maybe_self_destruct(candidate_path: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _load(path: str, side: str) -> Any:
+def _load(path: str, side: str, request: dict[str, Any]) -> Any:
     from rev_tasks.inference import ModelLoadError
 
     try:
-        return load_cached(path)
+        return load_cached(path, memory_budget(request))
     except ModelLoadError as exc:
-        raise FarmError("model_load_error", f"{side}: {exc}") from exc
+        raise _load_error(side, exc) from exc
+
+
+def _load_error(side: str, exc: Exception) -> FarmError:
+    """A model that cannot run here: a permanent job failure with a stable code."""
+    from rev_tasks.inference.streaming import MemoryBudgetError
+
+    if isinstance(exc, MemoryBudgetError):
+        return FarmError("memory_budget_too_small", f"{side}: {exc}")
+    return FarmError("model_load_error", f"{side}: {exc}")
 
 
 def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
@@ -261,6 +278,7 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
 def _verify(spec: _JobSpec, task: Any = None) -> bool:
     """Run the verification; True when this delivery stored the job's transcript."""
     from rev_tasks.engine import Verification
+    from rev_tasks.inference import ModelLoadError
 
     key = farm_key()
     params = _params(spec.request)
@@ -271,8 +289,8 @@ def _verify(spec: _JobSpec, task: Any = None) -> bool:
             raise FarmError("model_not_ready", "the reference model has no fingerprint")
     else:
         assert spec.reference_path is not None
-        reference = _load(spec.reference_path, "reference")
-    candidate = _load(spec.candidate_path, "candidate")
+        reference = _load(spec.reference_path, "reference", spec.request)
+    candidate = _load(spec.candidate_path, "candidate", spec.request)
     try:
         verification = Verification(reference, candidate, key, params)
     except ValueError as exc:
@@ -285,6 +303,8 @@ def _verify(spec: _JobSpec, task: Any = None) -> bool:
     family = str(candidate.descriptor.get("family", "unknown"))
     try:
         outcome = verification.run(progress=_progress(spec.id, family, candidate.device, task))
+    except ModelLoadError as exc:  # a streamed block that does not fit this batch's budget
+        raise _load_error("inference", exc) from exc
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     result = dict(outcome.result)
@@ -310,12 +330,19 @@ def _executed_on(model: Any) -> dict[str, Any]:
     from celery import current_task
 
     hostname = getattr(getattr(current_task, "request", None), "hostname", None)
-    return {"worker": hostname, "device": str(model.device)}
+    budget = getattr(model, "memory_budget_mb", None)  # set on layer-streamed models only
+    return {
+        "worker": hostname,
+        "device": str(model.device),
+        "execution": "streamed" if hasattr(model, "memory_budget_mb") else "in_memory",
+        "memory_budget_mb": budget,
+    }
 
 
 def _identify(spec: _JobSpec) -> None:
     from rev_tasks.core.keys import key_id
     from rev_tasks.engine import identify
+    from rev_tasks.inference import ModelLoadError
 
     key = farm_key()
     params = _params(spec.request)
@@ -323,9 +350,11 @@ def _identify(spec: _JobSpec) -> None:
         # Only the job's own tenant's models are candidates: identify never reveals (or
         # compares against) another tenant's registry.
         fingerprints = repo.ready_fingerprints(s, key_id=key_id(key), tenant=spec.tenant)
-    candidate = _load(spec.candidate_path, "candidate")
+    candidate = _load(spec.candidate_path, "candidate", spec.request)
     try:
         ranking = identify(candidate, fingerprints, key, params)
+    except ModelLoadError as exc:
+        raise _load_error("candidate", exc) from exc
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     best = ranking[0] if ranking else None

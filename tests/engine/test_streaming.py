@@ -19,14 +19,10 @@ import pytest
 from rev_tasks.core.challenges import generate_challenges
 from rev_tasks.core.keys import load_key
 from rev_tasks.inference import variants as V
+from rev_tasks.inference.budget import ENV_BUDGET, budget_from_env, streaming_refusal
 from rev_tasks.inference.loader import ModelLoadError, load_model
 from rev_tasks.inference.signatures import site_signatures
-from rev_tasks.inference.streaming import (
-    ENV_BUDGET,
-    MemoryBudgetError,
-    budget_from_env,
-    load_streamed,
-)
+from rev_tasks.inference.streaming import MemoryBudgetError, load_streamed
 
 KEY = load_key(None)
 PROMPTS = [c.prompt for c in generate_challenges(KEY, 8)]
@@ -265,6 +261,10 @@ def test_unusable_folders_fail_with_one_line(tmp_path: Path, tiny_gpt2: dict[str
         with pytest.raises(ModelLoadError, match=expected) as info:
             load_streamed(folder)
         assert "\n" not in str(info.value)
+    # The coordinator's torch-free early answer agrees on the architecture.
+    assert streaming_refusal(other) == "streamed execution supports gpt2, llama, bert, not 't5'"
+    assert streaming_refusal(tiny_gpt2["a"]) is None
+    assert streaming_refusal(tmp_path / "missing") is None  # the folder checks say why
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ read only) and ``client_for(token)`` builds a client for any of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,19 @@ def farm_env(
 
 @pytest.fixture(scope="module")
 def start_worker(farm_env: dict[str, str], tmp_path_factory: Any) -> Iterator[Any]:
-    """Factory: ``start_worker(queues=..., name=..., **env)``; every worker is stopped at exit."""
+    """Factory: ``start_worker(queues=..., name=..., preexec_fn=..., **env)``; all stopped at exit."""
     log_dir = tmp_path_factory.mktemp("worker-logs")
     started: list[FarmWorker] = []
 
-    def start(queues: str = ALL_QUEUES, name: str = "w", **env: str) -> FarmWorker:
-        worker = FarmWorker({**farm_env, **env}, log_dir, queues=queues, name=name)
+    def start(
+        queues: str = ALL_QUEUES,
+        name: str = "w",
+        preexec_fn: Callable[[], None] | None = None,
+        **env: str,
+    ) -> FarmWorker:
+        worker = FarmWorker(
+            {**farm_env, **env}, log_dir, queues=queues, name=name, preexec_fn=preexec_fn
+        )
         started.append(worker)
         return worker.start()
 

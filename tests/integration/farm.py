@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +203,12 @@ class FarmWorker:
         queues: str = ALL_QUEUES,
         name: str = "w",
         command: list[str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.name = f"revtest-{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.queues = queues
         self.command = command
+        self.preexec_fn = preexec_fn  # runs in the child before exec, e.g. a memory limit
         self.env = {**os.environ, **env}
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -222,7 +224,7 @@ class FarmWorker:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=self.preexec_fn,
         )  # fmt: skip
         from rev_tasks.celery import app
 
