@@ -60,7 +60,7 @@ calibrate: setup
 
 # ---- benchmarks (bench/run_all.py): each figure beside a baseline from the same run and the
 # operations guide's table, rendered into docs/performance.md; budgeted to finish in under
-# 15 minutes on the 2-core development VM. The first line rebuilds the C popcount extension
+# 20 minutes on the 2-core development VM. The first line rebuilds the C popcount extension
 # if its source changed (the setup stamp only tracks pyproject.toml and the lock file).
 bench: setup
 	$(BIN)/python setup.py -q build_ext --inplace

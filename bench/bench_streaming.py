@@ -1,7 +1,8 @@
 """Streamed versus in-memory verification of a model with more than 1 GiB of fp32 weights.
 
 Run: ``.venv/bin/python -m bench.bench_streaming [--family gpt2|llama] [--json [OUT]]``
-(default OUT is bench/results/streaming.json).
+(default OUT is bench/results/streaming.json, rendered into docs/performance.md by
+``bench.report``; ``--device cuda`` writes bench/results/streaming_gpu.json).
 
 It builds (once, into the git-ignored ``var/bench-models/``) a randomly initialised model with
 GPT-2-medium geometry (24 blocks × 1024 hidden, 16 heads) and a 512-token vocabulary, so that
@@ -26,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -37,7 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import common
+
+ROOT = common.ROOT
 PYTHON = Path(sys.executable)  # .venv/bin/python when run as the docstring says
 MODELS = ROOT / "var" / "bench-models"
 DEFAULT_OUT = ROOT / "bench" / "results" / "streaming.json"
@@ -265,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-challenges", type=int, default=16)
     parser.add_argument("--batches", type=int, default=2, help="timed batches per process")
     parser.add_argument("--repeats", type=int, default=1, help="alternating process pairs")
-    parser.add_argument("--json", nargs="?", const=str(DEFAULT_OUT), default=str(DEFAULT_OUT))
+    parser.add_argument("--json", nargs="?", const="", default="", metavar="OUT")
     parser.add_argument(
         "--device", default="cpu", help="cuda: compare on the GPU instead (no /usr/bin/time)"
     )
     args = parser.parse_args(argv)
 
     if args.device != "cpu":
+        args.json = args.json or str(DEFAULT_OUT.with_name("streaming_gpu.json"))
         doc = {
             "model": build(args.family).name,
             **gpu_compare(build(args.family), args.budget_mb, args.batches),
@@ -281,6 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
         return 0 if doc["pooled_states_bit_identical"] else 1
 
+    doc = run(args)
+    _print_table(doc)
+    print(f"wrote {common.write(doc, args.json or DEFAULT_OUT)}")
+    met = doc["met"]
+    return 0 if met["peak_rss_ratio"] and doc["results"]["transcript_roots_equal"] else 1
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The CPU comparison as a ``bench.common`` document (rendered in docs/performance.md)."""
+    started = time.perf_counter()
+    machine = common.machine()
     model = build(args.family)
     geo = GEOMETRY[args.family]
     size = weights_bytes(model)
@@ -296,14 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     steady_rss = {"streamed": 0, "full": 0}
     for _ in range(args.repeats):  # alternate, so background load hits both alike
         for mode in ("streamed", "full"):
-            run = steady(model, mode, args.budget_mb, args.batches)
-            per_batch[mode]["wall"] += run["wall"]
-            per_batch[mode]["cpu"] += run["cpu"]
-            steady_rss[mode] = max(steady_rss[mode], run["peak_rss"])
+            r = steady(model, mode, args.budget_mb, args.batches)
+            per_batch[mode]["wall"] += r["wall"]
+            per_batch[mode]["cpu"] += r["cpu"]
+            steady_rss[mode] = max(steady_rss[mode], r["peak_rss"])
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in per_batch.items()}
 
     ratio = streamed["peak_rss"] / size
-    doc = {
+    results = {
         "model": model.name,
         "family": args.family,
         "geometry": geo,
@@ -311,100 +324,108 @@ def main(argv: list[str] | None = None) -> int:
         "budget_mb": args.budget_mb,
         "max_challenges": args.max_challenges,
         "streamed_peak_rss": streamed["peak_rss"],
-        "full_peak_rss": full["peak_rss"],
         "ratio_to_weights": ratio,
-        "target_ratio": TARGET_RATIO,
-        "meets_target": ratio <= TARGET_RATIO,
         "runtime_floor_rss": floor,
         "streamed_over_floor": streamed["peak_rss"] - floor,
         "streamed_over_floor_ratio": (streamed["peak_rss"] - floor) / size,
         "streamed_wall_s": streamed["wall_s"],
-        "full_wall_s": full["wall_s"],
         "streamed_cpu_s": streamed["cpu_s"],
-        "full_cpu_s": full["cpu_s"],
-        "slowdown": streamed["wall_s"] / full["wall_s"],
-        "slowdown_cpu": streamed["cpu_s"] / full["cpu_s"],
-        "steady_batch_s": med,
-        "steady_slowdown": med["streamed"]["wall"] / med["full"]["wall"],
-        "steady_slowdown_cpu": med["streamed"]["cpu"] / med["full"]["cpu"],
-        "steady_peak_rss": steady_rss,
-        "steady_samples": per_batch,
-        "verdicts": {"streamed": streamed["verdict"], "full": full["verdict"]},
-        "challenges_used": {
-            "streamed": streamed["challenges_used"],
-            "full": full["challenges_used"],
-        },
+        "steady_batch_s": med["streamed"],
+        "steady_peak_rss": steady_rss["streamed"],
+        "steady_samples": per_batch["streamed"],
+        "verdict": streamed["verdict"],
+        "challenges_used": streamed["challenges_used"],
         "transcript_roots_equal": streamed["transcript_root"] == full["transcript_root"],
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg": os.getloadavg(),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        "notes": [
-            "full_peak_rss is `rev verify MODEL MODEL` without a budget: it holds both sides.",
-            "runtime_floor_rss: python + torch + rev's engine + the 4 sites' signature "
-            "projection matrices (hidden x 4096 float64 each), no model.",
-            "steady_*: one model per process, pooled_states per batch of 8 challenges after a "
-            "warm-up batch; medians over all timed batches.",
-            "Warm page cache for both paths; shared 2-core machine, so wall times are noisy "
-            "(cpu_s is less so).",
-        ],
     }
-    _print_table(doc, args.budget_mb)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
-    return 0 if doc["meets_target"] and doc["transcript_roots_equal"] else 1
-
-
-def _print_table(doc: dict[str, Any], budget_mb: int) -> None:
+    baseline = {
+        "full_peak_rss": full["peak_rss"],
+        "full_wall_s": full["wall_s"],
+        "full_cpu_s": full["cpu_s"],
+        "steady_batch_s": med["full"],
+        "steady_peak_rss": steady_rss["full"],
+        "steady_samples": per_batch["full"],
+        "verdict": full["verdict"],
+        "challenges_used": full["challenges_used"],
+    }
+    ratios = {
+        "peak_rss_over_weights": round(ratio, 3),
+        "verify_slowdown_wall": round(streamed["wall_s"] / full["wall_s"], 2),
+        "verify_slowdown_cpu": round(streamed["cpu_s"] / full["cpu_s"], 2),
+        "batch_slowdown_wall": round(med["streamed"]["wall"] / med["full"]["wall"], 2),
+        "batch_slowdown_cpu": round(med["streamed"]["cpu"] / med["full"]["cpu"], 2),
+    }
+    met = {"peak_rss_ratio": ratio <= TARGET_RATIO}
     gib, mib = 2**30, 2**20
-    size = doc["weights_bytes"]
-    med = doc["steady_batch_s"]
     rows = [
-        ("weights (fp32)", f"{size / gib:.3f} GiB", ""),
-        (
-            "peak RSS",
-            f"{doc['streamed_peak_rss'] / mib:.0f} MiB",
-            f"{doc['full_peak_rss'] / mib:.0f} MiB",
+        common.row(
+            f"peak RSS, `rev verify MODEL MODEL --memory-budget {args.budget_mb}MB` "
+            f"({size / gib:.3f} GiB fp32 weights)",
+            f"{streamed['peak_rss'] / mib:.0f} MiB = {ratio:.3f}x weights",
+            f"full load {full['peak_rss'] / mib:.0f} MiB = {full['peak_rss'] / size:.2f}x "
+            "(both sides in memory)",
+            "-",
+            f"<= {TARGET_RATIO}x weights",
+            met["peak_rss_ratio"],
         ),
-        (
-            "peak RSS / weights",
-            f"{doc['ratio_to_weights']:.3f}",
-            f"{doc['full_peak_rss'] / size:.3f}",
+        common.row(
+            "peak RSS, one model per process (steady runs)",
+            f"{steady_rss['streamed'] / mib:.0f} MiB = {steady_rss['streamed'] / size:.3f}x",
+            f"{steady_rss['full'] / mib:.0f} MiB = {steady_rss['full'] / size:.2f}x",
         ),
-        (
-            "verify wall | cpu",
-            f"{doc['streamed_wall_s']:.1f} | {doc['streamed_cpu_s']:.1f} s",
-            f"{doc['full_wall_s']:.1f} | {doc['full_cpu_s']:.1f} s",
+        common.row(
+            "runtime floor (torch + engine + projections, no model) / streamed above it",
+            f"{floor / mib:.0f} MiB / {(streamed['peak_rss'] - floor) / mib:.0f} MiB "
+            f"= {(streamed['peak_rss'] - floor) / size:.3f}x weights",
         ),
-        (
-            "batch of 8 wall | cpu",
+        common.row(
+            f"`rev verify`, {streamed['challenges_used']} challenges used, wall | CPU",
+            f"{streamed['wall_s']:.1f} | {streamed['cpu_s']:.1f} s",
+            f"{full['wall_s']:.1f} | {full['cpu_s']:.1f} s",
+            "-",
+            "slowdown reported",
+        ),
+        common.row(
+            "one batch of 8 challenges, steady state, wall | CPU (median)",
             f"{med['streamed']['wall']:.2f} | {med['streamed']['cpu']:.2f} s",
             f"{med['full']['wall']:.2f} | {med['full']['cpu']:.2f} s",
+            "-",
+            "slowdown reported",
         ),
-        ("verdict", doc["verdicts"]["streamed"], doc["verdicts"]["full"]),
+        common.row(
+            "verdict / transcript roots equal (bit-identical signatures)",
+            f"{streamed['verdict']} / {results['transcript_roots_equal']}",
+            full["verdict"],
+        ),
     ]
-    print(f"\n{'':22} {'streamed (' + str(budget_mb) + ' MB)':>20} {'full load':>16}")
-    for name, a, b in rows:
-        print(f"{name:22} {a:>20} {b:>16}")
-    print(
-        f"\nruntime floor (torch + engine + projections, no model): "
-        f"{doc['runtime_floor_rss'] / mib:.0f} MiB; streamed peak above it: "
-        f"{doc['streamed_over_floor'] / mib:.0f} MiB = {doc['streamed_over_floor_ratio']:.3f}x weights"
+    notes = [
+        "baseline = the same `rev verify` without --memory-budget (transformers' full load), "
+        "run right after the streamed one; it holds both sides, the streamed run neither",
+        "steady: one model per process, pooled_states per batch of 8 challenges after a "
+        "warm-up batch; medians over the timed batches. Warm page cache for both paths",
+        "runtime floor: python + torch + rev's engine + the 4 sites' signature projections "
+        "(int8 cache), no model: outside any budget, so the ratio falls as models grow",
+    ]
+    return common.document(
+        "streaming",
+        results=results,
+        baseline=baseline,
+        ratios=ratios,
+        targets={"peak_rss_ratio": f"<= {TARGET_RATIO}x weights"},
+        met=met,
+        rows=rows,
+        machine_info=machine,
+        notes=notes,
+        started=started,
     )
-    print(
-        f"slowdown: verify {doc['slowdown']:.2f}x wall, {doc['slowdown_cpu']:.2f}x cpu; "
-        f"steady per batch {doc['steady_slowdown']:.2f}x wall, {doc['steady_slowdown_cpu']:.2f}x cpu"
-    )
-    print(f"transcript roots equal (bit-identical signatures): {doc['transcript_roots_equal']}")
-    verdict = "meets" if doc["meets_target"] else "DOES NOT meet"
-    print(
-        f"streamed peak RSS is {doc['ratio_to_weights']:.3f}x the weights: "
-        f"{verdict} the {doc['target_ratio']}x target"
-    )
+
+
+def _print_table(doc: dict[str, Any]) -> None:
+    for r in doc["rows"]:
+        extra = f"  (baseline: {r['baseline']})" if r["baseline"] != "-" else ""
+        print(f"{r['figure']}: {r['ours']}{extra}")
+    print("slowdown: " + ", ".join(f"{k} {v}" for k, v in doc["ratios"].items()))
+    verdict = "meets" if doc["met"]["peak_rss_ratio"] else "DOES NOT meet"
+    print(f"streamed peak RSS {verdict} the {TARGET_RATIO}x target")
 
 
 if __name__ == "__main__":

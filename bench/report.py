@@ -5,7 +5,7 @@ same run, the operations guide's figure, target, met), so this file only lays th
 a summary of the targets, then one table per benchmark with the command that produced it,
 its notes and the machine's load while it ran. ``bench/findings.md`` (the profile findings,
 written by hand because they explain code changes) is appended as it is. Documents without
-``rows`` (calibration, GPU, streaming: other scripts' formats) are listed, not rendered.
+``rows`` (calibration, GPU: other scripts' formats) are listed, not rendered.
 
 Run: ``.venv/bin/python -m bench.report [--out docs/performance.md]``.
 """
@@ -20,7 +20,17 @@ from typing import Any
 
 from bench import common
 
-ORDER = ["hamming", "inference", "inference-cuda", "memory", "consensus", "api", "e2e", "scaling"]
+ORDER = [
+    "hamming",
+    "inference",
+    "inference-cuda",
+    "memory",
+    "streaming",
+    "consensus",
+    "api",
+    "e2e",
+    "scaling",
+]
 TITLES = {
     "hamming": "Hamming distance (10,048-bit signatures, one core)",
     "inference": "Inference (per-challenge latency and throughput, CPU)",
@@ -30,6 +40,7 @@ TITLES = {
     "api": "API (gunicorn on loopback, 200 req/s)",
     "e2e": "End to end (submit to result)",
     "scaling": "Scaling (-c 1 vs -c 2, backlog drain)",
+    "streaming": "Layer-streamed verification (1.13 GiB model, 512 MB budget)",
 }
 FINDINGS = common.ROOT / "bench" / "findings.md"
 DEFAULT_OUT = common.ROOT / "docs" / "performance.md"

@@ -26,6 +26,7 @@ PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("e2e", "bench.bench_e2e", [], 100, 300),
     ("api", "bench.bench_api", [], 140, 300),
     ("scaling", "bench.bench_scaling", [], 170, 420),
+    ("streaming", "bench.bench_streaming", [], 240, 600),
 ]
 
 
@@ -51,7 +52,7 @@ def _failed(name: str, module: str, why: str, log: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--budget", type=float, default=840.0, help="seconds for all benchmarks")
+    ap.add_argument("--budget", type=float, default=1200.0, help="seconds for all benchmarks")
     ap.add_argument("--only", help="comma-separated result names to run (default: all)")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
