@@ -98,23 +98,35 @@ def check_folder(path: str) -> None:
     inspect_folder(path, settings.model_roots, settings.max_model_bytes, settings.max_model_files)
 
 
-def memory_budget(request: dict[str, Any] | None = None) -> int | None:
-    """The budget a model is run under: the job's ``memory_budget_mb``, else the worker's.
+def memory_budget(request: dict[str, Any] | None, path: str) -> int | None:
+    """The budget ``path``'s model is run under: the job's ``memory_budget_mb``, else the worker's.
 
     ``REV_MEMORY_BUDGET_MB`` (read into the settings at start) is the worker default, so an
     operator can give a small-memory worker a budget that every job honours; a job's own
-    field wins so that one job can ask for a tighter (or looser) bound. ``None``: in memory.
+    field wins so that one job can ask for a tighter (or looser) bound. The default applies
+    to the architectures the streamed engine runs; any other model loads in memory, as it
+    would without the default (a job that names a budget for one is refused at submit).
+    ``None``: in memory.
     """
     value = (request or {}).get("memory_budget_mb")
     if value is not None:
         return int(value)
-    return get_settings().memory_budget_mb
+    default = get_settings().memory_budget_mb
+    if default is None:
+        return None
+    from rev_tasks.inference.budget import streaming_refusal
+
+    reason = streaming_refusal(path)
+    if reason is not None:
+        log.info("%s: %s; loading it in memory despite REV_MEMORY_BUDGET_MB", path, reason)
+        return None
+    return default
 
 
 def load_cached(path: str, memory_budget_mb: int | None = None) -> Any:
     """A model from this child's LRU cache (checked first), timing real loads for /metrics.
 
-    With ``memory_budget_mb`` the model is layer-streamed (see ``memory_budget``).
+    With ``memory_budget_mb`` the model is layer-streamed (``memory_budget`` picks it).
     """
     from rev_tasks import modelcache
 

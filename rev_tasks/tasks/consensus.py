@@ -82,7 +82,7 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
         ref_path, cand_path = job.reference_path, job.candidate_path
         # The validator runs the models as the inference did: a job that asked for a memory
         # budget is re-executed layer-streamed within it (same signatures, bit for bit).
-        budget = memory_budget(job.request)
+        request = dict(job.request or {})
 
     problems = [f"audit: {p}" for p in audit(doc)]
     if doc.get("root") != root:
@@ -94,8 +94,10 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
     if indices:
         try:
             key = farm_key()
-            candidate = load_cached(cand_path, budget)
-            reference: Any = ref_fp if ref_fp is not None else load_cached(str(ref_path), budget)
+            candidate = load_cached(cand_path, memory_budget(request, cand_path))
+            reference: Any = ref_fp
+            if reference is None:
+                reference = load_cached(str(ref_path), memory_budget(request, str(ref_path)))
             problems += [
                 f"re-execution: {p}"
                 for p in reexecute_sample(doc, reference, candidate, key, indices)

@@ -11,7 +11,14 @@ from rev_tasks.db import repo
 from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, MODEL_READY, ModelRecord
 from rev_tasks.db.session import session_scope
 from rev_tasks.settings import get_settings
-from rev_tasks.tasks.common import DB_ERRORS, DB_RETRY, FarmError, farm_key, load_cached
+from rev_tasks.tasks.common import (
+    DB_ERRORS,
+    DB_RETRY,
+    FarmError,
+    farm_key,
+    load_cached,
+    memory_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ def fingerprint(model_id: str) -> str:
     settings = get_settings()
     try:
         key = farm_key()
-        model = load_cached(path, settings.memory_budget_mb)  # the worker default, if any
+        model = load_cached(path, memory_budget(None, path))  # the worker default, if any
         doc = fingerprint_model(
             model,
             key,

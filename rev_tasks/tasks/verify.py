@@ -228,7 +228,7 @@ def _load(path: str, side: str, request: dict[str, Any]) -> Any:
     from rev_tasks.inference import ModelLoadError
 
     try:
-        return load_cached(path, memory_budget(request))
+        return load_cached(path, memory_budget(request, path))
     except ModelLoadError as exc:
         raise _load_error(side, exc) from exc
 

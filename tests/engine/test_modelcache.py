@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,14 +50,22 @@ def test_a_budget_too_small_is_not_cached(minilm: Path) -> None:
     assert modelcache.stats()["size"] == 0
 
 
-def test_job_budget_wins_over_the_worker_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert memory_budget({}) is None  # no default: load in memory
-    assert memory_budget({"memory_budget_mb": 300}) == 300
+def test_job_budget_wins_over_the_worker_default(
+    monkeypatch: pytest.MonkeyPatch, tiny_gpt2: dict[str, Path], tmp_path: Path
+) -> None:
+    gpt2 = str(tiny_gpt2["a"])
+    assert memory_budget({}, gpt2) is None  # no default: load in memory
+    assert memory_budget({"memory_budget_mb": 300}, gpt2) == 300
     monkeypatch.setenv("REV_MEMORY_BUDGET_MB", "2GB")
     reset_settings()
-    assert memory_budget({}) == 2048
-    assert memory_budget({"memory_budget_mb": None}) == 2048
-    assert memory_budget({"memory_budget_mb": 300}) == 300
+    assert memory_budget({}, gpt2) == 2048
+    assert memory_budget({"memory_budget_mb": None}, gpt2) == 2048
+    assert memory_budget({"memory_budget_mb": 300}, gpt2) == 300
+    # The worker default does not apply to what the streamed engine cannot run.
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    assert memory_budget({}, str(t5)) is None
 
 
 def test_a_bad_worker_default_stops_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
