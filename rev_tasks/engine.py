@@ -10,9 +10,7 @@ fingerprint, which is how a farm job against a registered model runs only the ca
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -370,13 +368,6 @@ def looks_like_fingerprint(path: str) -> bool:
     except (OSError, UnicodeDecodeError):
         return False
     return FINGERPRINT_FORMAT in head
-
-
-def sample_indices(seed_material: str, n_records: int, k: int = 2) -> list[int]:
-    """A reproducible random sample of record positions (validators use their own seeds)."""
-    seed = int.from_bytes(hashlib.sha256(seed_material.encode()).digest()[:8], "big")
-    rng = random.Random(seed)
-    return sorted(rng.sample(range(n_records), min(k, n_records)))
 
 
 def reexecute_sample(

@@ -87,6 +87,7 @@ class Settings:
     fault_modes: tuple[tuple[int, str], ...] = ()
     fault_slow_batch_seconds: float = 0.0
     fault_kill_path: str = ""
+    fault_forge_path: str = ""
     max_attempts: int = 5
     visibility_timeout_override: int | None = None
     # --- security (docs/security.md)
@@ -131,8 +132,10 @@ class Settings:
         modes: tuple[tuple[int, str], ...] = ()
         slow = 0.0
         kill_path = ""
+        forge_path = ""
         if _flag("REV_ENABLE_FAULT_INJECTION"):
             kill_path = os.environ.get("REV_TEST_KILL_INFERENCE_PATH", "").strip()
+            forge_path = os.environ.get("REV_TEST_FORGE_INFERENCE_PATH", "").strip()
             modes = _fault_modes(os.environ.get("REV_TEST_FAULTY_VALIDATORS", ""))
             faulty = frozenset(i for i, _mode in modes)
             slow = max(0.0, _float("REV_TEST_SLOW_BATCH_SECONDS", 0.0))
@@ -169,6 +172,7 @@ class Settings:
             fault_modes=modes,
             fault_slow_batch_seconds=slow,
             fault_kill_path=kill_path,
+            fault_forge_path=forge_path,
             max_attempts=max(1, _int("REV_MAX_ATTEMPTS", 5)),
             visibility_timeout_override=_int("REV_VISIBILITY_TIMEOUT", 0) or None,
             rate_limit_rps=max(0.0, _float("REV_RATE_LIMIT_RPS", 100.0)),

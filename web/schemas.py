@@ -142,6 +142,11 @@ class Vote(BaseModel):
     validator: int
     verdict: Literal["SAME", "DIFFERENT", "UNDECIDED", "INVALID"]
     digest: str
+    reexecuted: list[int] | None = Field(
+        None,
+        description="transcript record positions this validator re-executed on the models, "
+        "drawn at random after the transcript was stored (null for votes before 0003)",
+    )
 
 
 class Consensus(BaseModel):

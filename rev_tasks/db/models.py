@@ -175,6 +175,8 @@ class Vote(Base):
     verdict: Mapped[str] = mapped_column(String(16))
     digest: Mapped[str] = mapped_column(String(64))
     problems: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Record positions this validator re-executed (drawn from OS randomness at validation).
+    reexecuted: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -102,6 +102,7 @@ def store_vote(
     verdict: str,
     digest: str,
     problems: list[str],
+    reexecuted: list[int] | None = None,
 ) -> None:
     """First vote wins: a redelivered validator cannot change its recorded vote."""
     upsert(
@@ -113,6 +114,7 @@ def store_vote(
             "verdict": verdict,
             "digest": digest,
             "problems": problems,
+            "reexecuted": reexecuted,
             "created_at": utcnow(),
         },
         keys=["job_id", "validator"],

@@ -2,7 +2,8 @@
 
 Each ``validate`` audits the stored transcript (root, inclusion proofs, recomputed distances
 and decision), checks it against the commitment made at ``prepare``, re-executes two
-challenges chosen by its own seeded RNG, and votes. ``tally`` (the chord callback) reads the
+records drawn from the operating system's randomness once the transcript is stored (so the
+inference worker cannot know them in advance; the draw is stored with the vote), and votes. ``tally`` (the chord callback) reads the
 votes from the database and publishes the verdict only when four of five agree with the
 transcript's decision; otherwise the job fails with ``no_consensus`` and no verdict.
 
@@ -62,19 +63,34 @@ def opposite(verdict: str) -> str:
 
 
 def _vote_doc(v: Vote) -> dict[str, Any]:
-    return {"validator": v.validator, "verdict": v.verdict, "digest": v.digest}
+    return {
+        "validator": v.validator,
+        "verdict": v.verdict,
+        "digest": v.digest,
+        "reexecuted": v.reexecuted,
+    }
 
 
-def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
-    """(recorded verdict, transcript root, problems) for one validator's independent check."""
+def draw_sample(n_records: int, k: int = REEXEC_SAMPLE) -> list[int]:
+    """``k`` record positions from the OS's randomness, drawn after the transcript is stored.
+
+    Not derived from anything the inference worker knows (the job id, the farm key, the
+    transcript): a worker that forges some records cannot steer the validators away from
+    them. Each of the five validators draws on its own; the draws are recorded in the votes.
+    """
+    return sorted(random.SystemRandom().sample(range(n_records), min(k, n_records)))
+
+
+def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]:
+    """(recorded verdict, root, problems, re-executed positions) for one validator's check."""
     from rev_tasks.core.transcript import audit
-    from rev_tasks.engine import reexecute_sample, sample_indices
+    from rev_tasks.engine import reexecute_sample
 
     with session_scope() as s:
         job = s.get(Job, job_id)
         tr = s.get(Transcript, job_id)
         if job is None or tr is None:
-            return "INVALID", tr.root if tr else "", ["no transcript stored for this job"]
+            return "INVALID", tr.root if tr else "", ["no transcript stored for this job"], []
         doc = tr.document()
         recorded, root = tr.verdict, tr.root
         commitment = job.commitment
@@ -90,7 +106,7 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
     if commitment is not None and doc.get("committed_root") != commitment:
         problems.append("transcript's challenge commitment differs from the one made at prepare")
     records = doc.get("records") or []
-    indices = sample_indices(f"{job_id}:{validator}", len(records), REEXEC_SAMPLE)
+    indices = draw_sample(len(records))
     if indices:
         try:
             key = farm_key()
@@ -106,7 +122,7 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str]]:
             problems.append(f"re-execution impossible: {exc.message}")
         except Exception as exc:  # noqa: BLE001 - a model that no longer loads is a failed check
             problems.append(f"re-execution impossible: {type(exc).__name__}: {exc}"[:300])
-    return recorded, root, problems
+    return recorded, root, problems, indices
 
 
 # Validator results are kept: the chord counts them before it calls ``tally``.
@@ -135,7 +151,7 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
                 stack.enter_context(metrics.validator_running())
             if fault == "crash":
                 raise RuntimeError(f"fault injection: validator {validator} crashed")
-            recorded, root, problems = _check(job_id, validator)
+            recorded, root, problems, indices = _check(job_id, validator)
     except DB_ERRORS:
         raise  # retried with backoff: an outage is not a validator fault
     except Exception as exc:  # noqa: BLE001 - a crashing validator abstains
@@ -150,7 +166,7 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
         log.warning("fault injection: validator %d votes %s at random", validator, verdict)
     digest = vote_digest(job_id, root, verdict)
     with session_scope() as s:
-        repo.store_vote(s, job_id, validator, verdict, digest, problems)
+        repo.store_vote(s, job_id, validator, verdict, digest, problems, indices)
     with session_scope() as s:  # the stored vote, which is the first one on a race
         stored = s.query(Vote).filter_by(job_id=job_id, validator=validator).one()
         doc = _vote_doc(stored)

@@ -224,6 +224,20 @@ def _maybe_self_destruct(candidate_path: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _maybe_forge(candidate_path: str, reference: Any, candidate: Any) -> Any:
+    """Test-only: a lying inference worker, for a marked candidate.
+
+    It runs the reference model in the candidate's place, so the transcript it stores is
+    internally consistent (root, proofs, distances, decision) and claims SAME: only the
+    validators' re-execution of the real candidate can expose it.
+    """
+    marker = get_settings().fault_forge_path
+    if marker and marker in candidate_path and not isinstance(reference, dict):
+        log.warning("fault injection: forging the transcript of %s", candidate_path)
+        return reference
+    return candidate
+
+
 def _load(path: str, side: str, request: dict[str, Any]) -> Any:
     from rev_tasks.inference import ModelLoadError
 
@@ -291,8 +305,9 @@ def _verify(spec: _JobSpec, task: Any = None) -> bool:
         assert spec.reference_path is not None
         reference = _load(spec.reference_path, "reference", spec.request)
     candidate = _load(spec.candidate_path, "candidate", spec.request)
+    computed = _maybe_forge(spec.candidate_path, reference, candidate)
     try:
-        verification = Verification(reference, candidate, key, params)
+        verification = Verification(reference, computed, key, params)
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     if spec.commitment is not None and verification.committed_root != spec.commitment:

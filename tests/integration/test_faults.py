@@ -2,7 +2,9 @@
 
 Byzantine validators are injected in the worker, only when ``REV_ENABLE_FAULT_INJECTION=1``:
 ``REV_TEST_FAULTY_VALIDATORS="2"`` makes validator 2 lie (the opposite verdict),
-``"2:random"`` vote at random, ``"2:crash"`` raise inside its check. One faulty validator of
+``"2:random"`` vote at random, ``"2:crash"`` raise inside its check;
+``REV_TEST_FORGE_INFERENCE_PATH`` makes the inference worker forge a consistent transcript.
+One faulty validator of
 five leaves the right verdict published (quorum 4); two colluding liars leave no quorum, so
 no SAME/DIFFERENT is published; even four colluding liars cannot publish a verdict that
 contradicts the transcript's own decision.
@@ -132,20 +134,64 @@ def test_four_colluding_liars_cannot_publish_a_wrong_verdict(
     assert doc["error"]["code"] == "no_consensus"
 
 
+def test_a_forging_inference_worker_is_caught_by_re_execution(
+    client: Any, start_worker: Any, model_dirs: dict[str, Path], farm_env: dict[str, str]
+) -> None:
+    """A lying inference worker: it runs the reference in gpt2-b's place and stores a
+    transcript that is internally consistent and claims SAME. The audit alone cannot see it;
+    every validator's re-execution of the real gpt2-b does, on whichever records it drew."""
+    from rev_tasks.db.models import Vote
+    from rev_tasks.db.session import session_scope
+
+    worker = start_worker(
+        name="forger", REV_ENABLE_FAULT_INJECTION="1", REV_TEST_FORGE_INFERENCE_PATH="gpt2-b"
+    )
+    try:
+        body = {
+            "kind": "verify",
+            "reference": {"path": str(model_dirs["gpt2-a"])},
+            "candidate": {"path": str(model_dirs["gpt2-b"])},
+            "device": "cpu",
+        }
+        doc = wait_job(client, submit(client, body))
+    finally:
+        worker.stop()
+    assert doc["status"] == "failed", doc
+    assert doc["error"]["code"] == "invalid_transcript", doc["error"]
+    assert doc["result"]["verdict"] is None
+    transcript = client.get(f"/v1/jobs/{doc['id']}/transcript").get_json()
+    assert transcript["decision"]["verdict"] == "SAME"  # what the forger claimed
+    n_records = len(transcript["records"])
+    consensus = doc["result"]["consensus"]
+    assert [v["verdict"] for v in consensus["votes"]] == ["INVALID"] * 5
+    for vote in consensus["votes"]:  # two distinct records each, drawn from the transcript
+        drawn = vote["reexecuted"]
+        assert len(drawn) == 2 and drawn == sorted(set(drawn))
+        assert all(0 <= i < n_records for i in drawn)
+    with session_scope() as s:
+        problems = [p for v in s.query(Vote).filter_by(job_id=doc["id"]) for p in v.problems]
+    assert problems and all(p.startswith("re-execution: record ") for p in problems)
+    assert all("candidate signatures differ from a re-execution" in p for p in problems)
+    assert_drained(farm_env["REDIS_URL"])
+
+
 def test_fault_switch_needs_the_enable_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     from rev_tasks.settings import Settings
 
     monkeypatch.setenv("REV_TEST_FAULTY_VALIDATORS", "0,3:random,4:crash")
     monkeypatch.setenv("REV_TEST_SLOW_BATCH_SECONDS", "2")
+    monkeypatch.setenv("REV_TEST_FORGE_INFERENCE_PATH", "gpt2-b")
     monkeypatch.delenv("REV_ENABLE_FAULT_INJECTION", raising=False)
     off = Settings.from_env()
     assert off.faulty_validators == frozenset()
     assert off.fault_mode(0) is None and off.fault_slow_batch_seconds == 0
+    assert off.fault_forge_path == ""
     monkeypatch.setenv("REV_ENABLE_FAULT_INJECTION", "1")
     on = Settings.from_env()
     assert on.faulty_validators == frozenset({0, 3, 4})
     assert [on.fault_mode(i) for i in range(5)] == ["lie", None, None, "random", "crash"]
     assert on.fault_slow_batch_seconds == 2
+    assert on.fault_forge_path == "gpt2-b"
     monkeypatch.setenv("REV_TEST_FAULTY_VALIDATORS", "1:sleepy")
     with pytest.raises(ValueError, match="mode"):
         Settings.from_env()
@@ -277,7 +323,12 @@ def _faulty_models(
 
 # ----------------------------------------------------------------------------- duplicates
 def test_every_step_delivered_twice_while_the_job_runs(
-    client: Any, start_worker: Any, model_dirs: dict[str, Path], farm_env: dict[str, str]
+    client: Any,
+    client_for: Any,
+    keys: dict[str, str],
+    start_worker: Any,
+    model_dirs: dict[str, Path],
+    farm_env: dict[str, str],
 ) -> None:
     """Duplicates of prepare, run_inference, fingerprint and consensus_failed during a job."""
     from sqlalchemy import func, select
@@ -286,9 +337,12 @@ def test_every_step_delivered_twice_while_the_job_runs(
     from rev_tasks.db.models import Transcript, Vote
     from rev_tasks.db.session import session_scope
 
+    # Tenant beta's own registry: a copy of gpt2-a registered for the admin's tenant would
+    # tie with gpt2-a in any later identify job of that tenant (test_farm's ranking).
+    beta = client_for(keys["beta"])
     worker = start_worker(name="dups")
     try:
-        model = register(client, "dup-gpt2", model_dirs["gpt2-a"])
+        model = register(beta, "dup-gpt2", model_dirs["gpt2-a"])
         assert model["status"] == "ready"
         app.send_task("rev_tasks.tasks.models.fingerprint", ["dup-gpt2"], queue="inference.cpu")
         body = {
@@ -297,7 +351,7 @@ def test_every_step_delivered_twice_while_the_job_runs(
             "candidate": {"path": str(model_dirs["gpt2-a-copy"])},
             "device": "cpu",
         }
-        job_id = submit(client, body)
+        job_id = submit(beta, body)
         for _ in range(2):
             app.send_task("rev_tasks.tasks.verify.prepare", [job_id], queue="default")
             app.send_task("rev_tasks.tasks.verify.run_inference", [job_id], queue="inference.cpu")
