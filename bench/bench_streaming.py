@@ -19,6 +19,11 @@ processes measures the steady-state cost per challenge batch (``pooled_states`` 
 prompts after a warm-up), which is what a long verification pays: the streamed path re-reads
 every block for every batch.
 
+Last, the same GPT-2 with 72 blocks (3.38 GiB; ``--limit-layers``) is verified streamed inside
+a 768 MiB memory cgroup plus ``RLIMIT_DATA`` (``--limit-mb``; the limits of
+``tests/integration/test_streaming_farm.py``), with the full load inside the same limit as
+the control: a model several times the memory it runs in.
+
 The weight file is read once before the runs so both see a warm page cache; cold-cache
 streaming is bounded by disk bandwidth instead (documented in docs/streaming.md).
 """
@@ -126,8 +131,11 @@ def weights_bytes(folder: Path) -> int:
     return total
 
 
-def build(family: str) -> Path:
-    geo = GEOMETRY[family]
+def build(family: str, layers: int | None = None) -> Path:
+    """The benchmark model (built once); ``layers`` overrides the depth, blocks unchanged."""
+    geo = dict(GEOMETRY[family])
+    if layers is not None:
+        geo["layers"] = layers
     out = MODELS / f"{family}-{geo['layers']}x{geo['hidden']}-v512"
     marker = out / "BUILT"
     if marker.is_file() and json.loads(marker.read_text()) == geo:
@@ -157,11 +165,32 @@ def _wall_seconds(text: str) -> float:
     return seconds
 
 
-def timed(cmd: list[str]) -> dict[str, Any]:
-    """Run ``cmd`` under /usr/bin/time -v: peak RSS (bytes), wall seconds, stdout."""
+def timed(cmd: list[str], preexec_fn: Any = None, allow_failure: bool = False) -> dict[str, Any]:
+    """Run ``cmd`` under /usr/bin/time -v: peak RSS (bytes), wall seconds, stdout.
+
+    ``preexec_fn`` runs in the child before exec (a memory limit). A failing command stops
+    the benchmark unless ``allow_failure``, which returns its exit status and stderr tail.
+    """
     proc = subprocess.run(
-        ["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True, text=True, check=False
+        ["/usr/bin/time", "-v", *cmd],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=preexec_fn,
     )
+    if proc.returncode != 0 and allow_failure:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln and not ln[0].isspace()]
+        killed = re.search(r"Command terminated by signal (\d+)", proc.stderr)
+        return {
+            "ok": False,
+            "returncode": proc.returncode,
+            "signal": int(killed.group(1)) if killed else None,
+            "error": next(
+                (ln for ln in reversed(lines) if ln.startswith("rev:")),
+                lines[-1] if lines else "",
+            ),
+        }
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     user = re.search(r"User time \(seconds\): ([\d.]+)", proc.stderr)
     system = re.search(r"System time \(seconds\): ([\d.]+)", proc.stderr)
@@ -170,6 +199,7 @@ def timed(cmd: list[str]) -> dict[str, Any]:
         tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     return {
+        "ok": True,
         "peak_rss": int(rss.group(1)) * 1024,
         "wall_s": _wall_seconds(wall.group(1)),
         "cpu_s": float(user.group(1)) + float(system.group(1)),
@@ -177,12 +207,20 @@ def timed(cmd: list[str]) -> dict[str, Any]:
     }
 
 
-def verify(model: Path, budget_mb: int | None, max_challenges: int) -> dict[str, Any]:
+def verify(
+    model: Path,
+    budget_mb: int | None,
+    max_challenges: int,
+    preexec_fn: Any = None,
+    allow_failure: bool = False,
+) -> dict[str, Any]:
     cmd = [str(PYTHON), "-m", "rev_tasks.cli", "verify", str(model), str(model), "--json"]
     cmd += ["--max-challenges", str(max_challenges)]
     if budget_mb is not None:
         cmd += ["--memory-budget", f"{budget_mb}MB"]
-    run = timed(cmd)
+    run = timed(cmd, preexec_fn, allow_failure)
+    if not run["ok"]:
+        return run
     result = json.loads(run.pop("stdout").strip().splitlines()[-1])
     run.update(
         verdict=result["verdict"],
@@ -196,6 +234,40 @@ def steady(model: Path, mode: str, budget_mb: int, batches: int) -> dict[str, An
     run = timed([str(PYTHON), "-c", _STEADY, mode, str(model), str(budget_mb), str(batches)])
     times = json.loads(run.pop("stdout").strip().splitlines()[-1])
     return {"peak_rss": run["peak_rss"], "wall": times["wall"], "cpu": times["cpu"]}
+
+
+def under_limit(
+    family: str, layers: int, limit_mb: int, budget_mb: int, max_challenges: int
+) -> dict[str, Any]:
+    """A model several times a hard memory limit: streamed ``rev verify`` inside the limit,
+    and the full load inside the same limit as the control.
+
+    The limit is what ``tests/integration/test_streaming_farm.py`` gives its worker: a memory
+    cgroup where this machine lets us create one, plus ``RLIMIT_DATA``, both at ``limit_mb``.
+    """
+    from tests.integration.memlimit import MemoryLimit
+
+    model = build(family, layers)
+    size = weights_bytes(model)
+    warm_page_cache(model)
+    limit = MemoryLimit(limit_mb * 2**20)
+    try:
+        streamed = verify(model, budget_mb, max_challenges, limit.preexec, allow_failure=True)
+        full = verify(model, None, max_challenges, limit.preexec, allow_failure=True)
+        kills = limit.oom_kills()
+        mechanism = limit.mechanism
+    finally:
+        limit.close()
+    return {
+        "model": model.name,
+        "weights_bytes": size,
+        "limit_mb": limit_mb,
+        "mechanism": mechanism,
+        "weights_over_limit": size / (limit_mb * 2**20),
+        "streamed": {k: v for k, v in streamed.items() if k != "stdout"},
+        "full": full,
+        "oom_kills": kills,
+    }
 
 
 def floor_rss(layers: int, hidden: int) -> int:
@@ -265,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-mb", type=int, default=512)
     parser.add_argument("--max-challenges", type=int, default=16)
     parser.add_argument("--batches", type=int, default=2, help="timed batches per process")
+    parser.add_argument(
+        "--limit-layers",
+        type=int,
+        default=72,
+        help="depth of the model verified under --limit-mb (0: skip that part)",
+    )
+    parser.add_argument("--limit-mb", type=int, default=768, help="hard memory limit (MiB)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating process pairs")
     parser.add_argument("--json", nargs="?", const="", default="", metavar="OUT")
     parser.add_argument(
@@ -287,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(doc)
     print(f"wrote {common.write(doc, args.json or DEFAULT_OUT)}")
     met = doc["met"]
-    return 0 if met["peak_rss_ratio"] and doc["results"]["transcript_roots_equal"] else 1
+    ok = met["peak_rss_ratio"] and met.get("under_limit", True)
+    return 0 if ok and doc["results"]["transcript_roots_equal"] else 1
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +394,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per_batch[mode]["cpu"] += r["cpu"]
             steady_rss[mode] = max(steady_rss[mode], r["peak_rss"])
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in per_batch.items()}
+    limited = None
+    if args.limit_layers:
+        print(f"under a {args.limit_mb} MiB limit: {args.limit_layers} blocks ...", flush=True)
+        limited = under_limit(
+            args.family, args.limit_layers, args.limit_mb, args.budget_mb, args.max_challenges
+        )
 
     ratio = streamed["peak_rss"] / size
     results = {
@@ -336,6 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "verdict": streamed["verdict"],
         "challenges_used": streamed["challenges_used"],
         "transcript_roots_equal": streamed["transcript_root"] == full["transcript_root"],
+        "under_limit": limited,
     }
     baseline = {
         "full_peak_rss": full["peak_rss"],
@@ -354,7 +441,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_slowdown_wall": round(med["streamed"]["wall"] / med["full"]["wall"], 2),
         "batch_slowdown_cpu": round(med["streamed"]["cpu"] / med["full"]["cpu"], 2),
     }
-    met = {"peak_rss_ratio": ratio <= TARGET_RATIO}
+    met: dict[str, bool | None] = {"peak_rss_ratio": ratio <= TARGET_RATIO}
     gib, mib = 2**30, 2**20
     rows = [
         common.row(
@@ -397,6 +484,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             full["verdict"],
         ),
     ]
+    if limited is not None:
+        rows.append(_limit_row(limited, args.budget_mb))
+        met["under_limit"] = rows[-1]["met"]
     notes = [
         "baseline = the same `rev verify` without --memory-budget (transformers' full load), "
         "run right after the streamed one; it holds both sides, the streamed run neither",
@@ -416,6 +506,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         machine_info=machine,
         notes=notes,
         started=started,
+    )
+
+
+def _limit_row(limited: dict[str, Any], budget_mb: int) -> dict[str, Any]:
+    """The model-several-times-the-limit row: streamed must succeed, the full load must not."""
+    mib = 2**20
+    s, f = limited["streamed"], limited["full"]
+    ours = (
+        f"{s['verdict']} after {s['challenges_used']} challenges, peak RSS "
+        f"{s['peak_rss'] / mib:.0f} MiB, {s['wall_s']:.1f} s"
+        if s["ok"]
+        else f"FAILED: {s['error']}"
+    )
+    if f["ok"]:
+        control = f"full load: succeeded ({f['peak_rss'] / mib:.0f} MiB peak RSS)"
+    elif f.get("signal"):
+        control = f"full load: killed by signal {f['signal']}"
+    else:
+        reason = f["error"].split("RuntimeError: ")[-1]
+        reason = re.sub(r" from file <[^>]*>", "", reason)  # the path is in the figure
+        control = f"full load: refused ({reason})"
+    return common.row(
+        f"`rev verify --memory-budget {budget_mb}MB` of {limited['model']} "
+        f"({limited['weights_bytes'] / 2**30:.2f} GiB, "
+        f"{limited['weights_over_limit']:.1f}x the limit) under a {limited['limit_mb']} MiB "
+        f"{limited['mechanism']}",
+        ours,
+        control,
+        "-",
+        "streamed succeeds, full load does not",
+        bool(s["ok"] and s.get("verdict") == "SAME" and not f["ok"]),
     )
 
 

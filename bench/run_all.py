@@ -26,7 +26,7 @@ PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("e2e", "bench.bench_e2e", [], 100, 300),
     ("api", "bench.bench_api", [], 140, 300),
     ("scaling", "bench.bench_scaling", [], 170, 420),
-    ("streaming", "bench.bench_streaming", [], 240, 600),
+    ("streaming", "bench.bench_streaming", [], 120, 600),
 ]
 
 
