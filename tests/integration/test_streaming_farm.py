@@ -13,6 +13,8 @@ together (where one can be made), and ``RLIMIT_DATA`` on each process (see ``mem
 * The control: the same job without a budget on the same worker tries to map the whole
   weight file, the kernel refuses, and the job fails with a clear error instead of hanging or
   retrying forever.
+* A worker with ``REV_MEMORY_BUDGET_MB`` streams what no job asked to stream: registering the
+  model (its fingerprint) and an identify job, inside the same limit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.farm import farm_environment, rev_verify, submit, wait_job
+from tests.integration.farm import farm_environment, register, rev_verify, submit, wait_job
 from tests.integration.memlimit import MemoryLimit
 
 pytestmark = pytest.mark.integration
@@ -239,3 +241,34 @@ def test_memory_budget_is_validated_at_submit(
     resp = client.post("/v1/jobs", json=body)
     assert resp.status_code == 202
     wait_job(client, resp.get_json()["id"], timeout=300)  # leave the worker idle
+
+
+def test_worker_default_budget_registers_and_identifies(
+    client: Any, start_worker: Any, small_worker: Any, limit: MemoryLimit, big_model: Path
+) -> None:
+    """``REV_MEMORY_BUDGET_MB`` on the worker: registering the model (its 64-challenge
+    fingerprint) and an identify job without a budget of its own both stream, inside the
+    same 768 MiB limit. Runs last: it replaces the module's worker with this one."""
+    small_worker.stop()
+    worker = start_worker(
+        name="small-default",
+        preexec_fn=limit.preexec,
+        REV_WORKER_PRELOAD="0",
+        REV_MEMORY_BUDGET_MB="512MB",
+    )
+    try:
+        model = register(client, "big-gpt2", big_model, timeout=900)
+        assert model["status"] == "ready", model
+        assert model["fingerprint"]["challenges"] == 64
+        body = {"kind": "identify", "candidate": {"path": str(big_model)}, "device": "cpu"}
+        doc = wait_job(client, submit(client, body), timeout=900)
+        assert worker.alive()
+    finally:
+        worker.stop()
+    assert doc["status"] == "succeeded", doc
+    result = doc["result"]
+    assert result["best"] == "big-gpt2" and result["verdict"] == "SAME"
+    assert result["ranking"][0]["mean_distance"] == 0.0
+    assert result["executed_on"]["execution"] == "streamed"
+    assert result["executed_on"]["memory_budget_mb"] == 512
+    assert limit.oom_kills() in (0, None)
