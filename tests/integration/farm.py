@@ -344,8 +344,17 @@ def register(client: Any, model_id: str, path: Path, timeout: float = 300.0) -> 
     raise AssertionError(f"model {model_id} still pending after {timeout}s")
 
 
-def rev_verify(reference: Path, candidate: Path, key_file: str, **params: Any) -> dict[str, Any]:
-    """The ``rev verify`` path (the CLI, in-process engine, no farm): same pair, same key."""
+def rev_verify(
+    reference: Path,
+    candidate: Path,
+    key_file: str,
+    env: dict[str, str] | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """The ``rev verify`` path (the CLI, in-process engine, no farm): same pair, same key.
+
+    ``env`` adds to this process's environment (e.g. ``OMP_NUM_THREADS``).
+    """
     cmd = [
         sys.executable, "-m", "rev_tasks.cli", "verify", str(reference), str(candidate),
         "--key-file", key_file, "--json",
@@ -354,6 +363,13 @@ def rev_verify(reference: Path, candidate: Path, key_file: str, **params: Any) -
         "--max-challenges", str(params.get("max_challenges", 64)),
         "--batch-size", str(params.get("batch_size") or 8),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

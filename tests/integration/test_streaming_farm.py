@@ -86,11 +86,27 @@ def limit(weights: int) -> Iterator[MemoryLimit]:
     lim.close()
 
 
+def _one_cpu_and(limit: MemoryLimit) -> Any:
+    """``preexec_fn``: the limits, and one CPU, so the pool child runs one torch thread.
+
+    One thread because the test compares the farm's signatures with another process's bit
+    for bit, and that only held single-threaded: with two threads, this model's forward pass
+    (in memory and streamed alike) came out as one of two variants, pooled states ~1e-5
+    apart in the first half of the batch, in about one process of six on this 2-core VM.
+    """
+
+    def preexec() -> None:
+        limit.preexec()
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+    return preexec
+
+
 @pytest.fixture(scope="module")
 def small_worker(start_worker: Any, limit: MemoryLimit) -> Iterator[Any]:
-    """One worker for every queue, under the limits; no torch preload (the main process would
-    hold it for nothing: the pool child imports what it needs)."""
-    worker = start_worker(name="small", preexec_fn=limit.preexec, REV_WORKER_PRELOAD="0")
+    """One worker for every queue, under the limits, on one CPU; no torch preload (the main
+    process would hold it for nothing: the pool child imports what it needs)."""
+    worker = start_worker(name="small", preexec_fn=_one_cpu_and(limit), REV_WORKER_PRELOAD="0")
     yield worker
     worker.stop()
 
@@ -187,7 +203,12 @@ def test_streamed_job_succeeds_on_a_worker_smaller_than_the_model(
     # The in-memory engine, unlimited, in its own process: the same transcript root, so the
     # streamed signatures the farm committed are the full load's, bit for bit.
     expected = rev_verify(
-        big_model, big_model, farm_env["REV_SECRET_KEY_FILE"], max_challenges=16, batch_size=8
+        big_model,
+        big_model,
+        farm_env["REV_SECRET_KEY_FILE"],
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        max_challenges=16,
+        batch_size=8,
     )
     assert expected["verdict"] == "SAME"
     assert expected["transcript_root"] == result["transcript_root"]
