@@ -90,9 +90,9 @@ def _one_cpu_and(limit: MemoryLimit) -> Any:
     """``preexec_fn``: the limits, and one CPU, so the pool child runs one torch thread.
 
     One thread because the test compares the farm's signatures with another process's bit
-    for bit, and that only held single-threaded: with two threads, this model's forward pass
-    (in memory and streamed alike) came out as one of two variants, pooled states ~1e-5
-    apart in the first half of the batch, in about one process of six on this 2-core VM.
+    for bit, and that only held single-threaded: with two threads this model's forward pass
+    came out as one of two variants, pooled states ~1e-5 apart in the first half of the
+    batch, in 3 of 18 processes on this 2-core VM (``python -m bench.determinism``).
     """
 
     def preexec() -> None:
