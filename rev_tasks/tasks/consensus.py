@@ -3,9 +3,10 @@
 Each ``validate`` audits the stored transcript (root, inclusion proofs, recomputed distances
 and decision), checks it against the commitment made at ``prepare``, re-executes two
 records drawn from the operating system's randomness once the transcript is stored (so the
-inference worker cannot know them in advance; the draw is stored with the vote), and votes. ``tally`` (the chord callback) reads the
-votes from the database and publishes the verdict only when four of five agree with the
-transcript's decision; otherwise the job fails with ``no_consensus`` and no verdict.
+inference worker cannot know them in advance; the draw is stored with the vote), and
+votes. ``tally`` (the chord callback) reads the votes from the database and publishes the
+verdict only when four of five agree with the transcript's decision; otherwise the job
+fails with ``no_consensus`` and no verdict.
 
 Votes are upserts keyed by (job, validator): a redelivered validator leaves the first vote.
 A validator that crashes (an exception in its check) abstains instead of failing the chord:
