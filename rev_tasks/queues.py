@@ -1,0 +1,58 @@
+"""Every queue and task name of the farm, spelled once.
+
+Celery routes by these strings and workers subscribe to them, so a typo anywhere else is a
+job that waits for ever on a queue nobody consumes. Other modules import the names from
+here; ``tests/unit/test_queues.py`` checks that no other source file spells them.
+"""
+
+from __future__ import annotations
+
+DEFAULT = "default"
+INFERENCE_CPU = "inference.cpu"
+CONSENSUS = "consensus"
+MAINTENANCE = "maintenance"
+# Black-box jobs: I/O-bound, consumed by a threads pool, never by a prefork inference child.
+ENDPOINT = "endpoint"
+
+_GPU_PREFIX = "inference.cuda"
+
+
+def gpu_queue(index: int) -> str:
+    """The queue of the GPU with host index ``index`` (one pinned worker consumes it)."""
+    if index < 0:
+        raise ValueError(f"GPU index must be >= 0, got {index}")
+    return f"{_GPU_PREFIX}{index}"
+
+
+def gpu_queues(count: int) -> list[str]:
+    return [gpu_queue(i) for i in range(count)]
+
+
+def is_gpu_queue(name: str) -> bool:
+    return name.startswith(_GPU_PREFIX) and name[len(_GPU_PREFIX) :].isdigit()
+
+
+def gpu_index(name: str) -> int:
+    """The device index of a GPU queue name (``ValueError`` for any other name)."""
+    if not is_gpu_queue(name):
+        raise ValueError(f"{name!r} is not a GPU queue")
+    return int(name[len(_GPU_PREFIX) :])
+
+
+#: The queues every farm declares, whatever its GPUs (GPU queues come from REV_GPU_COUNT).
+BASE_QUEUES: tuple[str, ...] = (DEFAULT, INFERENCE_CPU, CONSENSUS, MAINTENANCE)
+#: What a single all-in-one worker consumes (tests, benchmarks, the local stack's CPU side).
+CPU_WORKER_QUEUES: tuple[str, ...] = (INFERENCE_CPU, CONSENSUS, DEFAULT, MAINTENANCE)
+
+
+class Task:
+    """Registered task names (``rev_tasks.<module>.<name>``)."""
+
+    PREPARE = "rev_tasks.tasks.verify.prepare"
+    RUN_INFERENCE = "rev_tasks.tasks.verify.run_inference"
+    FINGERPRINT = "rev_tasks.tasks.models.fingerprint"
+    VALIDATE = "rev_tasks.tasks.consensus.validate"
+    TALLY = "rev_tasks.tasks.consensus.tally"
+    CONSENSUS_FAILED = "rev_tasks.tasks.consensus.consensus_failed"
+    REAP_STALE_JOBS = "rev_tasks.tasks.maintenance.reap_stale_jobs"
+    BACKUP = "rev_tasks.tasks.maintenance.backup"
