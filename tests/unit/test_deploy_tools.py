@@ -36,16 +36,21 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-COMPOSE = DEPLOY / "docker-compose.yml"
-COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+from tests.unit.test_deploy import (
+    ALERTS,
+    COMPOSE,
+    COMPOSE_GPU,
+    DEPLOY,
+    PROMETHEUS,
+    ROOT,
+    _alert_rules,
+    _dashboard_exprs,
+    _k8s_docs,
+)
+
 ENV_EXAMPLE = ROOT / ".env.example"
-PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
-ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rev-farm.json"
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 KEDA_DIR = ROOT / "tests" / "tools" / "keda"
 INSTALL = "scripts/install_tools.sh installs it"
@@ -182,8 +187,7 @@ def test_compose_renders_the_https_port_for_the_proxy(tmp_path: Path, port: int)
 
 # --------------------------------------------------------------------------- prometheus
 def _alert_names() -> list[str]:
-    groups = yaml.safe_load(ALERTS.read_text())["groups"]
-    return [r["alert"] for g in groups for r in g["rules"] if "alert" in r]
+    return [r["alert"] for r in _alert_rules()]
 
 
 def test_promtool_check_config_from_anywhere(tmp_path: Path) -> None:
@@ -232,8 +236,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
 
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     promtool = _which("promtool", f"Debian prometheus; {INSTALL}")
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    exprs = _dashboard_exprs()
     rules = {
         "groups": [
             {
@@ -319,29 +322,34 @@ def _downgrade_for_122(conf: str) -> str:
     return out
 
 
+def _nginx_test_isolated(nginx: str, prefix: Path) -> subprocess.CompletedProcess[str]:
+    """`nginx -t` in a private mount namespace: Debian's nginx creates its compiled-in temp
+    directories under /var/lib/nginx (a tmpfs there, not the system's), and resolves the
+    upstream names once at start (an /etc/hosts of the test's own gives them an address,
+    as Docker's DNS would). Nothing outside prefix changes on the machine."""
+    probe = _run(["unshare", "-m", "true"]) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("cannot make a private mount namespace (unshare -m needs root)")
+    hosts = prefix / "hosts"
+    hosts.write_text("127.0.0.1 localhost coordinator flower grafana\n")
+    args = " ".join(f"'{a}'" for a in _nginx_args(prefix, "-g", f"pid {prefix}/nginx.pid;"))
+    script = (
+        "set -e; [ -d /var/lib/nginx ] && mount -t tmpfs tmpfs /var/lib/nginx; "
+        f"mount --bind '{hosts}' /etc/hosts; exec '{nginx}' {args} -t"
+    )
+    return _run(["unshare", "-m", "sh", "-c", script])
+
+
 def test_nginx_122_needs_exactly_the_documented_downgrade(tmp_path: Path) -> None:
     nginx = _which("nginx", f"Debian nginx-light; {INSTALL}")
     if _nginx_version(nginx) >= (1, 25, 1):
         pytest.skip(f"{nginx} is not an nginx older than 1.25.1")
-    shipped = _nginx_test(nginx, _prefix(tmp_path / "shipped", NGINX_CONF.read_text()))
+    shipped = _nginx_test_isolated(nginx, _prefix(tmp_path / "shipped", NGINX_CONF.read_text()))
     assert shipped.returncode != 0
     assert 'invalid parameter "resolve"' in shipped.stderr, shipped.stderr
 
-    # Without `resolve`, nginx resolves upstream names once at start: give the compose
-    # service names an address in a private mount namespace (the real /etc/hosts is
-    # untouched), as Docker's DNS would.
-    prefix = _prefix(tmp_path / "downgraded", _downgrade_for_122(NGINX_CONF.read_text()))
-    hosts = prefix / "hosts"
-    hosts.write_text("127.0.0.1 localhost coordinator flower grafana\n")
-    probe = _run(["unshare", "-m", "true"]) if shutil.which("unshare") else None
-    if probe is None or probe.returncode != 0:
-        pytest.skip("cannot make a private mount namespace (unshare -m needs root)")
-    inner = " ".join(
-        [f"mount --bind {hosts} /etc/hosts &&", nginx]
-        + [f"'{a}'" for a in _nginx_args(prefix, "-g", f"pid {prefix}/nginx.pid;")]
-        + ["-t"]
-    )
-    run = _run(["unshare", "-m", "sh", "-c", inner])
+    downgraded = _downgrade_for_122(NGINX_CONF.read_text())
+    run = _nginx_test_isolated(nginx, _prefix(tmp_path / "downgraded", downgraded))
     assert run.returncode == 0, run.stderr
     assert "test is successful" in run.stderr
 
@@ -459,12 +467,7 @@ def test_nginx_in_front_of_the_coordinator(tmp_path: Path, https_port: int) -> N
 
 # --------------------------------------------------------------------------- KEDA
 def _keda_docs() -> list[dict[str, Any]]:
-    docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("apiVersion", "").startswith("keda.sh/"):
-                docs.append(doc)
-    return docs
+    return [doc for _, doc in _k8s_docs() if doc["apiVersion"].startswith("keda.sh/")]
 
 
 def _keda_validate(docs: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
