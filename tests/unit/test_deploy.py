@@ -129,6 +129,22 @@ def test_env_example_covers_compose_variables() -> None:
     assert {name for name, _ in used} <= documented | {"REV_GPU_IMAGE", "TORCH_CUDA_INDEX_URL"}
 
 
+def test_env_k8s_example_holds_the_secrets_keys() -> None:
+    """`kubectl create secret --from-env-file=.env.k8s` (deploy/k8s/README.md) makes the
+    rev-secrets Secret: the example has its keys but the key file's, unquoted (kubectl
+    takes the rest of the line literally)."""
+    (secret,) = [d for _, d in _k8s_docs() if d["kind"] == "Secret"]
+    lines = (ROOT / ".env.k8s.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    assert set(env) == set(secret["stringData"]) - {"rev.key"}
+    assert not [v for v in env.values() if v[:1] in {"'", '"'}]
+    used = set()
+    for _, doc in _k8s_docs():
+        for ref in doc.get("spec", {}).get("secretTargetRef", []):
+            used.add(ref["key"])
+    assert used and used <= set(env) | {"rev.key"}
+
+
 # --------------------------------------------------------------------------- compose
 def test_compose_services_and_networks() -> None:
     c = _compose()
