@@ -27,7 +27,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The real tools of the deploy tests (promtool, amtool, nginx, KEDA's schemas) first; never
+# fatal: without root or a network their tests skip, and under CI=true it says which.
 test: setup
+	-bash scripts/install_tools.sh
 	$(BIN)/python -m pytest -q
 
 # Only the fault-injection suite (marker `faults`): SIGKILLed workers, a crashed Redis, an
