@@ -169,7 +169,7 @@ def test_gpu_queues_drained(gpu_farm: dict[str, Any]) -> None:
 
 def test_worker_cli_pins_before_torch() -> None:
     """`rev worker --gpu N` puts CUDA_VISIBLE_DEVICES in the exec'd environment."""
-    from rev_tasks.worker_cli import worker_command
+    from rev_tasks.cli.worker import worker_command
 
     argv, env = worker_command("gpu", gpu=3, environ={})
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["REV_WORKER_DEVICE"] == "cuda"

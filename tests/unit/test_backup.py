@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from rev_tasks.cli import backup as backup_cli
 from rev_tasks.ops import backup
 
 PG_ADMIN = os.environ.get("REV_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -152,7 +153,7 @@ def test_prune_keeps_newest_and_only_touches_its_own_files(tmp_path: Path) -> No
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rev")
     sub = parser.add_subparsers(dest="command", required=True)
-    backup.add_commands(sub)
+    backup_cli.add_commands(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

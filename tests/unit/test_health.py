@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rev_tasks.cli import health as health_cli
 from rev_tasks.ops import health
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -144,7 +145,7 @@ def coordinator() -> Iterator[tuple[str, dict]]:
 def _rev_health(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rev")
     sub = parser.add_subparsers(dest="command", required=True)
-    health.add_commands(sub)
+    health_cli.add_commands(sub)
     args = parser.parse_args(["health", *argv])
     return args.func(args)
 
@@ -200,6 +201,6 @@ def test_rev_health_falls_back_to_direct_checks(
     rows = {ln.split("|")[0].strip(): ln.split("|")[1].strip() for ln in table.splitlines()[2:]}
     assert rows == {"coordinator": "DOWN", "database": "UP", "broker": "UP", "workers": "DOWN"}
     monkeypatch.setenv("REV_API_URL", "")
-    monkeypatch.setattr(health, "_default_api_url", lambda: "http://127.0.0.1:1")
+    monkeypatch.setattr(health_cli, "_default_api_url", lambda: "http://127.0.0.1:1")
     assert _rev_health(["--skip-workers", "--timeout", "1"]) == 0  # no coordinator: direct
     assert "coordinator | SKIP" in capsys.readouterr().out

@@ -92,7 +92,7 @@ def cmd_ensure_dev(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add ``rev keys …`` to the ``rev`` CLI (rev_tasks.cli imports this module if present)."""
+    """Add ``rev keys …`` to the ``rev`` parser."""
     keys = subparsers.add_parser("keys", help="create, list and revoke API keys (on DATABASE_URL)")
     sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     sub.required = True
