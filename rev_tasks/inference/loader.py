@@ -130,8 +130,28 @@ def tokenize_batch(tokenizer: Any, prompts: Sequence[str]) -> Any:
     )
 
 
+class SiteModel:
+    """What the engine reads of any model, in memory or streamed: its sites and width."""
+
+    descriptor: dict[str, Any]
+
+    @property
+    def sites(self) -> list[int]:
+        return default_sites(self.descriptor["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.descriptor["hidden_size"])
+
+    def check_sites(self, sites: Sequence[int]) -> None:
+        """``ValueError`` for a site that is not a block boundary of this model."""
+        bad = [s for s in sites if not 1 <= s <= self.descriptor["num_layers"]]
+        if bad:
+            raise ValueError(f"sites {bad} outside 1..{self.descriptor['num_layers']}")
+
+
 @dataclass
-class LoadedModel:
+class LoadedModel(SiteModel):
     """A model ready for challenge batches: tokenizer, module, blocks and a descriptor."""
 
     path: str
@@ -141,14 +161,6 @@ class LoadedModel:
     descriptor: dict[str, Any]
     device: str = "cpu"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def sites(self) -> list[int]:
-        return default_sites(self.descriptor["num_layers"])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.descriptor["hidden_size"])
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, Any]:
         return tokenize_batch(self.tokenizer, prompts)
@@ -161,9 +173,7 @@ class LoadedModel:
         """
         import torch
 
-        bad = [s for s in sites if not 1 <= s <= self.descriptor["num_layers"]]
-        if bad:
-            raise ValueError(f"sites {bad} outside 1..{self.descriptor['num_layers']}")
+        self.check_sites(sites)
         enc = self.tokenize(prompts)
         captured: dict[int, Any] = {}
         handles = []

@@ -28,8 +28,8 @@ from rev_tasks.inference.loader import (
     DTYPES,
     MAX_TOKENS,
     ModelLoadError,
+    SiteModel,
     check_model_folder,
-    default_sites,
     describe,
     pool_masked,
 )
@@ -99,7 +99,7 @@ def _mb(n: int) -> int:
 
 
 @dataclass
-class StreamedModel:
+class StreamedModel(SiteModel):
     """A model executed block by block from its weight files; ``LoadedModel``'s interface."""
 
     path: str
@@ -111,14 +111,6 @@ class StreamedModel:
     device: str = "cpu"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _largest_block: int | None = field(default=None, repr=False)
-
-    @property
-    def sites(self) -> list[int]:
-        return default_sites(self.descriptor["num_layers"])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.descriptor["hidden_size"])
 
     # -- memory model
 
@@ -188,9 +180,7 @@ class StreamedModel:
         ``gc.collect()`` per block would free nothing more and costs ~80 ms with torch loaded.
         """
         sites = list(sites)
-        bad = [s for s in sites if not 1 <= s <= self.descriptor["num_layers"]]
-        if bad:
-            raise ValueError(f"sites {bad} outside 1..{self.descriptor['num_layers']}")
+        self.check_sites(sites)
         if not sites:
             return {}
         batch = self.tokenize(prompts)
