@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rev_tasks.queues import CONSENSUS, DEFAULT, INFERENCE_CPU, MAINTENANCE, gpu_queue
+from rev_tasks.queues import CONSENSUS_WORKER_QUEUES, INFERENCE_CPU, gpu_queue
 from rev_tasks.settings import get_settings
-
-CONSENSUS_QUEUES = (CONSENSUS, DEFAULT, MAINTENANCE)
 
 
 def worker_command(
@@ -47,7 +45,7 @@ def worker_command(
         name = hostname or f"gpu{gpu}@%h"
     elif role == "consensus":
         env["REV_WORKER_DEVICE"] = "cpu"
-        queues = CONSENSUS_QUEUES
+        queues = CONSENSUS_WORKER_QUEUES
         concurrency = concurrency or 2
         name = hostname or "consensus@%h"
     elif role == "cpu":
@@ -128,7 +126,7 @@ def add_commands(subparsers: Any) -> None:
         "--cpu", action="store_true", help=f"CPU inference: queue {INFERENCE_CPU} (default)"
     )
     role.add_argument(
-        "--consensus", action="store_true", help=f"validators: {','.join(CONSENSUS_QUEUES)}"
+        "--consensus", action="store_true", help=f"validators: {','.join(CONSENSUS_WORKER_QUEUES)}"
     )
     p.add_argument(
         "-c", "--concurrency", type=int, default=None, help="pool children (not with --gpu)"

@@ -15,6 +15,7 @@ import pytest
 
 from rev_tasks.cli import health as health_cli
 from rev_tasks.ops import health
+from rev_tasks.queues import CONSENSUS, INFERENCE_CPU, MAINTENANCE
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 PG_URL = os.environ.get("REV_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -80,7 +81,7 @@ def celery_app(redis_url: str):
     from kombu import Queue
 
     app = Celery("health-test", broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.task_queues = [Queue("inference.cpu"), Queue("consensus")]
+    app.conf.task_queues = [Queue(INFERENCE_CPU), Queue(CONSENSUS)]
     app.conf.worker_hijack_root_logger = False
     return app
 
@@ -88,13 +89,13 @@ def celery_app(redis_url: str):
 def test_check_workers_with_a_real_worker(celery_app) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    none = health.check_workers(celery_app, ["inference.cpu"], timeout=0.3)
+    none = health.check_workers(celery_app, [INFERENCE_CPU], timeout=0.3)
     assert not none.ok and "no worker answered" in none.detail
     with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
-        up = health.check_workers(celery_app, ["inference.cpu", "consensus"], timeout=1.0)
-        short = health.check_workers(celery_app, ["inference.cpu", "maintenance"], timeout=1.0)
+        up = health.check_workers(celery_app, [INFERENCE_CPU, CONSENSUS], timeout=1.0)
+        short = health.check_workers(celery_app, [INFERENCE_CPU, MAINTENANCE], timeout=1.0)
     assert up.ok, up.detail
-    assert "inference.cpu×1" in up.detail
+    assert f"{INFERENCE_CPU}×1" in up.detail
     assert not short.ok and "no worker consumes maintenance" in short.detail
 
 
@@ -157,7 +158,7 @@ def test_rev_health_through_the_coordinator(coordinator, capsys) -> None:
         "checks": {
             "database": "ok",
             "broker": "ok",
-            "queues": {"inference.cpu": 2, "consensus": 1},
+            "queues": {INFERENCE_CPU: 2, CONSENSUS: 1},
         },
     }
     assert _rev_health(["--api", url, "--json"]) == 0
@@ -174,12 +175,12 @@ def test_rev_health_through_the_coordinator(coordinator, capsys) -> None:
         "checks": {
             "database": "ok",
             "broker": "ok",
-            "queues": {"inference.cpu": 0, "consensus": 1},
+            "queues": {INFERENCE_CPU: 0, CONSENSUS: 1},
         },
     }
     assert _rev_health(["--api", url]) == 1
     table = capsys.readouterr().out
-    assert "coordinator | UP" in table and "no live worker for inference.cpu" in table
+    assert "coordinator | UP" in table and f"no live worker for {INFERENCE_CPU}" in table
     # our own readiness shape is understood as well
     state["body"] = {
         "ok": True,
