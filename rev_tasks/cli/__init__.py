@@ -15,6 +15,7 @@ from types import ModuleType
 
 from rev_tasks.cli import backup, farm, health, keys, verify, worker
 from rev_tasks.cli.common import EXIT_USAGE, UserError
+from rev_tasks.inference.loader import ModelLoadError
 
 #: Command groups in the order ``rev --help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
@@ -40,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rev_tasks.inference.loader import ModelLoadError
-
     try:
         return int(args.func(args) or 0)
     except (UserError, ModelLoadError, ValueError, OSError) as exc:

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from rev_tasks.ops.backup import (
     BackupError,
     BackupInputError,
@@ -53,8 +55,6 @@ def _cmd_backup_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from sqlalchemy.engine import make_url  # local: keeps `rev` start-up light
-
     try:
         url = args.database_url or BackupSettings.from_env().database_url
         restore(args.file, url, force=args.force)

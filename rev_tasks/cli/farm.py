@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from rev_tasks.client import TERMINAL, ClientError, FarmClient
+from rev_tasks.inference.budget import memory_budget_arg
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REQUEST, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -181,8 +182,6 @@ def _waiting(p: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers: Any) -> None:
     """Add the farm client commands to the ``rev`` parser."""
-    from rev_tasks.inference.budget import memory_budget_arg
-
     s = subparsers.add_parser("submit", help="submit a verify or identify job to the farm")
     s.add_argument("candidate", help="candidate: registered model id or model folder")
     s.add_argument("--reference", "-r", help="reference: registered model id or model folder")

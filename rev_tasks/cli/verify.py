@@ -1,4 +1,8 @@
-"""``rev verify``, ``rev fingerprint``, ``rev audit``: in-process, no broker or database."""
+"""``rev verify``, ``rev fingerprint``, ``rev audit``: in-process, no broker or database.
+
+torch and transformers load only when a command runs a model (the loaders import them then);
+the streamed engine imports torch at once, so it is imported only for ``--memory-budget``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from rev_tasks.cli.common import UserError, positive_int
+from rev_tasks.core.keys import load_key
+from rev_tasks.core.transcript import audit
+from rev_tasks.engine import (
+    Verification,
+    VerifyParams,
+    fingerprint_model,
+    load_fingerprint,
+    looks_like_fingerprint,
+)
+from rev_tasks.inference.budget import memory_budget_arg
+from rev_tasks.inference.loader import DTYPES, load_model
 
 
 def _progress_printer(enabled: bool, label: str) -> Any:
@@ -30,14 +45,10 @@ def _progress_printer(enabled: bool, label: str) -> Any:
 
 
 def _load(path: str, dtype: str, device: str) -> Any:
-    from rev_tasks.inference import load_model
-
     return load_model(path, dtype=dtype, device=device)
 
 
 def _read_key(path: str | None) -> bytes:
-    from rev_tasks.core.keys import load_key
-
     try:
         return load_key(path)
     except FileNotFoundError as exc:
@@ -45,13 +56,6 @@ def _read_key(path: str | None) -> bytes:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from rev_tasks.engine import (
-        Verification,
-        VerifyParams,
-        load_fingerprint,
-        looks_like_fingerprint,
-    )
-
     key = _read_key(args.key_file)
     params = VerifyParams(
         tolerance=args.tolerance,
@@ -96,15 +100,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> Any:
     if budget_mb:
-        from rev_tasks.inference.streaming import load_streamed  # torch: only when it runs
+        from rev_tasks.inference.streaming import load_streamed  # torch, at import
 
         return load_streamed(path, memory_budget_mb=budget_mb, dtype=args.dtype, device=args.device)
     return _load(path, args.dtype, args.device)
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from rev_tasks.engine import fingerprint_model
-
     key = _read_key(args.key_file)
     model = _load(args.model, args.dtype, args.device)
     show = _progress_printer(sys.stderr.isatty(), "fingerprinting")
@@ -120,8 +122,6 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from rev_tasks.core.transcript import audit
-
     try:
         doc = json.loads(Path(args.transcript).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -145,8 +145,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from rev_tasks.inference.loader import DTYPES
-
     p.add_argument("--key-file", help="secret challenge key (default: the public demo key)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -155,8 +153,6 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Any) -> None:
     """Add ``verify``, ``fingerprint`` and ``audit`` to the ``rev`` parser."""
-    from rev_tasks.inference.budget import memory_budget_arg
-
     v = sub.add_parser("verify", help="compare two models in-process")
     v.add_argument("reference", help="reference model folder or fingerprint file")
     v.add_argument("candidate", help="candidate model folder")
