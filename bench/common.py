@@ -34,8 +34,8 @@ SHARED_NOTE = (
     "ratios are the comparable numbers"
 )
 
-# The operations guide's performance table (seed/000_*.txt, "Performance Baselines" and
-# "Key Metrics to Monitor"), quoted beside our figures.
+# The operations guide's performance table ("Performance Baselines" and "Key Metrics to
+# Monitor"), quoted beside our figures.
 GUIDE = {
     "hamming_10k": "0.05 ms (target < 0.1 ms)",
     "inference_p50": "50-100 ms",
