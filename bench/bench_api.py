@@ -175,7 +175,7 @@ def _profile_web(farm: BenchFarm, seconds: float, targets: list, out: Path) -> d
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     machine = common.machine()
-    from rev_tasks.inference.variants import build_tiny_causal_lm, copy_model
+    from rev_tasks.testing.variants import build_tiny_causal_lm, copy_model
 
     runs: dict[str, Any] = {}
     with BenchFarm("api", extra_env={"REV_INSPECT_CACHE_SECONDS": "5"}) as farm:
@@ -295,19 +295,16 @@ def _document(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--baseline-seconds", type=float, default=15.0)
     ap.add_argument("--tuned-seconds", type=float, default=20.0)
     ap.add_argument("--profile-seconds", type=float, default=10.0)
     ap.add_argument("--web-workers", type=int, default=2)
-    ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     doc = run(args)
     print(f"met: {doc['met']}")
-    if args.json is not None:
-        print(f"wrote {common.write(doc, args.json or None)}")
-    return 0
+    return common.finish(doc, args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import time
 from typing import Any
 
 from bench import common
-from bench.farm import BenchFarm, minilm_path, verify_body
+from bench.farm import BenchFarm, verify_body
+from rev_tasks.queues import CONSENSUS, DEFAULT, INFERENCE_CPU, MAINTENANCE
+from rev_tasks.testing.variants import build_tiny_causal_lm, copy_model, minilm_path
 
 TARGET_RATIO = 1.5
 ALPHA_FULL_BUDGET = 1e-18  # all-match SPRT needs 65 challenges at this alpha: 64 records
@@ -66,8 +68,8 @@ def _trivial_chord() -> Any:
 
     from bench.chord_tasks import done, noop
 
-    header = [noop.si(i).set(queue="consensus") for i in range(5)]
-    return chord(header)(done.si().set(queue="consensus"))
+    header = [noop.si(i).set(queue=CONSENSUS) for i in range(5)]
+    return chord(header)(done.si().set(queue=CONSENSUS))
 
 
 def _timed(fn: Any, timeout: float = 120.0) -> tuple[float, Any]:
@@ -106,7 +108,6 @@ def _stats(xs: list[float]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     machine = common.machine()
-    from rev_tasks.inference.variants import build_tiny_causal_lm, copy_model
 
     pairs: dict[str, dict[str, Any]] = {}
     with BenchFarm("consensus") as farm:
@@ -116,9 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             src = minilm_path()
             models["minilm"] = (src, copy_model(src, farm.models / "minilm-copy"))
         farm.start_web()
-        farm.start_worker("inference.cpu,default", 1, "cpu")
+        farm.start_worker(f"{INFERENCE_CPU},{DEFAULT}", 1, "cpu")
         consensus = farm.start_worker(
-            "consensus,maintenance", args.consensus_concurrency, "consensus",
+            f"{CONSENSUS},{MAINTENANCE}", args.consensus_concurrency, "consensus",
             include="bench.chord_tasks",
         )  # fmt: skip
         http = farm.session()
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # two BLAS threads per child on two busy cores slow the signature product down.
             farm.stop(consensus)
             farm.start_worker(
-                "consensus,maintenance", args.consensus_concurrency, "consensus-blas1",
+                f"{CONSENSUS},{MAINTENANCE}", args.consensus_concurrency, "consensus-blas1",
                 include="bench.chord_tasks", OPENBLAS_NUM_THREADS="1",
             )  # fmt: skip
             real, trivial = _rounds("minilm", pairs["minilm"]["job_id"], 2, args.minilm_rounds)
@@ -244,7 +245,7 @@ def _document(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--rounds", type=int, default=20, help="timed rounds, tiny GPT-2")
     ap.add_argument("--minilm-rounds", type=int, default=10, help="timed rounds, MiniLM")
     ap.add_argument("--warmup", type=int, default=2)
@@ -263,12 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the extra py-spy rounds on the consensus worker",
     )
     ap.add_argument("--profile-rounds", type=int, default=5)
-    ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     doc = run(args)
-    if args.json is not None:
-        print(f"wrote {common.write(doc, args.json or None)}")
-    return 0
+    return common.finish(doc, args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.farm import BenchFarm, minilm_path, verify_body
+from bench.farm import BenchFarm, verify_body
+from rev_tasks.queues import CONSENSUS, DEFAULT, INFERENCE_CPU, MAINTENANCE
+from rev_tasks.testing import variants
 
 TARGET_WARM_S = 5.0
 
@@ -79,20 +81,19 @@ def _job(farm: BenchFarm, http: Any, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _workers(farm: BenchFarm) -> tuple[Any, Any]:
-    cpu = farm.start_worker("inference.cpu,default", 1, "cpu")
-    consensus = farm.start_worker("consensus,maintenance", 2, "consensus")
+    cpu = farm.start_worker(f"{INFERENCE_CPU},{DEFAULT}", 1, "cpu")
+    consensus = farm.start_worker(f"{CONSENSUS},{MAINTENANCE}", 2, "consensus")
     return cpu, consensus
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     machine = common.machine()
-    from rev_tasks.inference import variants
 
     cases: dict[str, dict[str, Any]] = {}
     rss: dict[str, list[float]] = {}
     with BenchFarm("e2e") as farm:
-        src = minilm_path()
+        src = variants.minilm_path()
         pairs = {
             "SAME": (src, variants.copy_model(src, farm.models / "minilm-copy")),
             "DIFFERENT": (
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from rev_tasks.core.keys import load_key
 
         baseline = {kind: _engine_baseline(r, c, load_key(key)) for kind, (r, c) in pairs.items()}
-        facts = dict(farm.facts, workers="cpu -c 1 (inference.cpu,default); consensus -c 2")
+        facts = dict(farm.facts, workers=f"cpu -c 1 ({INFERENCE_CPU},{DEFAULT}); consensus -c 2")
     for kind, b in baseline.items():
         print(f"{kind:<9} engine in-process: cold {b['cold_s']:.2f} s, warm {b['warm_s']:.2f} s")
     return _document(cases, baseline, rss, facts, machine, args, started)
@@ -193,14 +194,11 @@ def _document(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--warm", type=int, default=3)
-    ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     doc = run(args)
-    if args.json is not None:
-        print(f"wrote {common.write(doc, args.json or None)}")
-    return 0
+    return common.finish(doc, args)
 
 
 if __name__ == "__main__":

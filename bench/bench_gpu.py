@@ -28,7 +28,7 @@ from rev_tasks.core.decision import decide
 from rev_tasks.core.keys import DEMO_KEY
 from rev_tasks.engine import ModelSide, differing_bits
 from rev_tasks.inference import load_model
-from rev_tasks.inference import variants as V
+from rev_tasks.testing import variants as V
 
 BITS = 4096
 N = 64

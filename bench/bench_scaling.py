@@ -25,10 +25,11 @@ import time
 from typing import Any
 
 from bench import common
-from bench.farm import BenchFarm, minilm_path, verify_body
+from bench.farm import BenchFarm, verify_body
+from rev_tasks.testing import variants
+from rev_tasks.testing.harness import ALL_QUEUES, backlog, declared_queues
 
 TARGET_RATIO = 1.7
-ALL_QUEUES = "inference.cpu,consensus,default,maintenance"
 
 
 def _drain(farm: BenchFarm, http: Any, bodies: list[dict[str, Any]], timeout: float) -> dict:
@@ -54,24 +55,11 @@ def _drain(farm: BenchFarm, http: Any, bodies: list[dict[str, Any]], timeout: fl
 
 
 def _broker_state(redis_url: str) -> dict[str, Any]:
-    import redis
-
-    import celeryconfig
-
-    r = redis.Redis.from_url(redis_url)
-    queues = {
-        q: sum(r.llen(k) for k in [q] + [f"{q}\x06\x16{p}" for p in (3, 6, 9)])
-        for q in celeryconfig.ALL_QUEUES
-    }
-    chords = sum(
-        1
-        for pattern in ("celery-taskset-meta-*.j", "celery-taskset-meta-*.t", "chord-unlock*")
-        for _ in r.scan_iter(pattern)
-    )
+    left = backlog(redis_url)
     return {
-        "queued": sum(queues.values()),
-        "unacked": int(r.hlen("unacked")),
-        "chords_pending": chords,
+        "queued": sum(left[q] for q in declared_queues()),
+        "unacked": int(left["unacked"]),
+        "chords_pending": len(left["chords"]),
     }
 
 
@@ -88,12 +76,11 @@ def _db_jobs() -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     machine = common.machine()
-    from rev_tasks.inference import variants
 
     per_c: dict[int, dict[str, Any]] = {}
     backlog: dict[str, Any] = {}
     with BenchFarm("scaling") as farm:
-        src = minilm_path()
+        src = variants.minilm_path()
         same = verify_body(src, variants.copy_model(src, farm.models / "minilm-copy"))
         gpt2 = variants.build_tiny_causal_lm(farm.models / "gpt2-a", "gpt2", seed=0)
         tiny = verify_body(gpt2, variants.copy_model(gpt2, farm.models / "gpt2-a-copy"))
@@ -183,15 +170,12 @@ def _document(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--backlog", type=int, default=100)
-    ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     doc = run(args)
-    if args.json is not None:
-        print(f"wrote {common.write(doc, args.json or None)}")
-    return 0
+    return common.finish(doc, args)
 
 
 if __name__ == "__main__":

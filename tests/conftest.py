@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # ``from tests.models import …`` from any test directory
-    sys.path.insert(0, str(ROOT))
 
 CI = os.environ.get("CI", "").lower() == "true"
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/15"

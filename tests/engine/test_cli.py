@@ -118,7 +118,7 @@ def test_bad_model_folders_give_one_line_errors(minilm, tmp_path):
     assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
     assert "no config.json" in proc.stderr
 
-    from rev_tasks.inference import variants as V
+    from rev_tasks.testing import variants as V
 
     broken = V.copy_model(minilm, tmp_path / "broken-config")
     (broken / "config.json").write_text("{not json")
@@ -129,7 +129,7 @@ def test_bad_model_folders_give_one_line_errors(minilm, tmp_path):
 
 
 def test_missing_tokenizer_and_corrupt_weights(minilm, tmp_path):
-    from rev_tasks.inference import variants as V
+    from rev_tasks.testing import variants as V
 
     no_tok = V.copy_model(minilm, tmp_path / "no-tokenizer")
     for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):

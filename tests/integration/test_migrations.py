@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from tests.integration.farm import ROOT
+from rev_tasks.testing.harness import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,27 +31,23 @@ from typing import Any
 import pytest
 import requests
 
+from rev_tasks.queues import CPU_WORKER_QUEUES, INFERENCE_CPU, MAINTENANCE, Task
+from rev_tasks.testing.harness import ROOT, GroupProcess, free_port, reconfigure, wait_http
 from tests.conftest import DEFAULT_PG_ADMIN
-from tests.integration.farm import ROOT, reconfigure, register, submit, wait_job
+from tests.integration.farm import register, submit, wait_job
 
 pytestmark = pytest.mark.integration
 
 JOB_TASKS = (
-    "rev_tasks.tasks.verify.prepare",
-    "rev_tasks.tasks.verify.run_inference",
-    "rev_tasks.tasks.consensus.validate",
-    "rev_tasks.tasks.consensus.tally",
+    Task.PREPARE,
+    Task.RUN_INFERENCE,
+    Task.VALIDATE,
+    Task.TALLY,
 )
-ALL_TASKS = (*JOB_TASKS, "rev_tasks.tasks.models.fingerprint", "rev_tasks.tasks.maintenance.backup")
+ALL_TASKS = (*JOB_TASKS, Task.FINGERPRINT, Task.BACKUP)
 
 
 # ----------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class OtlpSink:
     """A local OTLP/HTTP receiver: records every POST (path, body) and answers 200."""
 
@@ -124,42 +118,13 @@ def value(samples: list[tuple[str, dict[str, str], float]], name: str, **labels:
     return sum(hits) if hits else -1.0
 
 
-class Service:
-    """A long-running subprocess in its own process group (gunicorn, Flower, beat)."""
+def service(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> GroupProcess:
+    """A long-running subprocess (gunicorn, Flower, beat) with the farm's environment."""
+    return GroupProcess(name, argv, {**os.environ, **env}, log_dir / f"{name}.log")
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **env}, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_http(self, url: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(url, timeout=2).status_code < 500:
-                    return
-            time.sleep(0.3)
-        raise RuntimeError(f"{url} did not answer in {timeout}s:\n{self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
+def _answers(status: int) -> bool:
+    return status < 500
 
 
 def rev(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -206,13 +171,13 @@ def coordinator(farm_env: dict[str, str], ops_dir: Path) -> Iterator[str]:
         "PROMETHEUS_MULTIPROC_DIR": str(prom),
     }
     argv = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "web.wsgi:app"]
-    svc = Service("gunicorn", argv, env, ops_dir)
+    svc = service("gunicorn", argv, env, ops_dir)
     url = f"http://127.0.0.1:{port}"
     try:
-        svc.wait_http(f"{url}/healthz")
+        wait_http(f"{url}/healthz", proc=svc, ok=_answers)
         yield url
     finally:
-        svc.stop()
+        svc.stop(15)
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +188,13 @@ def flower(farm_env: dict[str, str], ops_dir: Path) -> Iterator[str]:
         sys.executable, "-m", "celery", "-A", "rev_tasks", "flower",
         "--address=127.0.0.1", f"--port={port}", "--persistent=False",
     ]  # fmt: skip
-    svc = Service("flower", argv, {**farm_env, "FLOWER_UNAUTHENTICATED_API": "true"}, ops_dir)
+    svc = service("flower", argv, {**farm_env, "FLOWER_UNAUTHENTICATED_API": "true"}, ops_dir)
     url = f"http://127.0.0.1:{port}"
     try:
-        svc.wait_http(f"{url}/healthcheck")
+        wait_http(f"{url}/healthcheck", proc=svc, ok=_answers)
         yield url
     finally:
-        svc.stop()
+        svc.stop(15)
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +265,7 @@ def test_readyz_503_without_a_live_worker(coordinator: str, farm_env: dict[str, 
     assert body["status"] == "unavailable"
     assert "no live worker for queue(s)" in body["reason"]
     assert body["checks"]["database"] == "ok" and body["checks"]["broker"] == "ok"
-    assert body["checks"]["queues"] == dict.fromkeys(
-        ("inference.cpu", "consensus", "default", "maintenance"), 0
-    )
+    assert body["checks"]["queues"] == dict.fromkeys(CPU_WORKER_QUEUES, 0)
     assert requests.get(f"{coordinator}/healthz", timeout=5).json() == {"status": "ok"}
     proc = rev("health", "--api", coordinator, env=farm_env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -348,7 +311,7 @@ def test_flower_lists_the_workers_and_their_tasks(flower: str, ops: dict[str, An
     info = workers[name]
     assert set(ALL_TASKS) <= set(info["registered"]), info["registered"]
     queues = {q["name"] for q in info["active_queues"]}
-    assert queues == {"inference.cpu", "consensus", "default", "maintenance"}
+    assert queues == set(CPU_WORKER_QUEUES)
 
 
 def test_flower_saw_the_job_and_its_final_state(flower: str, job: dict[str, Any]) -> None:
@@ -360,11 +323,11 @@ def test_flower_saw_the_job_and_its_final_state(flower: str, job: dict[str, Any]
         info = resp.json() if resp.status_code == 200 else {}
         time.sleep(0.3)
     assert info.get("state") == "SUCCESS", info
-    assert info["name"] == "rev_tasks.tasks.verify.run_inference"
+    assert info["name"] == Task.RUN_INFERENCE
     types = requests.get(f"{flower}/api/task/types", timeout=5).json()["task-types"]
     assert set(JOB_TASKS) <= set(types), types
     tasks = requests.get(
-        f"{flower}/api/tasks", params={"taskname": "rev_tasks.tasks.consensus.validate"}, timeout=5
+        f"{flower}/api/tasks", params={"taskname": Task.VALIDATE}, timeout=5
     ).json()
     votes = [t for t in tasks.values() if job["id"] in (t.get("args") or "")]
     assert len(votes) == 5 and all(t["state"] == "SUCCESS" for t in votes), votes
@@ -427,7 +390,7 @@ def test_metrics_count_the_job(
         value(web, "rev_http_requests_total", endpoint="/v1/jobs", method="POST", status="202") >= 1
     )
     assert value(web, "rev_http_request_duration_seconds_count", endpoint="/v1/jobs/<job_id>") >= 1
-    for queue in ("default", "inference.cpu", "consensus", "maintenance"):
+    for queue in CPU_WORKER_QUEUES:
         assert value(web, "queue_depth", queue=queue) == 0
 
     # The coordinator under gunicorn: both workers' requests merged through the multiprocess
@@ -438,7 +401,7 @@ def test_metrics_count_the_job(
     assert value(merged, "rev_http_requests_total", endpoint="/healthz", status="200") >= 6
     assert value(merged, "rev_http_requests_total", endpoint="/readyz", status="503") >= 1
     assert value(merged, "rev_http_request_duration_seconds_bucket", endpoint="/readyz") > 0
-    assert value(merged, "queue_depth", queue="inference.cpu") == 0
+    assert value(merged, "queue_depth", queue=INFERENCE_CPU) == 0
 
     # The worker: every series of the job, exactly once for this worker's one job.
     w = scrape(ops["metrics"])
@@ -558,7 +521,7 @@ def test_beat_schedules_the_backup_on_maintenance(
         sys.executable, "-m", "celery", "-A", "rev_tasks", "beat", "--loglevel", "INFO",
         "-s", str(ops_dir / "beat-schedule"), "--pidfile", str(ops_dir / "beat.pid"),
     ]  # fmt: skip
-    beat = Service("beat", argv, {**farm_env, "REV_BACKUP_SCHEDULE": "1"}, ops_dir)
+    beat = service("beat", argv, {**farm_env, "REV_BACKUP_SCHEDULE": "1"}, ops_dir)
     try:
         deadline = time.monotonic() + 60
         new: set[Path] = set()
@@ -566,9 +529,9 @@ def test_beat_schedules_the_backup_on_maintenance(
             new = {b.path for b in list_backups(ops["backups"])} - existing
             time.sleep(0.3)
     finally:
-        beat.stop()
-    assert new, beat.log()[-2000:]
-    assert "rev_tasks.tasks.maintenance.backup" in beat.log()
+        beat.stop(15)
+    assert new, beat.tail(2000)
+    assert Task.BACKUP in beat.output()
     assert all(p.name.endswith(".dump") and p.read_bytes()[:5] == b"PGDMP" for p in new)
     listing = rev("backup", "list", "--dir", str(ops["backups"]))
     assert listing.returncode == 0 and str(sorted(new)[0]) in listing.stdout, listing.stdout
@@ -588,7 +551,7 @@ def test_a_failed_backup_is_visible(ops: dict[str, Any]) -> None:
     backups.rename(aside)
     backups.write_text("not a directory\n")
     try:
-        result = app.send_task("rev_tasks.tasks.maintenance.backup", queue="maintenance")
+        result = app.send_task(Task.BACKUP, queue=MAINTENANCE)
         result.get(timeout=60, propagate=False)
         assert result.state == "FAILURE"
         assert "cannot create backup directory" in str(result.result)

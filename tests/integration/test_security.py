@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.farm import ROOT, authed_client, create_key, purge
+from rev_tasks.testing.harness import ROOT
+from tests.integration.farm import authed_client, create_key, purge
 
 pytestmark = pytest.mark.integration
 

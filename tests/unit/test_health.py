@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from rev_tasks.cli import health as health_cli
 from rev_tasks.ops import health
+from rev_tasks.queues import CONSENSUS, INFERENCE_CPU, MAINTENANCE
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 PG_URL = os.environ.get("REV_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -79,7 +81,7 @@ def celery_app(redis_url: str):
     from kombu import Queue
 
     app = Celery("health-test", broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.task_queues = [Queue("inference.cpu"), Queue("consensus")]
+    app.conf.task_queues = [Queue(INFERENCE_CPU), Queue(CONSENSUS)]
     app.conf.worker_hijack_root_logger = False
     return app
 
@@ -87,13 +89,13 @@ def celery_app(redis_url: str):
 def test_check_workers_with_a_real_worker(celery_app) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    none = health.check_workers(celery_app, ["inference.cpu"], timeout=0.3)
+    none = health.check_workers(celery_app, [INFERENCE_CPU], timeout=0.3)
     assert not none.ok and "no worker answered" in none.detail
     with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
-        up = health.check_workers(celery_app, ["inference.cpu", "consensus"], timeout=1.0)
-        short = health.check_workers(celery_app, ["inference.cpu", "maintenance"], timeout=1.0)
+        up = health.check_workers(celery_app, [INFERENCE_CPU, CONSENSUS], timeout=1.0)
+        short = health.check_workers(celery_app, [INFERENCE_CPU, MAINTENANCE], timeout=1.0)
     assert up.ok, up.detail
-    assert "inference.cpu×1" in up.detail
+    assert f"{INFERENCE_CPU}×1" in up.detail
     assert not short.ok and "no worker consumes maintenance" in short.detail
 
 
@@ -144,7 +146,7 @@ def coordinator() -> Iterator[tuple[str, dict]]:
 def _rev_health(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rev")
     sub = parser.add_subparsers(dest="command", required=True)
-    health.add_commands(sub)
+    health_cli.add_commands(sub)
     args = parser.parse_args(["health", *argv])
     return args.func(args)
 
@@ -156,7 +158,7 @@ def test_rev_health_through_the_coordinator(coordinator, capsys) -> None:
         "checks": {
             "database": "ok",
             "broker": "ok",
-            "queues": {"inference.cpu": 2, "consensus": 1},
+            "queues": {INFERENCE_CPU: 2, CONSENSUS: 1},
         },
     }
     assert _rev_health(["--api", url, "--json"]) == 0
@@ -173,12 +175,12 @@ def test_rev_health_through_the_coordinator(coordinator, capsys) -> None:
         "checks": {
             "database": "ok",
             "broker": "ok",
-            "queues": {"inference.cpu": 0, "consensus": 1},
+            "queues": {INFERENCE_CPU: 0, CONSENSUS: 1},
         },
     }
     assert _rev_health(["--api", url]) == 1
     table = capsys.readouterr().out
-    assert "coordinator | UP" in table and "no live worker for inference.cpu" in table
+    assert "coordinator | UP" in table and f"no live worker for {INFERENCE_CPU}" in table
     # our own readiness shape is understood as well
     state["body"] = {
         "ok": True,
@@ -200,6 +202,6 @@ def test_rev_health_falls_back_to_direct_checks(
     rows = {ln.split("|")[0].strip(): ln.split("|")[1].strip() for ln in table.splitlines()[2:]}
     assert rows == {"coordinator": "DOWN", "database": "UP", "broker": "UP", "workers": "DOWN"}
     monkeypatch.setenv("REV_API_URL", "")
-    monkeypatch.setattr(health, "_default_api_url", lambda: "http://127.0.0.1:1")
+    monkeypatch.setattr(health_cli, "_default_api_url", lambda: "http://127.0.0.1:1")
     assert _rev_health(["--skip-workers", "--timeout", "1"]) == 0  # no coordinator: direct
     assert "coordinator | SKIP" in capsys.readouterr().out

@@ -1,15 +1,12 @@
-"""The ``rev`` console script.
+"""``rev verify``, ``rev fingerprint``, ``rev audit``: in-process, no broker or database.
 
-In-process commands (``verify``, ``fingerprint``, ``audit``) need no broker or database.
-Farm commands (``submit``, ``status``, ``wait``, ``worker``, ``backup``, ``health`` …) are
-added by their own modules through ``add_commands(subparsers)`` so that this file stays a
-thin dispatcher. Every user error ends as one line on stderr and exit status 2.
+torch and transformers load only when a command runs a model (the loaders import them then);
+the streamed engine imports torch at once, so it is imported only for ``--memory-budget``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -17,18 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXIT_USAGE = 2
-_PLUGINS = (
-    "rev_tasks.client",
-    "rev_tasks.worker_cli",
-    "rev_tasks.ops.backup",
-    "rev_tasks.ops.health",
-    "rev_tasks.auth_cli",
+from rev_tasks.cli.common import UserError, positive_int
+from rev_tasks.core.keys import load_key
+from rev_tasks.core.transcript import audit
+from rev_tasks.engine import (
+    Verification,
+    VerifyParams,
+    fingerprint_model,
+    load_fingerprint,
+    looks_like_fingerprint,
 )
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
+from rev_tasks.inference.budget import memory_budget_arg
+from rev_tasks.inference.loader import DTYPES, load_model
 
 
 def _progress_printer(enabled: bool, label: str) -> Any:
@@ -48,14 +45,10 @@ def _progress_printer(enabled: bool, label: str) -> Any:
 
 
 def _load(path: str, dtype: str, device: str) -> Any:
-    from rev_tasks.inference import load_model
-
     return load_model(path, dtype=dtype, device=device)
 
 
 def _read_key(path: str | None) -> bytes:
-    from rev_tasks.core.keys import load_key
-
     try:
         return load_key(path)
     except FileNotFoundError as exc:
@@ -63,13 +56,6 @@ def _read_key(path: str | None) -> bytes:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from rev_tasks.engine import (
-        Verification,
-        VerifyParams,
-        load_fingerprint,
-        looks_like_fingerprint,
-    )
-
     key = _read_key(args.key_file)
     params = VerifyParams(
         tolerance=args.tolerance,
@@ -114,17 +100,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> Any:
     if budget_mb:
-        try:
-            from rev_tasks.inference.streaming import load_streamed
-        except ImportError as exc:
-            raise UserError("--memory-budget needs the streaming engine, not installed") from exc
+        from rev_tasks.inference.streaming import load_streamed  # torch, at import
+
         return load_streamed(path, memory_budget_mb=budget_mb, dtype=args.dtype, device=args.device)
     return _load(path, args.dtype, args.device)
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from rev_tasks.engine import fingerprint_model
-
     key = _read_key(args.key_file)
     model = _load(args.model, args.dtype, args.device)
     show = _progress_printer(sys.stderr.isatty(), "fingerprinting")
@@ -140,8 +122,6 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from rev_tasks.core.transcript import audit
-
     try:
         doc = json.loads(Path(args.transcript).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -164,41 +144,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
-
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from rev_tasks.inference.loader import DTYPES
-
     p.add_argument("--key-file", help="secret challenge key (default: the public demo key)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--bits", type=_positive_int, default=4096, help="signature bits per site")
+    p.add_argument("--bits", type=positive_int, default=4096, help="signature bits per site")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from rev_tasks.inference.budget import memory_budget_arg
-
-    parser = argparse.ArgumentParser(
-        prog="rev", description="REV Farm: verify that a model is the model it claims to be."
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def add_commands(sub: Any) -> None:
+    """Add ``verify``, ``fingerprint`` and ``audit`` to the ``rev`` parser."""
     v = sub.add_parser("verify", help="compare two models in-process")
     v.add_argument("reference", help="reference model folder or fingerprint file")
     v.add_argument("candidate", help="candidate model folder")
     v.add_argument("--tolerance", choices=("exact", "precision"), default="exact")
     v.add_argument("--alpha", type=float, default=0.01)
-    v.add_argument("--max-challenges", type=_positive_int, default=64)
-    v.add_argument("--batch-size", type=_positive_int, default=8)
+    v.add_argument("--max-challenges", type=positive_int, default=64)
+    v.add_argument("--batch-size", type=positive_int, default=8)
     v.add_argument(
         "--memory-budget", type=memory_budget_arg, help="stream layers within e.g. 512MB"
     )
@@ -210,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fingerprint", help="store a reference model's signatures")
     f.add_argument("model")
     f.add_argument("-o", "--output", required=True)
-    f.add_argument("--challenges", type=_positive_int, default=64)
+    f.add_argument("--challenges", type=positive_int, default=64)
     _model_options(f)
     f.set_defaults(func=cmd_fingerprint)
 
@@ -218,30 +179,3 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("transcript")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
-
-    for name in _PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        module.add_commands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from rev_tasks.inference.loader import ModelLoadError
-
-    try:
-        return int(args.func(args) or 0)
-    except (UserError, ModelLoadError, ValueError, OSError) as exc:
-        print(f"rev: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("rev: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rev_tasks import apikeys
+from rev_tasks.db.session import session_scope
 
 
 def _iso(ts: Any) -> str | None:
@@ -27,8 +28,6 @@ def _iso(ts: Any) -> str | None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from rev_tasks.db.session import session_scope
-
     with session_scope() as s:
         row, token = apikeys.create_key(s, args.tenant, args.scopes, args.name)
         doc = {"id": row.id, "tenant": row.tenant, "scopes": row.scopes.split(","), "token": token}
@@ -45,8 +44,6 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from rev_tasks.db.session import session_scope
-
     with session_scope() as s:
         rows = [
             {
@@ -70,8 +67,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from rev_tasks.db.session import session_scope
-
     with session_scope() as s:
         done = apikeys.revoke(s, args.key_id)
     if not done:
@@ -82,8 +77,6 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_ensure_dev(args: argparse.Namespace) -> int:
-    from rev_tasks.db.session import session_scope
-
     path = Path(args.file).expanduser()
     with session_scope() as s:
         key_id, created = apikeys.ensure_dev_key(s, path)
@@ -92,7 +85,7 @@ def cmd_ensure_dev(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add ``rev keys …`` to the ``rev`` CLI (rev_tasks.cli imports this module if present)."""
+    """Add ``rev keys …`` to the ``rev`` parser."""
     keys = subparsers.add_parser("keys", help="create, list and revoke API keys (on DATABASE_URL)")
     sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     sub.required = True

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rev_tasks.inference.arch_common import (
+from rev_tasks.inference.streaming.arch_common import (
     StreamingUnsupported,
     Tensor,
     TokenBatch,

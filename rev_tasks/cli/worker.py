@@ -3,7 +3,8 @@
 GPU pinning is a deployment fact, decided here and nowhere else: ``--gpu N`` sets
 ``CUDA_VISIBLE_DEVICES=N`` (and ``REV_WORKER_DEVICE=cuda``) in the environment *before* the
 Celery process, and so torch, starts, then execs ``celery -A rev_tasks worker`` consuming
-``inference.cudaN`` with ``-c 1``: one process per device, and task code never picks one.
+that GPU's queue (``rev_tasks.queues.gpu_queue(N)``) with ``-c 1``: one process per device,
+and task code never picks one.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rev_tasks.queues import CONSENSUS_WORKER_QUEUES, INFERENCE_CPU, gpu_queue
 from rev_tasks.settings import get_settings
-
-CONSENSUS_QUEUES = ("consensus", "default", "maintenance")
 
 
 def worker_command(
@@ -36,21 +36,21 @@ def worker_command(
         count = get_settings().gpu_count
         if gpu >= count:
             raise ValueError(
-                f"--gpu {gpu}: only inference.cuda0..{count - 1} are declared (REV_GPU_COUNT)"
+                f"--gpu {gpu}: only {gpu_queue(0)}..{count - 1} are declared (REV_GPU_COUNT)"
             )
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         env["REV_WORKER_DEVICE"] = "cuda"
-        queues: tuple[str, ...] = (f"inference.cuda{gpu}",)
+        queues: tuple[str, ...] = (gpu_queue(gpu),)
         concurrency = 1
         name = hostname or f"gpu{gpu}@%h"
     elif role == "consensus":
         env["REV_WORKER_DEVICE"] = "cpu"
-        queues = CONSENSUS_QUEUES
+        queues = CONSENSUS_WORKER_QUEUES
         concurrency = concurrency or 2
         name = hostname or "consensus@%h"
     elif role == "cpu":
         env["REV_WORKER_DEVICE"] = "cpu"
-        queues = ("inference.cpu",)
+        queues = (INFERENCE_CPU,)
         concurrency = concurrency or 2
         name = hostname or "cpu@%h"
     else:
@@ -113,17 +113,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add ``rev worker`` to the ``rev`` CLI (called by rev_tasks.cli)."""
+    """Add ``rev worker`` to the ``rev`` parser."""
     p = subparsers.add_parser("worker", help="start a farm worker (cpu, one GPU, or consensus)")
     role = p.add_mutually_exclusive_group()
     role.add_argument(
-        "--gpu", type=int, metavar="N", help="pin to GPU N: queue inference.cudaN, -c 1"
+        "--gpu",
+        type=int,
+        metavar="N",
+        help=f"pin to GPU N: only its queue ({gpu_queue(0)} for N=0), -c 1",
     )
     role.add_argument(
-        "--cpu", action="store_true", help="CPU inference: queue inference.cpu (default)"
+        "--cpu", action="store_true", help=f"CPU inference: queue {INFERENCE_CPU} (default)"
     )
     role.add_argument(
-        "--consensus", action="store_true", help="validators: consensus,default,maintenance"
+        "--consensus", action="store_true", help=f"validators: {','.join(CONSENSUS_WORKER_QUEUES)}"
     )
     p.add_argument(
         "-c", "--concurrency", type=int, default=None, help="pool children (not with --gpu)"

