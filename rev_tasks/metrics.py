@@ -52,6 +52,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rev_tasks.queues import BASE_QUEUES
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from wsgiref.simple_server import WSGIServer
 
@@ -62,8 +64,8 @@ log = logging.getLogger(__name__)
 #: Port the worker metrics server listens on unless told otherwise (``REV_METRICS_PORT``).
 DEFAULT_WORKER_METRICS_PORT = 9808
 
-#: Queues the farm declares (DESIGN.md §5.6); ``queue_depth`` reports these by default.
-DEFAULT_QUEUES: tuple[str, ...] = ("default", "inference.cpu", "consensus", "maintenance")
+#: Queues every farm declares; ``queue_depth`` reports these by default.
+DEFAULT_QUEUES: tuple[str, ...] = BASE_QUEUES
 
 # Buckets bracket the operations guide's targets: inference 50-200 ms (so 0.2 is an edge,
 # which keeps the p99 > 200 ms alert exact), consensus 10-50 ms, API 100-500 ms.

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from rev_tasks import queues
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 VALIDATORS = 5
 QUORUM = 4
@@ -79,7 +81,7 @@ class Settings:
     # REV_MEMORY_BUDGET_MB: stream layers within this many MiB unless a job names its own
     # budget (docs/streaming.md); None loads models in memory.
     memory_budget_mb: int | None = None
-    required_queues: tuple[str, ...] = ("inference.cpu", "consensus", "default", "maintenance")
+    required_queues: tuple[str, ...] = queues.CPU_WORKER_QUEUES
     inspect_timeout: float = 1.0
     inspect_cache_seconds: float = 5.0
     fault_injection: bool = False
@@ -118,7 +120,7 @@ class Settings:
 
     @property
     def gpu_queues(self) -> list[str]:
-        return [f"inference.cuda{i}" for i in range(self.gpu_count)]
+        return queues.gpu_queues(self.gpu_count)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -144,11 +146,8 @@ class Settings:
         device = os.environ.get("REV_WORKER_DEVICE", "cpu").strip() or "cpu"
         if device not in {"cpu", "cuda"}:
             raise ValueError(f"REV_WORKER_DEVICE must be cpu or cuda, not {device!r}")
-        required = tuple(_list(os.environ.get("REV_REQUIRED_QUEUES", ""))) or (
-            "inference.cpu",
-            "consensus",
-            "default",
-            "maintenance",
+        required = (
+            tuple(_list(os.environ.get("REV_REQUIRED_QUEUES", ""))) or queues.CPU_WORKER_QUEUES
         )
         return cls(
             var_dir=var_dir,

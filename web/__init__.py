@@ -51,8 +51,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if app.config.get("REV_METRICS", True):
         try:
             from rev_tasks import metrics
+            from rev_tasks.queues import declared_queues
 
-            queues = ["default", "inference.cpu", *settings.gpu_queues, "consensus", "maintenance"]
+            queues = declared_queues(settings.gpu_count)
             metrics.init_app(app, redis_url=settings.redis_url, queues=queues)
         except Exception:  # noqa: BLE001 - the API works without /metrics
             log.warning("metrics disabled", exc_info=True)

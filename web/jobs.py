@@ -15,6 +15,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
 
+from rev_tasks import queues
 from rev_tasks.db import repo
 from rev_tasks.db.models import (
     MODEL_FAILED,
@@ -26,6 +27,7 @@ from rev_tasks.db.models import (
     Transcript,
 )
 from rev_tasks.db.session import session_scope
+from rev_tasks.queues import Task
 from web import services
 from web.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
@@ -33,7 +35,6 @@ from web.security import can_see, principal
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
-PREPARE_TASK = "rev_tasks.tasks.verify.prepare"
 MAX_PAGE = 100
 MAX_CURSOR = 256
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -152,7 +153,7 @@ def submit() -> ResponseReturnValue:
         inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
         # A CPU job needs no worker census; only auto/cuda look for live GPU queues.
         live = {} if req.device == "cpu" else inspector.live()
-        gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
+        gpu_live = [q for q in live if queues.is_gpu_queue(q)]
         device, queue = services.choose_queue(
             req.device, live, services.queue_backlog(settings.redis_url, gpu_live)
         )
@@ -175,7 +176,9 @@ def submit() -> ResponseReturnValue:
         )
     # Enqueue only after the commit: a worker must find the row it is told about.
     try:
-        services.enqueue(current_app.extensions["rev_celery"], PREPARE_TASK, [job_id], "default")
+        services.enqueue(
+            current_app.extensions["rev_celery"], Task.PREPARE, [job_id], queues.DEFAULT
+        )
     except ServiceUnavailable:
         with session_scope() as s:
             repo.fail_job(s, job_id, "broker_unavailable", "the job could not be enqueued")

@@ -15,8 +15,10 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from rev_tasks import queues
 from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
 from rev_tasks.db.session import session_scope
+from rev_tasks.queues import Task
 from web import services
 from web.errors import Conflict, NotFound, ServiceUnavailable
 from web.jobs import check_query, json_body, validation_error
@@ -26,8 +28,6 @@ from web.security import can_see, principal
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
-
-FINGERPRINT_TASK = "rev_tasks.tasks.models.fingerprint"
 
 
 @bp.post("")
@@ -42,7 +42,7 @@ def register() -> ResponseReturnValue:
     path = services.model_path(req.path, settings)
     inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
     live = inspector.live()
-    gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
+    gpu_live = [q for q in live if queues.is_gpu_queue(q)]
     _device, queue = services.choose_queue(
         "auto", live, services.queue_backlog(settings.redis_url, gpu_live)
     )
@@ -54,7 +54,7 @@ def register() -> ResponseReturnValue:
         s.flush()
         doc = services.model_document(rec, None)
     try:
-        services.enqueue(current_app.extensions["rev_celery"], FINGERPRINT_TASK, [req.id], queue)
+        services.enqueue(current_app.extensions["rev_celery"], Task.FINGERPRINT, [req.id], queue)
     except ServiceUnavailable:
         with session_scope() as s:
             rec = s.get(ModelRecord, req.id)

@@ -13,15 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rev_tasks import queues
 from rev_tasks.db.models import Fingerprint, Job, ModelRecord
 from rev_tasks.inference.guard import within
 from rev_tasks.settings import Settings
 from web.errors import Conflict, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
-
-CPU_QUEUE = "inference.cpu"
-GPU_PREFIX = "inference.cuda"
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -190,11 +188,11 @@ def choose_queue(device: str, live: dict[str, int], backlog: dict[str, int]) -> 
     Among live GPU queues the one with the shortest backlog wins (ties: lowest index).
     """
     gpu = sorted(
-        (q for q in live if q.startswith(GPU_PREFIX)),
-        key=lambda q: (backlog.get(q, 0), int(q.removeprefix(GPU_PREFIX) or 0)),
+        (q for q in live if queues.is_gpu_queue(q)),
+        key=lambda q: (backlog.get(q, 0), queues.gpu_index(q)),
     )
     if device == "cpu":
-        return "cpu", CPU_QUEUE
+        return "cpu", queues.INFERENCE_CPU
     if device == "cuda":
         if not gpu:
             raise Conflict(
@@ -202,7 +200,7 @@ def choose_queue(device: str, live: dict[str, int], backlog: dict[str, int]) -> 
                 code="no_gpu_worker",
             )
         return "cuda", gpu[0]
-    return ("cuda", gpu[0]) if gpu else ("cpu", CPU_QUEUE)
+    return ("cuda", gpu[0]) if gpu else ("cpu", queues.INFERENCE_CPU)
 
 
 def queue_backlog(redis_url: str, queues: list[str]) -> dict[str, int]:

@@ -39,6 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rev_tasks import queues
+from rev_tasks.queues import Task
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from sqlalchemy.engine import URL
 
@@ -51,9 +54,7 @@ DEFAULT_SCHEDULE = "0 3 * * *"
 #: How long one pg_dump/pg_restore may run before it is treated as hung.
 DEFAULT_TIMEOUT_S = 3600.0
 
-BACKUP_TASK_NAME = "rev_tasks.tasks.maintenance.backup"
 BACKUP_BEAT_NAME = "rev-backup-database"
-BACKUP_QUEUE = "maintenance"
 
 _NAME_RE = re.compile(r"^rev-(?P<ts>\d{8}T\d{6}Z)(?:-(?P<seq>\d+))?\.(?P<ext>dump|sqlite3)$")
 _TS_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -498,9 +499,9 @@ def beat_schedule_entry(schedule: str | None = None) -> dict[str, Any]:
         )
         expires = 3600.0
     return {
-        "task": BACKUP_TASK_NAME,
+        "task": Task.BACKUP,
         "schedule": sched,
-        "options": {"queue": BACKUP_QUEUE, "expires": expires},
+        "options": {"queue": queues.MAINTENANCE, "expires": expires},
     }
 
 

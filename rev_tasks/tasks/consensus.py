@@ -33,6 +33,7 @@ from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.models import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.db.session import session_scope
+from rev_tasks.queues import Task
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
 from rev_tasks.tasks.common import (
     DB_ERRORS,
@@ -127,7 +128,7 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
 
 
 # Validator results are kept: the chord counts them before it calls ``tally``.
-@app.task(name="rev_tasks.tasks.consensus.validate", **DB_RETRY)
+@app.task(name=Task.VALIDATE, **DB_RETRY)
 def validate(job_id: str, validator: int) -> dict[str, Any]:
     """One validator's independent check and vote (stored before it is returned).
 
@@ -177,7 +178,7 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
     return doc
 
 
-@app.task(name="rev_tasks.tasks.consensus.tally", ignore_result=True, **DB_RETRY)
+@app.task(name=Task.TALLY, ignore_result=True, **DB_RETRY)
 def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
     """Publish the verdict when ≥ 4 of 5 votes agree with the transcript; else fail the job.
 
@@ -237,7 +238,7 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
     return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
 
 
-@app.task(name="rev_tasks.tasks.consensus.consensus_failed", ignore_result=True, **DB_RETRY)
+@app.task(name=Task.CONSENSUS_FAILED, ignore_result=True, **DB_RETRY)
 def consensus_failed(task_id: str, job_id: str) -> None:
     """Chord errback: a validator or the tally raised; the job must not stay running."""
     with session_scope() as s:

@@ -11,13 +11,14 @@ from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, RUNNING, Job, ModelRecord, utcnow
 from rev_tasks.db.session import session_scope
-from rev_tasks.ops.backup import BACKUP_TASK_NAME, BackupError, backup_from_env
+from rev_tasks.ops.backup import BackupError, backup_from_env
+from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="rev_tasks.tasks.maintenance.reap_stale_jobs", ignore_result=True)
+@app.task(name=Task.REAP_STALE_JOBS, ignore_result=True)
 def reap_stale_jobs() -> dict[str, int]:
     """Fail jobs and registrations that stopped making progress.
 
@@ -48,7 +49,7 @@ def reap_stale_jobs() -> dict[str, int]:
 
 # The result is kept (not ignore_result): a failed backup must show as FAILURE in the
 # result backend and in Flower, not only as a log line and a counter.
-@app.task(name=BACKUP_TASK_NAME)
+@app.task(name=Task.BACKUP)
 def backup() -> dict[str, object]:
     """Back up the database into ``REV_BACKUP_DIR`` and prune to ``REV_BACKUP_KEEP``.
 

@@ -33,6 +33,7 @@ from rev_tasks.db.models import (
     utcnow,
 )
 from rev_tasks.db.session import session_scope
+from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
     DB_ERRORS,
@@ -85,7 +86,7 @@ def _fail(job_id: str, code: str, message: str, kind: str = "verify") -> None:
         metric("job_finished", kind, "failed", None)
 
 
-@app.task(name="rev_tasks.tasks.verify.prepare", ignore_result=True, **DB_RETRY)
+@app.task(name=Task.PREPARE, ignore_result=True, **DB_RETRY)
 def prepare(job_id: str) -> str:
     """Commit the job's challenge set (root stored on the job), then enqueue inference."""
     from rev_tasks.core.challenges import commitment, generate_challenges
@@ -143,7 +144,7 @@ def inference_task_id(job_id: str) -> str:
 
 # Results are kept (unlike the other pipeline steps) so that the PROGRESS state written
 # after every batch ends in SUCCESS/FAILURE instead of staying PROGRESS in the backend.
-@app.task(name="rev_tasks.tasks.verify.run_inference", bind=True, **DB_RETRY)
+@app.task(name=Task.RUN_INFERENCE, bind=True, **DB_RETRY)
 def run_inference(self: Any, job_id: str) -> str:
     """Run the job's batches on this worker's device; persist; start consensus.
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from rev_tasks import queues
 from tests.integration.chaos import RedisServer, TcpProxy, free_port
 from tests.integration.farm import ROOT, TERMINAL, farm_environment, wait_job
 from tests.integration.farm import submit as _submit
@@ -102,7 +103,9 @@ def _no_job_left_running(farm_env: dict[str, str]) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def stable(start_worker: Any) -> Any:
-    return start_worker(queues="consensus,default,maintenance", name="stable")
+    return start_worker(
+        queues=",".join((queues.CONSENSUS, queues.DEFAULT, queues.MAINTENANCE)), name="stable"
+    )
 
 
 def _bodies(model_dirs: dict[str, Path], n: int) -> list[tuple[dict[str, Any], str]]:
@@ -194,7 +197,7 @@ def test_sigkill_mid_inference_again_and_again(
     expected: dict[str, str] = {}
     for body, verdict in _bodies(model_dirs, wanted_kills):
         expected[submit(client, body)] = verdict
-    victim = start_worker(queues="inference.cpu", name="victim", **VICTIM_ENV)
+    victim = start_worker(queues=queues.INFERENCE_CPU, name="victim", **VICTIM_ENV)
     logs = [victim]
     kills = {"child": 0, "worker": 0}
     killed: set[str] = set()
@@ -223,7 +226,7 @@ def test_sigkill_mid_inference_again_and_again(
                     victim.kill()
                     kills["worker"] += 1
                     time.sleep(_unacked_oldest_needed(farm_env["REDIS_URL"]))
-                    victim = start_worker(queues="inference.cpu", name="victim", **VICTIM_ENV)
+                    victim = start_worker(queues=queues.INFERENCE_CPU, name="victim", **VICTIM_ENV)
                     logs.append(victim)
                 killed.add(job_id)
                 armed.clear()
@@ -266,7 +269,7 @@ def test_redis_crash_and_restart_loses_no_job(
     services: dict[str, Any],
 ) -> None:
     started = time.monotonic()
-    victim = start_worker(queues="inference.cpu", name="victim-redis", **VICTIM_ENV)
+    victim = start_worker(queues=queues.INFERENCE_CPU, name="victim-redis", **VICTIM_ENV)
     expected = {submit(client, body): verdict for body, verdict in _bodies(model_dirs, 6)}
     _wait_mid_inference(list(expected))
     services["redis"].restart(down_for=2.0)
@@ -290,7 +293,7 @@ def test_postgres_outage_503_then_jobs_finish(
     services: dict[str, Any],
 ) -> None:
     started = time.monotonic()
-    victim = start_worker(queues="inference.cpu", name="victim-pg", **VICTIM_ENV)
+    victim = start_worker(queues=queues.INFERENCE_CPU, name="victim-pg", **VICTIM_ENV)
     bodies = _bodies(model_dirs, 4)
     expected = {submit(client, body): verdict for body, verdict in bodies}
     job_id = _wait_mid_inference(list(expected))

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from rev_tasks import queues
+from rev_tasks.queues import Task
 from tests.integration.farm import (
     assert_drained,
     authed_client,
@@ -97,7 +99,7 @@ def test_verify_against_registered_model(
     result = doc["result"]
     assert result["verdict"] == expected
     _consensus_ok(doc)
-    assert doc["device"] == "cpu" and doc["queue"] == "inference.cpu"
+    assert doc["device"] == "cpu" and doc["queue"] == queues.INFERENCE_CPU
     assert doc["progress"]["challenges_done"] == result["challenges_used"] >= 1
     assert doc["progress"]["challenges_max"] == 64
     assert result["distances"]["count"] == result["challenges_used"]
@@ -263,7 +265,7 @@ def test_job_listing_paginates(client: Any, worker: Any) -> None:
 def test_readyz_with_worker(client: Any, worker: Any) -> None:
     resp = client.get("/readyz")
     assert resp.status_code == 200, resp.get_json()
-    assert resp.get_json()["checks"]["queues"]["inference.cpu"] >= 1
+    assert resp.get_json()["checks"]["queues"][queues.INFERENCE_CPU] >= 1
 
 
 def test_redelivered_tasks_are_idempotent(
@@ -284,11 +286,11 @@ def test_redelivered_tasks_are_idempotent(
     doc = wait_job(client, submit(client, body))
     assert doc["status"] == "succeeded"
     job_id = doc["id"]
-    app.send_task("rev_tasks.tasks.verify.prepare", [job_id], queue="default")
-    app.send_task("rev_tasks.tasks.verify.run_inference", [job_id], queue="inference.cpu")
+    app.send_task(Task.PREPARE, [job_id], queue=queues.DEFAULT)
+    app.send_task(Task.RUN_INFERENCE, [job_id], queue=queues.INFERENCE_CPU)
     for i in range(5):
-        app.send_task("rev_tasks.tasks.consensus.validate", [job_id, i], queue="consensus")
-    app.send_task("rev_tasks.tasks.consensus.tally", [job_id], queue="consensus")
+        app.send_task(Task.VALIDATE, [job_id, i], queue=queues.CONSENSUS)
+    app.send_task(Task.TALLY, [job_id], queue=queues.CONSENSUS)
     assert_drained(farm_env["REDIS_URL"])
     assert client.get(f"/v1/jobs/{job_id}").get_json() == doc
     with session_scope() as s:

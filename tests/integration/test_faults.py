@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from rev_tasks import queues
+from rev_tasks.queues import Task
 from tests.integration.farm import assert_drained, register, submit, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -344,7 +346,7 @@ def test_every_step_delivered_twice_while_the_job_runs(
     try:
         model = register(beta, "dup-gpt2", model_dirs["gpt2-a"])
         assert model["status"] == "ready"
-        app.send_task("rev_tasks.tasks.models.fingerprint", ["dup-gpt2"], queue="inference.cpu")
+        app.send_task(Task.FINGERPRINT, ["dup-gpt2"], queue=queues.INFERENCE_CPU)
         body = {
             "kind": "verify",
             "reference": "dup-gpt2",
@@ -353,16 +355,14 @@ def test_every_step_delivered_twice_while_the_job_runs(
         }
         job_id = submit(beta, body)
         for _ in range(2):
-            app.send_task("rev_tasks.tasks.verify.prepare", [job_id], queue="default")
-            app.send_task("rev_tasks.tasks.verify.run_inference", [job_id], queue="inference.cpu")
+            app.send_task(Task.PREPARE, [job_id], queue=queues.DEFAULT)
+            app.send_task(Task.RUN_INFERENCE, [job_id], queue=queues.INFERENCE_CPU)
         doc = wait_job(client, job_id)
         assert doc["status"] == "succeeded" and doc["result"]["verdict"] == "SAME", doc
         # Late duplicates after the end, the chord errback included, change nothing.
-        app.send_task(
-            "rev_tasks.tasks.consensus.consensus_failed", ["t", job_id], queue="consensus"
-        )
-        app.send_task("rev_tasks.tasks.consensus.tally", [job_id], queue="consensus")
-        app.send_task("rev_tasks.tasks.maintenance.reap_stale_jobs", [], queue="maintenance")
+        app.send_task(Task.CONSENSUS_FAILED, ["t", job_id], queue=queues.CONSENSUS)
+        app.send_task(Task.TALLY, [job_id], queue=queues.CONSENSUS)
+        app.send_task(Task.REAP_STALE_JOBS, [], queue=queues.MAINTENANCE)
         assert_drained(farm_env["REDIS_URL"])
         assert client.get(f"/v1/jobs/{job_id}").get_json() == doc
         assert client.get("/v1/models/dup-gpt2").get_json()["fingerprint"] == model["fingerprint"]

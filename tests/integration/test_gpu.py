@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from rev_tasks import queues
 from tests.integration.farm import (
     ALL_QUEUES,
     ROOT,
@@ -84,7 +85,7 @@ def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
     gpu = FarmWorker(
         env,
         logs,
-        queues="inference.cuda0",
+        queues=queues.gpu_queue(0),
         name="gpu0",
         command=[sys.executable, "-m", "rev_tasks.cli", "worker", "--gpu", "0"],
     )
@@ -110,7 +111,7 @@ def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
 
 
 def _check_on_gpu(doc: dict[str, Any], gpu: FarmWorker) -> None:
-    assert doc["device"] == "cuda" and doc["queue"] == "inference.cuda0", doc
+    assert doc["device"] == "cuda" and doc["queue"] == queues.gpu_queue(0), doc
     executed = doc["result"]["executed_on"]
     assert executed["device"].startswith("cuda"), executed
     assert executed["worker"] == gpu.name
@@ -118,7 +119,7 @@ def _check_on_gpu(doc: dict[str, Any], gpu: FarmWorker) -> None:
 
 def test_readyz_lists_the_gpu_queue(gpu_farm: dict[str, Any]) -> None:
     body = gpu_farm["client"].get("/readyz").get_json()
-    assert body["checks"]["gpu_queues"] == ["inference.cuda0"], body
+    assert body["checks"]["gpu_queues"] == [queues.gpu_queue(0)], body
 
 
 @pytest.mark.parametrize(
@@ -173,6 +174,6 @@ def test_worker_cli_pins_before_torch() -> None:
 
     argv, env = worker_command("gpu", gpu=3, environ={})
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["REV_WORKER_DEVICE"] == "cuda"
-    assert argv[argv.index("-Q") + 1] == "inference.cuda3"
+    assert argv[argv.index("-Q") + 1] == queues.gpu_queue(3)
     assert argv[argv.index("-c") + 1] == "1"
     assert Path(argv[0]).name.startswith("python")

@@ -33,18 +33,15 @@ from typing import Any
 import pytest
 import requests
 
+from rev_tasks import queues
+from rev_tasks.queues import Task
 from tests.conftest import DEFAULT_PG_ADMIN
 from tests.integration.farm import ROOT, reconfigure, register, submit, wait_job
 
 pytestmark = pytest.mark.integration
 
-JOB_TASKS = (
-    "rev_tasks.tasks.verify.prepare",
-    "rev_tasks.tasks.verify.run_inference",
-    "rev_tasks.tasks.consensus.validate",
-    "rev_tasks.tasks.consensus.tally",
-)
-ALL_TASKS = (*JOB_TASKS, "rev_tasks.tasks.models.fingerprint", "rev_tasks.tasks.maintenance.backup")
+JOB_TASKS = (Task.PREPARE, Task.RUN_INFERENCE, Task.VALIDATE, Task.TALLY)
+ALL_TASKS = (*JOB_TASKS, Task.FINGERPRINT, Task.BACKUP)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -300,9 +297,7 @@ def test_readyz_503_without_a_live_worker(coordinator: str, farm_env: dict[str, 
     assert body["status"] == "unavailable"
     assert "no live worker for queue(s)" in body["reason"]
     assert body["checks"]["database"] == "ok" and body["checks"]["broker"] == "ok"
-    assert body["checks"]["queues"] == dict.fromkeys(
-        ("inference.cpu", "consensus", "default", "maintenance"), 0
-    )
+    assert body["checks"]["queues"] == dict.fromkeys(queues.CPU_WORKER_QUEUES, 0)
     assert requests.get(f"{coordinator}/healthz", timeout=5).json() == {"status": "ok"}
     proc = rev("health", "--api", coordinator, env=farm_env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -347,8 +342,8 @@ def test_flower_lists_the_workers_and_their_tasks(flower: str, ops: dict[str, An
     assert name in workers, workers
     info = workers[name]
     assert set(ALL_TASKS) <= set(info["registered"]), info["registered"]
-    queues = {q["name"] for q in info["active_queues"]}
-    assert queues == {"inference.cpu", "consensus", "default", "maintenance"}
+    consumed = {q["name"] for q in info["active_queues"]}
+    assert consumed == set(queues.CPU_WORKER_QUEUES)
 
 
 def test_flower_saw_the_job_and_its_final_state(flower: str, job: dict[str, Any]) -> None:
@@ -360,11 +355,11 @@ def test_flower_saw_the_job_and_its_final_state(flower: str, job: dict[str, Any]
         info = resp.json() if resp.status_code == 200 else {}
         time.sleep(0.3)
     assert info.get("state") == "SUCCESS", info
-    assert info["name"] == "rev_tasks.tasks.verify.run_inference"
+    assert info["name"] == Task.RUN_INFERENCE
     types = requests.get(f"{flower}/api/task/types", timeout=5).json()["task-types"]
     assert set(JOB_TASKS) <= set(types), types
     tasks = requests.get(
-        f"{flower}/api/tasks", params={"taskname": "rev_tasks.tasks.consensus.validate"}, timeout=5
+        f"{flower}/api/tasks", params={"taskname": Task.VALIDATE}, timeout=5
     ).json()
     votes = [t for t in tasks.values() if job["id"] in (t.get("args") or "")]
     assert len(votes) == 5 and all(t["state"] == "SUCCESS" for t in votes), votes
@@ -427,7 +422,7 @@ def test_metrics_count_the_job(
         value(web, "rev_http_requests_total", endpoint="/v1/jobs", method="POST", status="202") >= 1
     )
     assert value(web, "rev_http_request_duration_seconds_count", endpoint="/v1/jobs/<job_id>") >= 1
-    for queue in ("default", "inference.cpu", "consensus", "maintenance"):
+    for queue in queues.BASE_QUEUES:
         assert value(web, "queue_depth", queue=queue) == 0
 
     # The coordinator under gunicorn: both workers' requests merged through the multiprocess
@@ -438,7 +433,7 @@ def test_metrics_count_the_job(
     assert value(merged, "rev_http_requests_total", endpoint="/healthz", status="200") >= 6
     assert value(merged, "rev_http_requests_total", endpoint="/readyz", status="503") >= 1
     assert value(merged, "rev_http_request_duration_seconds_bucket", endpoint="/readyz") > 0
-    assert value(merged, "queue_depth", queue="inference.cpu") == 0
+    assert value(merged, "queue_depth", queue=queues.INFERENCE_CPU) == 0
 
     # The worker: every series of the job, exactly once for this worker's one job.
     w = scrape(ops["metrics"])
@@ -568,7 +563,7 @@ def test_beat_schedules_the_backup_on_maintenance(
     finally:
         beat.stop()
     assert new, beat.log()[-2000:]
-    assert "rev_tasks.tasks.maintenance.backup" in beat.log()
+    assert Task.BACKUP in beat.log()
     assert all(p.name.endswith(".dump") and p.read_bytes()[:5] == b"PGDMP" for p in new)
     listing = rev("backup", "list", "--dir", str(ops["backups"]))
     assert listing.returncode == 0 and str(sorted(new)[0]) in listing.stdout, listing.stdout
@@ -588,7 +583,7 @@ def test_a_failed_backup_is_visible(ops: dict[str, Any]) -> None:
     backups.rename(aside)
     backups.write_text("not a directory\n")
     try:
-        result = app.send_task("rev_tasks.tasks.maintenance.backup", queue="maintenance")
+        result = app.send_task(Task.BACKUP, queue=queues.MAINTENANCE)
         result.get(timeout=60, propagate=False)
         assert result.state == "FAILURE"
         assert "cannot create backup directory" in str(result.result)

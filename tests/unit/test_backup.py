@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from rev_tasks import queues
 from rev_tasks.ops import backup
+from rev_tasks.queues import Task
 
 PG_ADMIN = os.environ.get("REV_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 SRC_DB, DST_DB = "rev_backup_test_src", "rev_backup_test_dst"
@@ -201,8 +203,8 @@ def test_beat_schedule_entry(monkeypatch) -> None:
 
     monkeypatch.delenv("REV_BACKUP_SCHEDULE", raising=False)
     entry = backup.beat_schedule_entry()
-    assert entry["task"] == "rev_tasks.tasks.maintenance.backup"
-    assert entry["options"]["queue"] == "maintenance" and entry["options"]["expires"] > 0
+    assert entry["task"] == Task.BACKUP
+    assert entry["options"]["queue"] == queues.MAINTENANCE and entry["options"]["expires"] > 0
     assert entry["schedule"] == crontab(minute="0", hour="3")
     monkeypatch.setenv("REV_BACKUP_SCHEDULE", "900")
     assert backup.beat_schedule_entry()["schedule"] == 900.0

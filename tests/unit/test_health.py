@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rev_tasks import queues
 from rev_tasks.ops import health
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -79,7 +80,7 @@ def celery_app(redis_url: str):
     from kombu import Queue
 
     app = Celery("health-test", broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.task_queues = [Queue("inference.cpu"), Queue("consensus")]
+    app.conf.task_queues = [Queue(queues.INFERENCE_CPU), Queue(queues.CONSENSUS)]
     app.conf.worker_hijack_root_logger = False
     return app
 
@@ -87,11 +88,13 @@ def celery_app(redis_url: str):
 def test_check_workers_with_a_real_worker(celery_app) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    none = health.check_workers(celery_app, ["inference.cpu"], timeout=0.3)
+    none = health.check_workers(celery_app, [queues.INFERENCE_CPU], timeout=0.3)
     assert not none.ok and "no worker answered" in none.detail
     with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
-        up = health.check_workers(celery_app, ["inference.cpu", "consensus"], timeout=1.0)
-        short = health.check_workers(celery_app, ["inference.cpu", "maintenance"], timeout=1.0)
+        up = health.check_workers(celery_app, [queues.INFERENCE_CPU, queues.CONSENSUS], timeout=1.0)
+        short = health.check_workers(
+            celery_app, [queues.INFERENCE_CPU, queues.MAINTENANCE], timeout=1.0
+        )
     assert up.ok, up.detail
     assert "inference.cpu×1" in up.detail
     assert not short.ok and "no worker consumes maintenance" in short.detail
@@ -156,7 +159,7 @@ def test_rev_health_through_the_coordinator(coordinator, capsys) -> None:
         "checks": {
             "database": "ok",
             "broker": "ok",
-            "queues": {"inference.cpu": 2, "consensus": 1},
+            "queues": {queues.INFERENCE_CPU: 2, queues.CONSENSUS: 1},
         },
     }
     assert _rev_health(["--api", url, "--json"]) == 0
@@ -173,7 +176,7 @@ def test_rev_health_through_the_coordinator(coordinator, capsys) -> None:
         "checks": {
             "database": "ok",
             "broker": "ok",
-            "queues": {"inference.cpu": 0, "consensus": 1},
+            "queues": {queues.INFERENCE_CPU: 0, queues.CONSENSUS: 1},
         },
     }
     assert _rev_health(["--api", url]) == 1

@@ -17,7 +17,7 @@ from flask import Flask
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rev_tasks import metrics
+from rev_tasks import metrics, queues
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     (tmp_path / "rev-20250101T030000Z.dump").write_bytes(b"PGDMP")
     registry = metrics.build_registry(
         [
-            metrics.QueueDepthCollector(REDIS_TEST_URL, ["default"]),
+            metrics.QueueDepthCollector(REDIS_TEST_URL, [queues.DEFAULT]),
             metrics.WorkerMemoryCollector(),
             metrics.BackupAgeCollector(tmp_path),
         ]
@@ -178,7 +178,7 @@ def test_queue_depth_reads_redis_at_scrape_time() -> None:
 
 
 def test_queue_depth_survives_a_dead_broker() -> None:
-    collector = metrics.QueueDepthCollector("redis://127.0.0.1:1/0", ["default"])
+    collector = metrics.QueueDepthCollector("redis://127.0.0.1:1/0", [queues.DEFAULT])
     assert list(collector.collect()) == []
 
 
@@ -206,7 +206,7 @@ _WORKER_SCRIPT = textwrap.dedent(
     import json, os, sys, urllib.request
     from rev_tasks.ops.multiproc import prepare_multiproc_dir
     prepare_multiproc_dir(os.environ["TEST_PROM_DIR"])  # before prometheus_client loads
-    from rev_tasks import metrics
+    from rev_tasks import metrics, queues
     assert metrics.multiprocess_enabled()
     server, _ = metrics.start_worker_metrics_server(0, "127.0.0.1")
     pid = os.fork()
