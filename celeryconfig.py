@@ -84,7 +84,7 @@ task_routes = {
 include = [
     "rev_tasks.tasks.verify",
     "rev_tasks.tasks.consensus",
-    "rev_tasks.tasks.models",
+    "rev_tasks.tasks.registration",
     "rev_tasks.tasks.maintenance",
 ]
 

@@ -52,7 +52,11 @@ def declared_queues(gpu_count: int) -> list[str]:
 
 
 class Task:
-    """Registered task names (``rev_tasks.<module>.<name>``)."""
+    """Registered task names (``rev_tasks.<module>.<name>``).
+
+    A name outlives a module rename: messages already queued under it must still find
+    their task. ``FINGERPRINT`` is registered by ``rev_tasks.tasks.registration``.
+    """
 
     PREPARE = "rev_tasks.tasks.verify.prepare"
     RUN_INFERENCE = "rev_tasks.tasks.verify.run_inference"

@@ -40,12 +40,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         celery_app, settings.inspect_timeout, settings.inspect_cache_seconds
     )
 
-    from web import errors, health, jobs, models, openapi
+    from web import errors, health, jobs, openapi, registry
 
     errors.register_error_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
-    app.register_blueprint(models.bp)
+    app.register_blueprint(registry.bp)
     app.register_blueprint(openapi.bp)
 
     if app.config.get("REV_METRICS", True):

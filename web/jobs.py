@@ -17,7 +17,8 @@ from sqlalchemy import and_, or_, select
 
 from rev_tasks import queues
 from rev_tasks.db import repo
-from rev_tasks.db.models import (
+from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_READY,
     QUEUED,
@@ -26,10 +27,10 @@ from rev_tasks.db.models import (
     ModelRecord,
     Transcript,
 )
-from rev_tasks.db.session import session_scope
 from rev_tasks.queues import Task
 from web import services
 from web.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from web.inputs import check_query, json_body, validation_error
 from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
 from web.security import can_see, principal
 
@@ -40,66 +41,12 @@ MAX_CURSOR = 256
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Refuse ``{"a": 1, "a": 2}``: parsers disagree on which one wins (smuggling)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def json_body() -> Any:
-    """The request's JSON, or a 400/413/415 in the API's error shape.
-
-    Strict JSON: no duplicate keys, no ``NaN``/``Infinity``; deep nesting is a 400, not a
-    RecursionError. The body size is capped by ``MAX_CONTENT_LENGTH`` (413) before parsing.
-    """
-    if not request.is_json:
-        from web.errors import UnsupportedMediaType
-
-        raise UnsupportedMediaType("send a JSON body with Content-Type: application/json")
-    raw = request.get_data(cache=True)
-    try:
-        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        message = str(exc)[:200] if not isinstance(exc, RecursionError) else "nested too deeply"
-        raise BadRequest(f"malformed JSON: {message}", code="malformed_json") from exc
-
-
-def check_query(*allowed: str) -> None:
-    """Query parameters are part of the schema: unknown or repeated ones are a 400."""
-    unknown = sorted(set(request.args) - set(allowed))
-    if unknown:
-        raise BadRequest(
-            f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter"
-        )
-    repeated = sorted(k for k in request.args if len(request.args.getlist(k)) > 1)
-    if repeated:
-        raise BadRequest(f"repeated query parameter: {repeated[0]}", code="unknown_parameter")
-
-
 def visible_job(session: Any, job_id: str) -> Job:
     """The job if it exists and the caller may see it; otherwise the same 404 either way."""
     job = session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None or not can_see(job.tenant):
         raise NotFound(f"no job {job_id[:64]!r}", code="job_not_found")
     return job
-
-
-def validation_error(exc: ValidationError) -> Unprocessable:
-    details = [
-        {"loc": [str(p) for p in err["loc"]], "message": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-    first = details[0] if details else {"loc": [], "message": "invalid"}
-    where = ".".join(first["loc"]) or "body"
-    return Unprocessable(f"{where}: {first['message']}", code="invalid_request", details=details)
 
 
 def _visible_model(session: Any, model_id: str) -> ModelRecord:

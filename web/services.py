@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rev_tasks import queues
-from rev_tasks.db.models import Fingerprint, Job, ModelRecord
+from rev_tasks.db.tables import Fingerprint, Job, ModelRecord
 from rev_tasks.inference.guard import within
 from rev_tasks.settings import Settings
 from web.errors import Conflict, ServiceUnavailable, Unprocessable

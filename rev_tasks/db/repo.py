@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from rev_tasks.db.models import (
+from rev_tasks.db.tables import (
     FAILED,
     MODEL_READY,
     TERMINAL,

@@ -31,8 +31,8 @@ from typing import Any
 
 from rev_tasks.celery import app
 from rev_tasks.db import repo
-from rev_tasks.db.models import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.queues import Task
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
 from rev_tasks.tasks.common import (

@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from rev_tasks.celery import app
 from rev_tasks.db import repo
-from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, RUNNING, Job, ModelRecord, utcnow
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, RUNNING, Job, ModelRecord, utcnow
 from rev_tasks.ops.backup import BackupError, backup_from_env
 from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings

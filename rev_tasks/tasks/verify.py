@@ -23,7 +23,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from rev_tasks.celery import app
 from rev_tasks.db import repo
-from rev_tasks.db.models import (
+from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import (
     RUNNING,
     SUCCEEDED,
     TERMINAL,
@@ -32,7 +33,6 @@ from rev_tasks.db.models import (
     Transcript,
     utcnow,
 )
-from rev_tasks.db.session import session_scope
 from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (

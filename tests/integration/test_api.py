@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 def _counts() -> tuple[int, int]:
     from sqlalchemy import func, select
 
-    from rev_tasks.db.models import Job, ModelRecord
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job, ModelRecord
 
     with session_scope() as s:
         return (

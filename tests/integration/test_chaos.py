@@ -127,8 +127,8 @@ def _bodies(model_dirs: dict[str, Path], n: int) -> list[tuple[dict[str, Any], s
 def _rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
     from sqlalchemy import select
 
-    from rev_tasks.db.models import Job
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job
 
     with session_scope() as s:
         rows = s.execute(
@@ -140,8 +140,8 @@ def _rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
 def _votes(job_id: str) -> list[int]:
     from sqlalchemy import select
 
-    from rev_tasks.db.models import Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Vote
 
     with session_scope() as s:
         return list(s.scalars(select(Vote.validator).where(Vote.job_id == job_id)))

@@ -142,8 +142,8 @@ def test_a_forging_inference_worker_is_caught_by_re_execution(
     """A lying inference worker: it runs the reference in gpt2-b's place and stores a
     transcript that is internally consistent and claims SAME. The audit alone cannot see it;
     every validator's re-execution of the real gpt2-b does, on whichever records it drew."""
-    from rev_tasks.db.models import Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Vote
 
     worker = start_worker(
         name="forger", REV_ENABLE_FAULT_INJECTION="1", REV_TEST_FORGE_INFERENCE_PATH="gpt2-b"
@@ -336,8 +336,8 @@ def test_every_step_delivered_twice_while_the_job_runs(
     from sqlalchemy import func, select
 
     from rev_tasks.celery import app
-    from rev_tasks.db.models import Transcript, Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Transcript, Vote
 
     # Tenant beta's own registry: a copy of gpt2-a registered for the admin's tenant would
     # tie with gpt2-a in any later identify job of that tenant (test_farm's ranking).

@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy models: jobs, registered models, fingerprints, transcripts, votes.
+"""The database tables as typed SQLAlchemy classes: jobs, models, fingerprints, transcripts, votes.
 
 Big documents (transcripts, fingerprints) are zlib-compressed JSON in ``LargeBinary``
 columns: they are written once, read whole, and never queried inside. Small structured

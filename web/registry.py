@@ -16,12 +16,12 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from rev_tasks import queues
-from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
 from rev_tasks.queues import Task
 from web import services
 from web.errors import Conflict, NotFound, ServiceUnavailable
-from web.jobs import check_query, json_body, validation_error
+from web.inputs import check_query, json_body, validation_error
 from web.schemas import MODEL_ID_PATTERN, ModelRegistration
 from web.security import can_see, principal
 
