@@ -15,7 +15,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
 
-from rev_tasks import queues
+from rev_tasks import metrics, queues
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import (
@@ -130,18 +130,9 @@ def submit() -> ResponseReturnValue:
         with session_scope() as s:
             repo.fail_job(s, job_id, "broker_unavailable", "the job could not be enqueued")
         raise
-    _metric("job_submitted", req.kind)
+    metrics.job_submitted(req.kind)
     url = url_for("jobs.get_job", job_id=job_id)
     return {"id": job_id, "status": QUEUED, "url": url}, 202, {"Location": url}
-
-
-def _metric(name: str, *args: Any) -> None:
-    try:
-        from rev_tasks import metrics
-
-        getattr(metrics, name)(*args)
-    except Exception:  # noqa: BLE001 - metrics never fail a request
-        pass
 
 
 def _encode_cursor(job: Job) -> str:

@@ -20,7 +20,6 @@ Fault injection (tests only, ``REV_ENABLE_FAULT_INJECTION=1``):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from rev_tasks import metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
@@ -42,7 +42,6 @@ from rev_tasks.tasks.common import (
     farm_key,
     load_cached,
     memory_budget,
-    metric,
 )
 
 log = logging.getLogger(__name__)
@@ -146,11 +145,7 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
             return {"validator": validator, "verdict": None, "abstained": True}
     fault = get_settings().fault_mode(validator)
     try:
-        with contextlib.ExitStack() as stack:
-            with contextlib.suppress(Exception):
-                from rev_tasks import metrics
-
-                stack.enter_context(metrics.validator_running())
+        with metrics.validator_running():
             if fault == "crash":
                 raise RuntimeError(f"fault injection: validator {validator} crashed")
             recorded, root, problems, indices = _check(job_id, validator)
@@ -172,7 +167,7 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
     with session_scope() as s:  # the stored vote, which is the first one on a race
         stored = s.query(Vote).filter_by(job_id=job_id, validator=validator).one()
         doc = _vote_doc(stored)
-    metric("validator_vote", "reject" if doc["verdict"] == "INVALID" else "accept")
+    metrics.validator_vote("reject" if doc["verdict"] == "INVALID" else "accept")
     if problems:
         log.warning("validator %d on job %s: %s", validator, job_id, "; ".join(problems[:3]))
     return doc
@@ -233,8 +228,8 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
         job.stage = "done"
         job.finished_at = now
         status, verdict = job.status, result.get("verdict")
-    metric("consensus_round", outcome, (time.time() - started) if started is not None else None)
-    metric("job_finished", "verify", status, verdict)
+    metrics.consensus_round(outcome, (time.time() - started) if started is not None else None)
+    metrics.job_finished("verify", status, verdict)
     return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
 
 
@@ -249,5 +244,5 @@ def consensus_failed(task_id: str, job_id: str) -> None:
             f"a consensus task failed (task {task_id}); no verdict is published",
         )
     if failed:
-        metric("consensus_round", "failed")
-        metric("job_finished", "verify", FAILED, None)
+        metrics.consensus_round("failed")
+        metrics.job_finished("verify", FAILED, None)

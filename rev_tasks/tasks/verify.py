@@ -21,10 +21,12 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from rev_tasks import metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import (
+    FAILED,
     RUNNING,
     SUCCEEDED,
     TERMINAL,
@@ -42,7 +44,6 @@ from rev_tasks.tasks.common import (
     farm_key,
     load_cached,
     memory_budget,
-    metric,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _fail(job_id: str, code: str, message: str, kind: str = "verify") -> None:
         failed = repo.fail_job(s, job_id, code, message)
     if failed:
         log.warning("job %s failed: %s: %s", job_id, code, message)
-        metric("job_finished", kind, "failed", None)
+        metrics.job_finished(kind, FAILED, None)
 
 
 @app.task(name=Task.PREPARE, ignore_result=True, **DB_RETRY)
@@ -272,7 +273,7 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
         if done > last[1]:
             per = (now - last[0]) / (done - last[1])
             for _ in range(done - last[1]):
-                metric("observe_inference", family, device, per)
+                metrics.observe_inference(family, device, per)
         last[0], last[1] = now, done
         with session_scope() as s:
             repo.set_progress(s, job_id, done, maximum)
@@ -396,7 +397,7 @@ def _identify(spec: _JobSpec) -> None:
         job.challenges_done = used
         job.decided_at = now
         job.finished_at = now
-    metric("job_finished", "identify", SUCCEEDED, result["verdict"])
+    metrics.job_finished("identify", SUCCEEDED, result["verdict"])
 
 
 def _dispatch_consensus(job_id: str) -> None:

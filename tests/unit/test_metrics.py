@@ -99,6 +99,35 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     assert ours == set(metrics.METRIC_NAMES)
 
 
+class _BrokenSeries:
+    """A metric whose every call raises, like a full multiprocess directory would."""
+
+    def labels(self, **_: str) -> _BrokenSeries:
+        raise OSError("No space left on device")
+
+    inc = dec = set = observe = labels
+
+
+def test_recording_never_fails_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "JOBS_FINISHED", _BrokenSeries())
+    monkeypatch.setattr(metrics, "MODEL_LOAD_DURATION", _BrokenSeries())
+    monkeypatch.setattr(metrics, "CONSENSUS_VALIDATORS_ACTIVE", _BrokenSeries())
+    assert metrics.job_finished("verify", "failed", None) is None
+    assert metrics.observe_model_load("gpt2", "cpu", 0.5) is None
+    with metrics.validator_running():
+        ran = True
+    assert ran
+
+
+def test_a_wrong_call_is_an_error_not_a_silently_missing_count() -> None:
+    with pytest.raises(TypeError):
+        metrics.job_finished("verify", "failed")  # the verdict is missing
+    with pytest.raises(TypeError):
+        metrics.consensus_round(outcome="published", seconds=0.1)  # no such argument
+    with pytest.raises(AttributeError):
+        metrics.job_finishd  # noqa: B018 - a misspelt helper fails where it is named
+
+
 def test_labels_stay_bounded() -> None:
     before = REGISTRY.get_sample_value("consensus_validators_total", {"vote": "other"}) or 0
     metrics.validator_vote("banana")
@@ -292,3 +321,22 @@ def test_scrape_over_http_in_single_process_mode() -> None:
         assert "worker_memory_bytes" in text
     finally:
         server.shutdown()
+
+
+def test_metrics_and_backups_do_not_import_each_other() -> None:
+    """metrics reads backup files through ops.backup_files; only ops.backup records metrics."""
+    import ast
+
+    from rev_tasks.ops import backup, backup_files
+
+    def imported(module: object) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())  # type: ignore[attr-defined]
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                names |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+        return names
+
+    assert "rev_tasks.ops.backup" not in imported(metrics)
+    assert "rev_tasks.metrics" in imported(backup)
+    assert not {"rev_tasks.metrics", "rev_tasks.ops.backup"} & imported(backup_files)
