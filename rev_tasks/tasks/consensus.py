@@ -12,10 +12,6 @@ Votes are upserts keyed by (job, validator): a redelivered validator leaves the 
 A validator that crashes (an exception in its check) abstains instead of failing the chord:
 the quorum of four out of five tolerates one such validator, exactly as it tolerates one
 liar. A database outage is retried with backoff instead (``DB_RETRY``).
-
-Fault injection (tests only, ``REV_ENABLE_FAULT_INJECTION=1``):
-``REV_TEST_FAULTY_VALIDATORS="2"`` makes validator 2 lie (vote the opposite verdict),
-``"1:random"`` vote a random verdict, ``"3:crash"`` raise inside its check.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.queues import Task
-from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
+from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS
 from rev_tasks.tasks.common import (
     DB_ERRORS,
     DB_RETRY,
@@ -43,11 +39,9 @@ from rev_tasks.tasks.common import (
     load_cached,
     memory_budget,
 )
+from rev_tasks.testing import faults
 
 log = logging.getLogger(__name__)
-
-VERDICTS = ("SAME", "DIFFERENT", "UNDECIDED", "INVALID")
-_OPPOSITE = {"SAME": "DIFFERENT", "DIFFERENT": "SAME", "UNDECIDED": "DIFFERENT", "INVALID": "SAME"}
 
 
 def vote_digest(job_id: str, transcript_root: str, verdict: str) -> str:
@@ -56,11 +50,6 @@ def vote_digest(job_id: str, transcript_root: str, verdict: str) -> str:
     return hashlib.sha256(
         json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
     ).hexdigest()
-
-
-def opposite(verdict: str) -> str:
-    """The lie a faulty validator tells (test-only fault injection)."""
-    return _OPPOSITE[verdict]
 
 
 def _vote_doc(v: Vote) -> dict[str, Any]:
@@ -143,24 +132,16 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
             # be a permanent vote against a transcript that does not exist yet.
             log.warning("validator %d: job %s has no transcript; not voting", validator, job_id)
             return {"validator": validator, "verdict": None, "abstained": True}
-    fault = get_settings().fault_mode(validator)
     try:
         with metrics.validator_running():
-            if fault == "crash":
-                raise RuntimeError(f"fault injection: validator {validator} crashed")
+            faults.before_validation(validator)
             recorded, root, problems, indices = _check(job_id, validator)
     except DB_ERRORS:
         raise  # retried with backoff: an outage is not a validator fault
     except Exception as exc:  # noqa: BLE001 - a crashing validator abstains
         log.error("validator %d on job %s crashed; it abstains: %s", validator, job_id, exc)
         return {"validator": validator, "verdict": None, "abstained": True}
-    verdict = "INVALID" if problems else recorded
-    if fault == "lie":
-        log.warning("fault injection: validator %d lies about job %s", validator, job_id)
-        verdict = opposite(verdict)
-    elif fault == "random":
-        verdict = random.SystemRandom().choice(VERDICTS)
-        log.warning("fault injection: validator %d votes %s at random", validator, verdict)
+    verdict = faults.validator_verdict(validator, job_id, "INVALID" if problems else recorded)
     digest = vote_digest(job_id, root, verdict)
     with session_scope() as s:
         repo.store_vote(s, job_id, validator, verdict, digest, problems, indices)

@@ -13,8 +13,6 @@ backoff (``DB_RETRY``), never turned into a failed job.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +43,7 @@ from rev_tasks.tasks.common import (
     load_cached,
     memory_budget,
 )
+from rev_tasks.testing import faults
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def run_inference(self: Any, job_id: str) -> str:
             spec.kind,
         )
         return "failed"
-    _maybe_self_destruct(spec.candidate_path)
+    faults.before_inference(spec.candidate_path)
     try:
         if spec.kind == "identify":
             _identify(spec)
@@ -216,28 +215,6 @@ def run_inference(self: Any, job_id: str) -> str:
         raise
     _dispatch_consensus(job_id)
     return "decided"
-
-
-def _maybe_self_destruct(candidate_path: str) -> None:
-    """Test-only: SIGKILL this child for a marked candidate (a model that OOM-kills workers)."""
-    marker = get_settings().fault_kill_path
-    if marker and marker in candidate_path:
-        log.warning("fault injection: killing this worker child (%s)", candidate_path)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _maybe_forge(candidate_path: str, reference: Any, candidate: Any) -> Any:
-    """Test-only: a lying inference worker, for a marked candidate.
-
-    It runs the reference model in the candidate's place, so the transcript it stores is
-    internally consistent (root, proofs, distances, decision) and claims SAME: only the
-    validators' re-execution of the real candidate can expose it.
-    """
-    marker = get_settings().fault_forge_path
-    if marker and marker in candidate_path and not isinstance(reference, dict):
-        log.warning("fault injection: forging the transcript of %s", candidate_path)
-        return reference
-    return candidate
 
 
 def _load(path: str, side: str, request: dict[str, Any]) -> Any:
@@ -265,8 +242,6 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
     ``challenges_done``/``challenges_max``) is what Flower and ``AsyncResult`` show.
     """
     last = [time.perf_counter(), 0]
-    # Test-only: a slow model (REV_TEST_SLOW_BATCH_SECONDS, with REV_ENABLE_FAULT_INJECTION).
-    slow = get_settings().fault_slow_batch_seconds
 
     def report(done: int, maximum: int) -> None:
         now = time.perf_counter()
@@ -277,8 +252,7 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
         last[0], last[1] = now, done
         with session_scope() as s:
             repo.set_progress(s, job_id, done, maximum)
-        if slow:
-            time.sleep(slow)
+        faults.after_batch()
         if task is not None and getattr(task.request, "id", None):
             try:
                 task.update_state(
@@ -307,7 +281,7 @@ def _verify(spec: _JobSpec, task: Any = None) -> bool:
         assert spec.reference_path is not None
         reference = _load(spec.reference_path, "reference", spec.request)
     candidate = _load(spec.candidate_path, "candidate", spec.request)
-    computed = _maybe_forge(spec.candidate_path, reference, candidate)
+    computed = faults.computed_candidate(spec.candidate_path, reference, candidate)
     try:
         verification = Verification(reference, computed, key, params)
     except ValueError as exc:

@@ -178,25 +178,26 @@ def test_a_forging_inference_worker_is_caught_by_re_execution(
 
 
 def test_fault_switch_needs_the_enable_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rev_tasks.settings import Settings
+    from rev_tasks.testing.faults import Faults
 
     monkeypatch.setenv("REV_TEST_FAULTY_VALIDATORS", "0,3:random,4:crash")
     monkeypatch.setenv("REV_TEST_SLOW_BATCH_SECONDS", "2")
     monkeypatch.setenv("REV_TEST_FORGE_INFERENCE_PATH", "gpt2-b")
+    monkeypatch.setenv("REV_TEST_KILL_INFERENCE_PATH", "oom-bomb")
     monkeypatch.delenv("REV_ENABLE_FAULT_INJECTION", raising=False)
-    off = Settings.from_env()
+    off = Faults.from_env()
     assert off.faulty_validators == frozenset()
-    assert off.fault_mode(0) is None and off.fault_slow_batch_seconds == 0
-    assert off.fault_forge_path == ""
+    assert off.validator_mode(0) is None and off.slow_batch_seconds == 0
+    assert off.forge_path == "" and off.kill_path == ""
     monkeypatch.setenv("REV_ENABLE_FAULT_INJECTION", "1")
-    on = Settings.from_env()
+    on = Faults.from_env()
     assert on.faulty_validators == frozenset({0, 3, 4})
-    assert [on.fault_mode(i) for i in range(5)] == ["lie", None, None, "random", "crash"]
-    assert on.fault_slow_batch_seconds == 2
-    assert on.fault_forge_path == "gpt2-b"
+    assert [on.validator_mode(i) for i in range(5)] == ["lie", None, None, "random", "crash"]
+    assert on.slow_batch_seconds == 2
+    assert on.forge_path == "gpt2-b" and on.kill_path == "oom-bomb"
     monkeypatch.setenv("REV_TEST_FAULTY_VALIDATORS", "1:sleepy")
     with pytest.raises(ValueError, match="mode"):
-        Settings.from_env()
+        Faults.from_env()
 
 
 # ----------------------------------------------------------------------------- models
