@@ -15,13 +15,11 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
 
-from rev_tasks import metrics, queues
-from rev_tasks.db import repo
+from rev_tasks import jobs, metrics, queues
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_READY,
-    QUEUED,
     Fingerprint,
     Job,
     ModelRecord,
@@ -29,7 +27,7 @@ from rev_tasks.db.tables import (
 )
 from rev_tasks.queues import Task
 from web import services
-from web.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from web.errors import BadRequest, Conflict, NotFound, Unprocessable
 from web.inputs import check_query, json_body, validation_error
 from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
 from web.security import can_see, principal
@@ -104,35 +102,36 @@ def submit() -> ResponseReturnValue:
         device, queue = services.choose_queue(
             req.device, live, services.queue_backlog(settings.redis_url, gpu_live)
         )
-        s.add(
-            Job(
-                id=job_id,
-                tenant=principal().tenant,
-                kind=req.kind,
-                status=QUEUED,
-                stage="queued",
-                request=req.model_dump(mode="json"),
-                device=device,
-                queue=queue,
-                reference_model_id=reference_model_id,
-                reference_path=reference_path,
-                candidate_path=candidate_path,
-                challenges_done=0,
-                challenges_max=budget,
-            )
+        job = jobs.new_job(
+            id=job_id,
+            tenant=principal().tenant,
+            kind=req.kind,
+            request=req.model_dump(mode="json"),
+            device=device,
+            queue=queue,
+            reference_model_id=reference_model_id,
+            reference_path=reference_path,
+            candidate_path=candidate_path,
+            challenges_max=budget,
         )
-    # Enqueue only after the commit: a worker must find the row it is told about.
-    try:
-        services.enqueue(
-            current_app.extensions["rev_celery"], Task.PREPARE, [job_id], queues.DEFAULT
+        s.add(job)
+        status = job.status
+        services.enqueue_after_commit(
+            s,
+            current_app.extensions["rev_celery"],
+            Task.PREPARE,
+            [job_id],
+            queues.DEFAULT,
+            on_failure=lambda: _fail_unsent(job_id),
         )
-    except ServiceUnavailable:
-        with session_scope() as s:
-            repo.fail_job(s, job_id, "broker_unavailable", "the job could not be enqueued")
-        raise
     metrics.job_submitted(req.kind)
     url = url_for("jobs.get_job", job_id=job_id)
-    return {"id": job_id, "status": QUEUED, "url": url}, 202, {"Location": url}
+    return {"id": job_id, "status": status, "url": url}, 202, {"Location": url}
+
+
+def _fail_unsent(job_id: str) -> None:
+    with session_scope() as s:
+        jobs.fail(s, job_id, "broker_unavailable", "the job could not be enqueued")
 
 
 def _encode_cursor(job: Job) -> str:
@@ -177,10 +176,9 @@ def list_jobs() -> ResponseReturnValue:
         stmt = stmt.where(Job.tenant == principal().tenant)
     status = request.args.get("status")
     if status is not None:
-        if status not in ("queued", "running", "succeeded", "failed"):
-            raise BadRequest(
-                "status must be queued, running, succeeded or failed", code="invalid_status"
-            )
+        if status not in jobs.STATUSES:
+            choices = ", ".join(jobs.STATUSES[:-1]) + f" or {jobs.STATUSES[-1]}"
+            raise BadRequest(f"status must be {choices}", code="invalid_status")
         stmt = stmt.where(Job.status == status)
     cursor = request.args.get("cursor")
     if cursor:
@@ -189,9 +187,9 @@ def list_jobs() -> ResponseReturnValue:
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
         )
     with session_scope() as s:
-        jobs = list(s.scalars(stmt.limit(limit + 1)))
-        page = jobs[:limit]
-        next_cursor = _encode_cursor(page[-1]) if len(jobs) > limit else None
+        rows = list(s.scalars(stmt.limit(limit + 1)))
+        page = rows[:limit]
+        next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
         return {"jobs": [services.job_document(j) for j in page], "next_cursor": next_cursor}
 
 
@@ -212,7 +210,7 @@ def get_transcript(job_id: str) -> ResponseReturnValue:
             raise NotFound("identify jobs have no transcript", code="transcript_not_found")
         tr = s.get(Transcript, job_id)
         if tr is None:
-            if job.status in ("queued", "running"):
+            if not jobs.finished(job):
                 raise Conflict("the job has not decided yet", code="transcript_not_ready")
             raise NotFound("the job ended without a transcript", code="transcript_not_found")
         doc = tr.document()

@@ -20,7 +20,7 @@ from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
 from rev_tasks.queues import Task
 from web import services
-from web.errors import Conflict, NotFound, ServiceUnavailable
+from web.errors import Conflict, NotFound
 from web.inputs import check_query, json_body, validation_error
 from web.schemas import MODEL_ID_PATTERN, ModelRegistration
 from web.security import can_see, principal
@@ -53,17 +53,24 @@ def register() -> ResponseReturnValue:
         s.add(rec)
         s.flush()
         doc = services.model_document(rec, None)
-    try:
-        services.enqueue(current_app.extensions["rev_celery"], Task.FINGERPRINT, [req.id], queue)
-    except ServiceUnavailable:
-        with session_scope() as s:
-            rec = s.get(ModelRecord, req.id)
-            if rec is not None:
-                rec.status = MODEL_FAILED
-                rec.error = {"code": "broker_unavailable", "message": "could not be enqueued"}
-        raise
+        services.enqueue_after_commit(
+            s,
+            current_app.extensions["rev_celery"],
+            Task.FINGERPRINT,
+            [req.id],
+            queue,
+            on_failure=lambda: _fail_unsent(req.id),
+        )
     url = url_for("models.get_model", model_id=req.id)
     return doc, 202, {"Location": url}
+
+
+def _fail_unsent(model_id: str) -> None:
+    with session_scope() as s:
+        rec = s.get(ModelRecord, model_id)
+        if rec is not None:
+            rec.status = MODEL_FAILED
+            rec.error = {"code": "broker_unavailable", "message": "could not be enqueued"}
 
 
 @bp.get("")

@@ -24,11 +24,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from rev_tasks import metrics
+from rev_tasks import jobs, metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
-from rev_tasks.db.tables import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
+from rev_tasks.db.tables import Job, Transcript, Vote
 from rev_tasks.queues import Task
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS
 from rev_tasks.tasks.common import (
@@ -162,63 +162,79 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
     chord body (redelivery, a re-dispatched chord) finish the job exactly once: the second
     one finds it terminal and skips.
     """
-    with session_scope() as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        tr = s.get(Transcript, job_id)
-        if job is None or job.status in TERMINAL:
-            return {"job_id": job_id, "skipped": True}
-        votes = repo.votes_for(s, job_id)
-        counts = Counter((v.verdict, v.digest) for v in votes)
-        (top_verdict, _digest), agreeing = counts.most_common(1)[0] if counts else ((None, None), 0)
-        recorded = tr.verdict if tr is not None else None
-        quorum = agreeing >= QUORUM
-        agreed = quorum and top_verdict == recorded and top_verdict != "INVALID"
-        consensus = {
-            "validators": VALIDATORS,
-            "quorum": QUORUM,
-            "votes": [_vote_doc(v) for v in votes],
-            "agreeing": agreeing,
-            "verdict": top_verdict if quorum else None,
-            "agreed": agreed,
-            "abstained": sorted(set(range(VALIDATORS)) - {v.validator for v in votes}),
-        }
-        result = dict(tr.outcome) if tr is not None else {}
-        result["consensus"] = consensus
-        now = utcnow()
-        if agreed:
-            job.status, job.error = SUCCEEDED, None
-            outcome = "published"
-        else:
-            result["verdict"] = None
-            job.status = FAILED
-            if quorum and top_verdict == "INVALID":
-                job.error = {
-                    "code": "invalid_transcript",
-                    "message": f"{agreeing} of {VALIDATORS} validators found the transcript invalid",
-                }
-            else:
-                job.error = {
-                    "code": "no_consensus",
-                    "message": (
-                        f"only {agreeing} of {VALIDATORS} validators agree on "
-                        f"{top_verdict} (quorum {QUORUM}); no verdict is published"
-                    ),
-                }
-            outcome = "no_quorum"
-        job.result = result
-        job.stage = "done"
-        job.finished_at = now
-        status, verdict = job.status, result.get("verdict")
+    try:
+        with session_scope() as s:
+            tallied = _tally(s, job_id)
+    except jobs.IllegalTransition as exc:  # a stray tally for a job still in inference
+        log.warning("%s; the tally is ignored", exc)
+        tallied = None
+    if tallied is None:
+        return {"job_id": job_id, "skipped": True}
+    outcome, status, verdict, agreeing = tallied
     metrics.consensus_round(outcome, (time.time() - started) if started is not None else None)
     metrics.job_finished("verify", status, verdict)
     return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
+
+
+def _tally(session: Any, job_id: str) -> tuple[str, str, str | None, int] | None:
+    """(outcome, status, verdict, agreeing) once the job is finished; None if it was."""
+    job = jobs.load(session, job_id)
+    if job is None or jobs.finished(job):
+        return None
+    tr = session.get(Transcript, job_id)
+    consensus, failure = count_votes(repo.votes_for(session, job_id), tr.verdict if tr else None)
+    result = dict(tr.outcome) if tr is not None else {}
+    result["consensus"] = consensus
+    if failure is None:
+        jobs.publish(session, job, result)
+        outcome = "published"
+    else:
+        result["verdict"] = None
+        jobs.reject(session, job, result, *failure)
+        outcome = "no_quorum"
+    return outcome, job.status, result.get("verdict"), consensus["agreeing"]
+
+
+def count_votes(
+    votes: list[Vote], recorded: str | None
+) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """The consensus document, and (code, message) unless the votes publish ``recorded``.
+
+    Publishing needs a quorum of identical votes (verdict and digest) that agree with the
+    transcript's own decision; a quorum for INVALID rejects the transcript.
+    """
+    counts = Counter((v.verdict, v.digest) for v in votes)
+    (top_verdict, _digest), agreeing = counts.most_common(1)[0] if counts else ((None, None), 0)
+    quorum = agreeing >= QUORUM
+    agreed = quorum and top_verdict == recorded and top_verdict != "INVALID"
+    consensus = {
+        "validators": VALIDATORS,
+        "quorum": QUORUM,
+        "votes": [_vote_doc(v) for v in votes],
+        "agreeing": agreeing,
+        "verdict": top_verdict if quorum else None,
+        "agreed": agreed,
+        "abstained": sorted(set(range(VALIDATORS)) - {v.validator for v in votes}),
+    }
+    if agreed:
+        return consensus, None
+    if quorum and top_verdict == "INVALID":
+        return consensus, (
+            "invalid_transcript",
+            f"{agreeing} of {VALIDATORS} validators found the transcript invalid",
+        )
+    return consensus, (
+        "no_consensus",
+        f"only {agreeing} of {VALIDATORS} validators agree on {top_verdict} "
+        f"(quorum {QUORUM}); no verdict is published",
+    )
 
 
 @app.task(name=Task.CONSENSUS_FAILED, ignore_result=True, **DB_RETRY)
 def consensus_failed(task_id: str, job_id: str) -> None:
     """Chord errback: a validator or the tally raised; the job must not stay running."""
     with session_scope() as s:
-        failed = repo.fail_job(
+        failed = jobs.fail(
             s,
             job_id,
             "consensus_error",
@@ -226,4 +242,4 @@ def consensus_failed(task_id: str, job_id: str) -> None:
         )
     if failed:
         metrics.consensus_round("failed")
-        metrics.job_finished("verify", FAILED, None)
+        metrics.job_finished("verify", jobs.FAILED, None)

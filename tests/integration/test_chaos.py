@@ -93,12 +93,12 @@ def submit(client: Any, body: dict[str, Any]) -> str:
 def _no_job_left_running(farm_env: dict[str, str]) -> Iterator[None]:
     """A failed chaos test must not leave jobs running for the modules that follow."""
     yield
-    from rev_tasks.db import repo
+    from rev_tasks import jobs
     from rev_tasks.db.session import session_scope
 
     with session_scope() as s:
         for job_id in SUBMITTED:
-            repo.fail_job(s, job_id, "test_cleanup", "left unfinished by a failed chaos test")
+            jobs.fail(s, job_id, "test_cleanup", "left unfinished by a failed chaos test")
 
 
 @pytest.fixture(scope="module")
