@@ -101,6 +101,12 @@ def reset() -> None:
     active.cache_clear()
 
 
+# With the flag set, malformed fault variables stop the process that imports the hooks (a
+# worker, at start), as a malformed setting does, instead of surfacing in its first task.
+if os.environ.get(ENABLE, "").strip():
+    active()
+
+
 def opposite(verdict: str) -> str:
     """The lie a faulty validator tells."""
     return _OPPOSITE[verdict]

@@ -111,3 +111,12 @@ def test_production_code_calls_one_hook_per_point_and_nothing_else() -> None:
 
 def _is_faults(node: ast.AST) -> bool:
     return isinstance(node, ast.Name) and node.id == "faults"
+
+
+def test_malformed_faults_stop_the_importing_process_at_start() -> None:
+    env = {**os.environ, faults.ENABLE: "1", "REV_TEST_FAULTY_VALIDATORS": "1:sleepy"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import rev_tasks.testing.faults"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "REV_TEST_FAULTY_VALIDATORS" in proc.stderr
