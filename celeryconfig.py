@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from kombu import Queue
 
+from rev_tasks import queues
 from rev_tasks.ops.backup import BACKUP_BEAT_NAME, beat_schedule_entry
+from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 
 _settings = get_settings()
@@ -61,40 +63,28 @@ worker_hijack_root_logger = False
 timezone = "UTC"
 enable_utc = True
 
-QUEUE_CPU = "inference.cpu"
-QUEUE_CONSENSUS = "consensus"
-QUEUE_DEFAULT = "default"
-QUEUE_MAINTENANCE = "maintenance"
-GPU_QUEUES = _settings.gpu_queues
-
-task_default_queue = QUEUE_DEFAULT
+task_default_queue = queues.DEFAULT
 task_create_missing_queues = False
-task_queues = [
-    Queue(QUEUE_DEFAULT, routing_key=QUEUE_DEFAULT),
-    Queue(QUEUE_CPU, routing_key=QUEUE_CPU),
-    *[Queue(q, routing_key=q) for q in GPU_QUEUES],
-    Queue(QUEUE_CONSENSUS, routing_key=QUEUE_CONSENSUS),
-    Queue(QUEUE_MAINTENANCE, routing_key=QUEUE_MAINTENANCE),
-]
+task_queues = [Queue(q, routing_key=q) for q in queues.declared_queues(_settings.gpu_count)]
 ALL_QUEUES = [q.name for q in task_queues]
 
 # Inference tasks default to the CPU queue; the coordinator sends each job to the queue of
 # the device it resolved (inference.cpu or inference.cudaN) with an explicit ``queue=``.
 task_routes = {
-    "rev_tasks.tasks.verify.prepare": {"queue": QUEUE_DEFAULT},
-    "rev_tasks.tasks.verify.run_inference": {"queue": QUEUE_CPU},
-    "rev_tasks.tasks.models.fingerprint": {"queue": QUEUE_CPU},
-    "rev_tasks.tasks.consensus.validate": {"queue": QUEUE_CONSENSUS},
-    "rev_tasks.tasks.consensus.tally": {"queue": QUEUE_CONSENSUS},
-    "rev_tasks.tasks.consensus.consensus_failed": {"queue": QUEUE_CONSENSUS},
-    "rev_tasks.tasks.maintenance.*": {"queue": QUEUE_MAINTENANCE},
-    "rev_tasks.ops.*": {"queue": QUEUE_MAINTENANCE},
+    Task.PREPARE: {"queue": queues.DEFAULT},
+    Task.RUN_INFERENCE: {"queue": queues.INFERENCE_CPU},
+    Task.FINGERPRINT: {"queue": queues.INFERENCE_CPU},
+    Task.VALIDATE: {"queue": queues.CONSENSUS},
+    Task.TALLY: {"queue": queues.CONSENSUS},
+    Task.CONSENSUS_FAILED: {"queue": queues.CONSENSUS},
+    "rev_tasks.tasks.maintenance.*": {"queue": queues.MAINTENANCE},
+    "rev_tasks.ops.*": {"queue": queues.MAINTENANCE},
 }
 
 include = [
     "rev_tasks.tasks.verify",
     "rev_tasks.tasks.consensus",
-    "rev_tasks.tasks.models",
+    "rev_tasks.tasks.registration",
     "rev_tasks.tasks.maintenance",
 ]
 
@@ -103,9 +93,9 @@ include = [
 # seconds); a malformed value fails here, at start, not silently at 03:00.
 beat_schedule = {
     "reap-stale-jobs": {
-        "task": "rev_tasks.tasks.maintenance.reap_stale_jobs",
+        "task": Task.REAP_STALE_JOBS,
         "schedule": 300.0,
-        "options": {"expires": 240, "queue": QUEUE_MAINTENANCE},
+        "options": {"expires": 240, "queue": queues.MAINTENANCE},
     },
     BACKUP_BEAT_NAME: beat_schedule_entry(),
 }

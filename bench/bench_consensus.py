@@ -40,8 +40,9 @@ ALPHA_FULL_BUDGET = 1e-18  # all-match SPRT needs 65 challenges at this alpha: 6
 
 def _reset(job_id: str) -> None:
     """Forget the votes and the published result, as if the chord were dispatched now."""
-    from rev_tasks.db.models import RUNNING, Job, Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job, Vote
+    from rev_tasks.jobs import RUNNING
 
     with session_scope() as s:
         s.query(Vote).filter(Vote.job_id == job_id).delete()

@@ -66,8 +66,8 @@ def _broker_state(redis_url: str) -> dict[str, Any]:
 def _db_jobs() -> int:
     from sqlalchemy import func, select
 
-    from rev_tasks.db.models import Job
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job
 
     with session_scope() as s:
         return int(s.scalar(select(func.count()).select_from(Job)) or 0)

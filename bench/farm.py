@@ -327,8 +327,8 @@ class BenchFarm:
         """
         from sqlalchemy import select
 
-        from rev_tasks.db.models import Job
         from rev_tasks.db.session import session_scope
+        from rev_tasks.db.tables import Job
 
         pending = set(job_ids)
         done: dict[str, tuple[str, Any]] = {}

@@ -6,8 +6,8 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from rev_tasks.db.models import Base
 from rev_tasks.db.session import make_engine
+from rev_tasks.db.tables import Base
 from rev_tasks.settings import get_settings
 
 config = context.config

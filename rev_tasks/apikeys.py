@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rev_tasks.db.models import ApiKey, utcnow
+from rev_tasks.db.tables import ApiKey, utcnow
 
 SCOPES = ("submit", "read", "admin")
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -1,9 +1,11 @@
 """The farm's Celery app (``celery -A rev_tasks worker`` finds it here as ``rev_tasks.celery``).
 
-Configuration lives in the top-level ``celeryconfig`` module. The signal handlers below make
-``-c N`` scale: each prefork child gets ``cores // N`` torch threads, drops the database
-connections it inherited from the parent and starts with an empty model cache. CUDA is
-never touched here: a child initialises it lazily when it first loads a model on ``cuda``.
+Configuration lives in the top-level ``celeryconfig`` module, installed with the package
+(``py-modules`` in pyproject.toml) so that a worker finds it from any directory. The signal
+handlers below make ``-c N`` scale: each prefork child gets ``cores // N`` torch threads,
+drops the database connections it inherited from the parent and starts with an empty model
+cache. CUDA is never touched here: a child initialises it lazily when it first loads a
+model on ``cuda``.
 
 Observability is wired here too: the main process serves the merged Prometheus metrics
 (``worker_init``), each child starts OpenTelemetry after the fork when an OTLP endpoint
@@ -13,11 +15,8 @@ is set (:mod:`rev_tasks.telemetry`), and every task binds its job id to the log 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -25,9 +24,6 @@ from celery import Celery, signals
 from rev_tasks import logs
 
 log = logging.getLogger(__name__)
-
-if importlib.util.find_spec("celeryconfig") is None:  # started outside the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 app = Celery("rev_tasks")
 app.config_from_object("celeryconfig")

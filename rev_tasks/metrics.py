@@ -11,7 +11,7 @@ Who records what
   ``queue_depth`` is read from Redis at scrape time by :class:`QueueDepthCollector`
   (registered by ``init_app(redis_url=..., queues=...)``), so it is right even when no
   worker runs.
-- Workers (Celery prefork): tasks call :func:`time_inference`, :func:`time_model_load`,
+- Workers (Celery prefork): tasks call :func:`observe_inference`, :func:`observe_model_load`,
   :func:`set_models_cached`, :func:`validator_running`, :func:`validator_vote`,
   :func:`consensus_round`, :func:`job_finished`. The children write into
   ``PROMETHEUS_MULTIPROC_DIR``; the Celery main process serves the merged view with
@@ -29,13 +29,15 @@ calls :func:`rev_tasks.ops.multiproc.prepare_multiproc_dir` first (``rev worker`
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import inspect
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 from prometheus_client import (
@@ -52,6 +54,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rev_tasks.ops.backup_files import list_backups
+from rev_tasks.queues import BASE_QUEUES
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from wsgiref.simple_server import WSGIServer
 
@@ -62,8 +67,8 @@ log = logging.getLogger(__name__)
 #: Port the worker metrics server listens on unless told otherwise (``REV_METRICS_PORT``).
 DEFAULT_WORKER_METRICS_PORT = 9808
 
-#: Queues the farm declares (DESIGN.md §5.6); ``queue_depth`` reports these by default.
-DEFAULT_QUEUES: tuple[str, ...] = ("default", "inference.cpu", "consensus", "maintenance")
+#: Queues every farm declares; ``queue_depth`` reports these by default.
+DEFAULT_QUEUES: tuple[str, ...] = BASE_QUEUES
 
 # Buckets bracket the operations guide's targets: inference 50-200 ms (so 0.2 is an edge,
 # which keeps the p99 > 200 ms alert exact), consensus 10-50 ms, API 100-500 ms.
@@ -193,6 +198,28 @@ METRIC_NAMES: frozenset[str] = _series_names()
 
 
 # --------------------------------------------------------------------------- helpers
+_Recorder = TypeVar("_Recorder", bound=Callable[..., None])
+
+
+def _never_fails(record: _Recorder) -> _Recorder:
+    """Metrics never fail the task or request that records them, but a wrong call does.
+
+    The arguments are bound first, outside the guard: a caller that passes the wrong ones
+    gets the TypeError in its tests. Whatever goes wrong while recording is logged only.
+    """
+    signature = inspect.signature(record)
+
+    @functools.wraps(record)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        signature.bind(*args, **kwargs)
+        try:
+            record(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - observability must not break the pipeline
+            log.debug("metric %s not recorded", record.__name__, exc_info=True)
+
+    return guarded  # type: ignore[return-value]
+
+
 def _label(value: object, allowed: frozenset[str], fallback: str = "other") -> str:
     """Keep label cardinality bounded: unknown values collapse into one bucket."""
     text = "none" if value is None else str(value)
@@ -204,9 +231,16 @@ def time_inference(model_family: str, device: str) -> contextlib.AbstractContext
     return MODEL_INFERENCE_DURATION.labels(model_family=model_family, device=device).time()
 
 
+@_never_fails
 def observe_inference(model_family: str, device: str, seconds: float) -> None:
     """Record an inference duration measured elsewhere (e.g. per challenge in a batch)."""
     MODEL_INFERENCE_DURATION.labels(model_family=model_family, device=device).observe(seconds)
+
+
+@_never_fails
+def observe_model_load(model_family: str, device: str, seconds: float) -> None:
+    """Record how long a cache miss took to load (measured by the model cache's caller)."""
+    MODEL_LOAD_DURATION.labels(model_family=model_family, device=device).observe(seconds)
 
 
 def time_model_load(model_family: str, device: str) -> contextlib.AbstractContextManager[Any]:
@@ -214,36 +248,46 @@ def time_model_load(model_family: str, device: str) -> contextlib.AbstractContex
     return MODEL_LOAD_DURATION.labels(model_family=model_family, device=device).time()
 
 
+@_never_fails
 def set_models_cached(count: int) -> None:
     """Report this child's model-cache size (summed over live children when scraped)."""
     MODELS_CACHED.set(count)
 
 
+@_never_fails
 def job_submitted(kind: str) -> None:
     """Count an accepted job; call after the commit so rejected requests never count."""
     JOBS_SUBMITTED.labels(kind=kind).inc()
 
 
+@_never_fails
 def job_finished(kind: str, status: str, verdict: str | None) -> None:
     """Count a job reaching a final state (``status``: succeeded/failed/cancelled)."""
     JOBS_FINISHED.labels(kind=kind, status=status, verdict=_label(verdict, VERDICTS)).inc()
 
 
+@_never_fails
+def _validators_active(delta: int) -> None:
+    CONSENSUS_VALIDATORS_ACTIVE.inc(delta)
+
+
 @contextlib.contextmanager
 def validator_running() -> Iterator[None]:
     """Hold ``consensus_validators_active`` up while one validator task runs."""
-    CONSENSUS_VALIDATORS_ACTIVE.inc()
+    _validators_active(1)
     try:
         yield
     finally:
-        CONSENSUS_VALIDATORS_ACTIVE.dec()
+        _validators_active(-1)
 
 
+@_never_fails
 def validator_vote(vote: str) -> None:
     """Count one validator's vote (``accept``, ``reject`` or ``error``)."""
     CONSENSUS_VALIDATORS.labels(vote=_label(vote, VOTES)).inc()
 
 
+@_never_fails
 def consensus_round(outcome: str, duration_s: float | None = None) -> None:
     """Record a finished round; ``outcome`` feeds the consensus success-rate alert."""
     CONSENSUS_ROUNDS.labels(outcome=_label(outcome, CONSENSUS_OUTCOMES, "failed")).inc()
@@ -251,11 +295,13 @@ def consensus_round(outcome: str, duration_s: float | None = None) -> None:
         CONSENSUS_DURATION.observe(duration_s)
 
 
+@_never_fails
 def record_backup_success(duration_s: float) -> None:
     """Observe a successful backup's duration (its time shows through the files)."""
     BACKUP_DURATION.observe(duration_s)
 
 
+@_never_fails
 def record_backup_failure() -> None:
     """Count a failed backup; the failure alert reads ``rev_backup_failures_total``."""
     BACKUP_FAILURES.inc()
@@ -341,8 +387,6 @@ class BackupAgeCollector(Collector):
         self.backup_dir = Path(backup_dir)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from rev_tasks.ops.backup import list_backups  # local: backup imports this module
-
         try:
             backups = list_backups(self.backup_dir)
         except OSError:

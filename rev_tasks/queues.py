@@ -41,14 +41,24 @@ def gpu_index(name: str) -> int:
 
 #: The queues every farm declares, whatever its GPUs (GPU queues come from REV_GPU_COUNT).
 BASE_QUEUES: tuple[str, ...] = (DEFAULT, INFERENCE_CPU, CONSENSUS, MAINTENANCE)
-#: What a single all-in-one worker consumes (tests, benchmarks, the local stack's CPU side).
+#: What a single all-in-one worker consumes (tests, benchmarks, the local stack's CPU side),
+#: and the queues that need a live consumer for a CPU job to finish (``REV_REQUIRED_QUEUES``).
 CPU_WORKER_QUEUES: tuple[str, ...] = (INFERENCE_CPU, CONSENSUS, DEFAULT, MAINTENANCE)
 #: What a validators worker consumes (``rev worker --consensus``, the local stack's second worker).
 CONSENSUS_WORKER_QUEUES: tuple[str, ...] = (CONSENSUS, DEFAULT, MAINTENANCE)
 
 
+def declared_queues(gpu_count: int) -> list[str]:
+    """Every queue a farm with ``gpu_count`` GPU queues declares, in ``celeryconfig`` order."""
+    return [DEFAULT, INFERENCE_CPU, *gpu_queues(gpu_count), CONSENSUS, MAINTENANCE]
+
+
 class Task:
-    """Registered task names (``rev_tasks.<module>.<name>``)."""
+    """Registered task names (``rev_tasks.<module>.<name>``).
+
+    A name outlives a module rename: messages already queued under it must still find
+    their task. ``FINGERPRINT`` is registered by ``rev_tasks.tasks.registration``.
+    """
 
     PREPARE = "rev_tasks.tasks.verify.prepare"
     RUN_INFERENCE = "rev_tasks.tasks.verify.run_inference"

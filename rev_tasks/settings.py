@@ -8,16 +8,16 @@ alone. Nothing here imports Celery, Flask, SQLAlchemy or torch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from rev_tasks import queues
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 VALIDATORS = 5
 QUORUM = 4
 REEXEC_SAMPLE = 2
-# Byzantine behaviours a test can give a validator (REV_TEST_FAULTY_VALIDATORS="2:crash,4").
-FAULT_MODES = ("lie", "random", "crash")
 
 
 def _int(name: str, default: int) -> int:
@@ -48,18 +48,6 @@ def _list(raw: str, sep: str = ",") -> list[str]:
     return [part.strip() for part in raw.split(sep) if part.strip()]
 
 
-def _fault_modes(raw: str) -> tuple[tuple[int, str], ...]:
-    """``"0,3:random,4:crash"`` → ((0, "lie"), (3, "random"), (4, "crash")); bare index = lie."""
-    out: list[tuple[int, str]] = []
-    for item in _list(raw):
-        index, _, mode = item.partition(":")
-        mode = mode.strip() or "lie"
-        if mode not in FAULT_MODES:
-            raise ValueError(f"REV_TEST_FAULTY_VALIDATORS: mode must be one of {FAULT_MODES}")
-        out.append((int(index), mode))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class Settings:
     """Everything a farm process needs to know about its deployment."""
@@ -79,15 +67,9 @@ class Settings:
     # REV_MEMORY_BUDGET_MB: stream layers within this many MiB unless a job names its own
     # budget (docs/streaming.md); None loads models in memory.
     memory_budget_mb: int | None = None
-    required_queues: tuple[str, ...] = ("inference.cpu", "consensus", "default", "maintenance")
+    required_queues: tuple[str, ...] = queues.CPU_WORKER_QUEUES
     inspect_timeout: float = 1.0
     inspect_cache_seconds: float = 5.0
-    fault_injection: bool = False
-    faulty_validators: frozenset[int] = field(default_factory=frozenset)
-    fault_modes: tuple[tuple[int, str], ...] = ()
-    fault_slow_batch_seconds: float = 0.0
-    fault_kill_path: str = ""
-    fault_forge_path: str = ""
     max_attempts: int = 5
     visibility_timeout_override: int | None = None
     # --- security (docs/security.md)
@@ -110,15 +92,9 @@ class Settings:
             return self.visibility_timeout_override
         return max(2 * self.job_time_limit, self.job_time_limit + 3600)
 
-    def fault_mode(self, validator: int) -> str | None:
-        """The injected Byzantine behaviour of one validator (only with the enable flag)."""
-        if not self.fault_injection:
-            return None
-        return dict(self.fault_modes).get(validator)
-
     @property
     def gpu_queues(self) -> list[str]:
-        return [f"inference.cuda{i}" for i in range(self.gpu_count)]
+        return queues.gpu_queues(self.gpu_count)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -128,27 +104,13 @@ class Settings:
             var_dir / "models",
         )
         key_file = os.environ.get("REV_SECRET_KEY_FILE") or str(var_dir / "secret.key")
-        faulty: frozenset[int] = frozenset()
-        modes: tuple[tuple[int, str], ...] = ()
-        slow = 0.0
-        kill_path = ""
-        forge_path = ""
-        if _flag("REV_ENABLE_FAULT_INJECTION"):
-            kill_path = os.environ.get("REV_TEST_KILL_INFERENCE_PATH", "").strip()
-            forge_path = os.environ.get("REV_TEST_FORGE_INFERENCE_PATH", "").strip()
-            modes = _fault_modes(os.environ.get("REV_TEST_FAULTY_VALIDATORS", ""))
-            faulty = frozenset(i for i, _mode in modes)
-            slow = max(0.0, _float("REV_TEST_SLOW_BATCH_SECONDS", 0.0))
         from rev_tasks.inference.budget import budget_from_env
 
         device = os.environ.get("REV_WORKER_DEVICE", "cpu").strip() or "cpu"
         if device not in {"cpu", "cuda"}:
             raise ValueError(f"REV_WORKER_DEVICE must be cpu or cuda, not {device!r}")
-        required = tuple(_list(os.environ.get("REV_REQUIRED_QUEUES", ""))) or (
-            "inference.cpu",
-            "consensus",
-            "default",
-            "maintenance",
+        required = (
+            tuple(_list(os.environ.get("REV_REQUIRED_QUEUES", ""))) or queues.CPU_WORKER_QUEUES
         )
         return cls(
             var_dir=var_dir,
@@ -167,12 +129,6 @@ class Settings:
             required_queues=required,
             inspect_timeout=_float("REV_INSPECT_TIMEOUT", 1.0),
             inspect_cache_seconds=_float("REV_INSPECT_CACHE_SECONDS", 5.0),
-            fault_injection=_flag("REV_ENABLE_FAULT_INJECTION"),
-            faulty_validators=faulty,
-            fault_modes=modes,
-            fault_slow_batch_seconds=slow,
-            fault_kill_path=kill_path,
-            fault_forge_path=forge_path,
             max_attempts=max(1, _int("REV_MAX_ATTEMPTS", 5)),
             visibility_timeout_override=_int("REV_VISIBILITY_TIMEOUT", 0) or None,
             rate_limit_rps=max(0.0, _float("REV_RATE_LIMIT_RPS", 100.0)),

@@ -40,19 +40,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         celery_app, settings.inspect_timeout, settings.inspect_cache_seconds
     )
 
-    from web import errors, health, jobs, models, openapi
+    from web import errors, health, jobs, openapi, registry
 
     errors.register_error_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
-    app.register_blueprint(models.bp)
+    app.register_blueprint(registry.bp)
     app.register_blueprint(openapi.bp)
 
     if app.config.get("REV_METRICS", True):
         try:
             from rev_tasks import metrics
+            from rev_tasks.queues import declared_queues
 
-            queues = ["default", "inference.cpu", *settings.gpu_queues, "consensus", "maintenance"]
+            queues = declared_queues(settings.gpu_count)
             metrics.init_app(app, redis_url=settings.redis_url, queues=queues)
         except Exception:  # noqa: BLE001 - the API works without /metrics
             log.warning("metrics disabled", exc_info=True)

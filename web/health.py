@@ -12,6 +12,7 @@ from flask import Blueprint, current_app
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
+from rev_tasks import queues
 from rev_tasks.db.session import session_scope
 from web import services
 
@@ -63,7 +64,7 @@ def readyz() -> ResponseReturnValue:
             live = inspector.live(refresh=True)  # a worker may have just started
     missing = [q for q in settings.required_queues if q not in live]
     checks["queues"] = {q: live.get(q, 0) for q in settings.required_queues}
-    checks["gpu_queues"] = sorted(q for q in live if q.startswith(services.GPU_PREFIX))
+    checks["gpu_queues"] = sorted(q for q in live if queues.is_gpu_queue(q))
     if missing:
         problems.append(f"no live worker for queue(s): {', '.join(missing)}")
     if problems:

@@ -15,72 +15,28 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
 
-from rev_tasks.db import repo
-from rev_tasks.db.models import (
+from rev_tasks import jobs, metrics, queues
+from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_READY,
-    QUEUED,
     Fingerprint,
     Job,
     ModelRecord,
     Transcript,
 )
-from rev_tasks.db.session import session_scope
+from rev_tasks.queues import Task
 from web import services
-from web.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from web.errors import BadRequest, Conflict, NotFound, Unprocessable
+from web.inputs import check_query, json_body, validation_error
 from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
 from web.security import can_see, principal
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
-PREPARE_TASK = "rev_tasks.tasks.verify.prepare"
 MAX_PAGE = 100
 MAX_CURSOR = 256
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Refuse ``{"a": 1, "a": 2}``: parsers disagree on which one wins (smuggling)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def json_body() -> Any:
-    """The request's JSON, or a 400/413/415 in the API's error shape.
-
-    Strict JSON: no duplicate keys, no ``NaN``/``Infinity``; deep nesting is a 400, not a
-    RecursionError. The body size is capped by ``MAX_CONTENT_LENGTH`` (413) before parsing.
-    """
-    if not request.is_json:
-        from web.errors import UnsupportedMediaType
-
-        raise UnsupportedMediaType("send a JSON body with Content-Type: application/json")
-    raw = request.get_data(cache=True)
-    try:
-        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        message = str(exc)[:200] if not isinstance(exc, RecursionError) else "nested too deeply"
-        raise BadRequest(f"malformed JSON: {message}", code="malformed_json") from exc
-
-
-def check_query(*allowed: str) -> None:
-    """Query parameters are part of the schema: unknown or repeated ones are a 400."""
-    unknown = sorted(set(request.args) - set(allowed))
-    if unknown:
-        raise BadRequest(
-            f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter"
-        )
-    repeated = sorted(k for k in request.args if len(request.args.getlist(k)) > 1)
-    if repeated:
-        raise BadRequest(f"repeated query parameter: {repeated[0]}", code="unknown_parameter")
 
 
 def visible_job(session: Any, job_id: str) -> Job:
@@ -89,16 +45,6 @@ def visible_job(session: Any, job_id: str) -> Job:
     if job is None or not can_see(job.tenant):
         raise NotFound(f"no job {job_id[:64]!r}", code="job_not_found")
     return job
-
-
-def validation_error(exc: ValidationError) -> Unprocessable:
-    details = [
-        {"loc": [str(p) for p in err["loc"]], "message": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-    first = details[0] if details else {"loc": [], "message": "invalid"}
-    where = ".".join(first["loc"]) or "body"
-    return Unprocessable(f"{where}: {first['message']}", code="invalid_request", details=details)
 
 
 def _visible_model(session: Any, model_id: str) -> ModelRecord:
@@ -152,46 +98,40 @@ def submit() -> ResponseReturnValue:
         inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
         # A CPU job needs no worker census; only auto/cuda look for live GPU queues.
         live = {} if req.device == "cpu" else inspector.live()
-        gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
+        gpu_live = [q for q in live if queues.is_gpu_queue(q)]
         device, queue = services.choose_queue(
             req.device, live, services.queue_backlog(settings.redis_url, gpu_live)
         )
-        s.add(
-            Job(
-                id=job_id,
-                tenant=principal().tenant,
-                kind=req.kind,
-                status=QUEUED,
-                stage="queued",
-                request=req.model_dump(mode="json"),
-                device=device,
-                queue=queue,
-                reference_model_id=reference_model_id,
-                reference_path=reference_path,
-                candidate_path=candidate_path,
-                challenges_done=0,
-                challenges_max=budget,
-            )
+        job = jobs.new_job(
+            id=job_id,
+            tenant=principal().tenant,
+            kind=req.kind,
+            request=req.model_dump(mode="json"),
+            device=device,
+            queue=queue,
+            reference_model_id=reference_model_id,
+            reference_path=reference_path,
+            candidate_path=candidate_path,
+            challenges_max=budget,
         )
-    # Enqueue only after the commit: a worker must find the row it is told about.
-    try:
-        services.enqueue(current_app.extensions["rev_celery"], PREPARE_TASK, [job_id], "default")
-    except ServiceUnavailable:
-        with session_scope() as s:
-            repo.fail_job(s, job_id, "broker_unavailable", "the job could not be enqueued")
-        raise
-    _metric("job_submitted", req.kind)
+        s.add(job)
+        status = job.status
+        services.enqueue_after_commit(
+            s,
+            current_app.extensions["rev_celery"],
+            Task.PREPARE,
+            [job_id],
+            queues.DEFAULT,
+            on_failure=lambda: _fail_unsent(job_id),
+        )
+    metrics.job_submitted(req.kind)
     url = url_for("jobs.get_job", job_id=job_id)
-    return {"id": job_id, "status": QUEUED, "url": url}, 202, {"Location": url}
+    return {"id": job_id, "status": status, "url": url}, 202, {"Location": url}
 
 
-def _metric(name: str, *args: Any) -> None:
-    try:
-        from rev_tasks import metrics
-
-        getattr(metrics, name)(*args)
-    except Exception:  # noqa: BLE001 - metrics never fail a request
-        pass
+def _fail_unsent(job_id: str) -> None:
+    with session_scope() as s:
+        jobs.fail(s, job_id, "broker_unavailable", "the job could not be enqueued")
 
 
 def _encode_cursor(job: Job) -> str:
@@ -236,10 +176,9 @@ def list_jobs() -> ResponseReturnValue:
         stmt = stmt.where(Job.tenant == principal().tenant)
     status = request.args.get("status")
     if status is not None:
-        if status not in ("queued", "running", "succeeded", "failed"):
-            raise BadRequest(
-                "status must be queued, running, succeeded or failed", code="invalid_status"
-            )
+        if status not in jobs.STATUSES:
+            choices = ", ".join(jobs.STATUSES[:-1]) + f" or {jobs.STATUSES[-1]}"
+            raise BadRequest(f"status must be {choices}", code="invalid_status")
         stmt = stmt.where(Job.status == status)
     cursor = request.args.get("cursor")
     if cursor:
@@ -248,9 +187,9 @@ def list_jobs() -> ResponseReturnValue:
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
         )
     with session_scope() as s:
-        jobs = list(s.scalars(stmt.limit(limit + 1)))
-        page = jobs[:limit]
-        next_cursor = _encode_cursor(page[-1]) if len(jobs) > limit else None
+        rows = list(s.scalars(stmt.limit(limit + 1)))
+        page = rows[:limit]
+        next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
         return {"jobs": [services.job_document(j) for j in page], "next_cursor": next_cursor}
 
 
@@ -271,7 +210,7 @@ def get_transcript(job_id: str) -> ResponseReturnValue:
             raise NotFound("identify jobs have no transcript", code="transcript_not_found")
         tr = s.get(Transcript, job_id)
         if tr is None:
-            if job.status in ("queued", "running"):
+            if not jobs.finished(job):
                 raise Conflict("the job has not decided yet", code="transcript_not_ready")
             raise NotFound("the job ended without a transcript", code="transcript_not_found")
         doc = tr.document()

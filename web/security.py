@@ -30,8 +30,8 @@ from sqlalchemy import update
 
 from rev_tasks import apikeys
 from rev_tasks.apikeys import Principal
-from rev_tasks.db.models import ApiKey, utcnow
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import ApiKey, utcnow
 from web.errors import ApiError
 from web.ratelimit import RateLimiter
 

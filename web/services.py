@@ -9,19 +9,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rev_tasks.db.models import Fingerprint, Job, ModelRecord
+from rev_tasks import queues
+from rev_tasks.db.session import after_commit
+from rev_tasks.db.tables import Fingerprint, Job, ModelRecord
 from rev_tasks.inference.guard import within
 from rev_tasks.settings import Settings
 from web.errors import Conflict, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
-
-CPU_QUEUE = "inference.cpu"
-GPU_PREFIX = "inference.cuda"
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -190,11 +190,11 @@ def choose_queue(device: str, live: dict[str, int], backlog: dict[str, int]) -> 
     Among live GPU queues the one with the shortest backlog wins (ties: lowest index).
     """
     gpu = sorted(
-        (q for q in live if q.startswith(GPU_PREFIX)),
-        key=lambda q: (backlog.get(q, 0), int(q.removeprefix(GPU_PREFIX) or 0)),
+        (q for q in live if queues.is_gpu_queue(q)),
+        key=lambda q: (backlog.get(q, 0), queues.gpu_index(q)),
     )
     if device == "cpu":
-        return "cpu", CPU_QUEUE
+        return "cpu", queues.INFERENCE_CPU
     if device == "cuda":
         if not gpu:
             raise Conflict(
@@ -202,7 +202,7 @@ def choose_queue(device: str, live: dict[str, int], backlog: dict[str, int]) -> 
                 code="no_gpu_worker",
             )
         return "cuda", gpu[0]
-    return ("cuda", gpu[0]) if gpu else ("cpu", CPU_QUEUE)
+    return ("cuda", gpu[0]) if gpu else ("cpu", queues.INFERENCE_CPU)
 
 
 def queue_backlog(redis_url: str, queues: list[str]) -> dict[str, int]:
@@ -220,30 +220,50 @@ def queue_backlog(redis_url: str, queues: list[str]) -> dict[str, int]:
         return {}
 
 
-def enqueue(celery_app: Any, task: str, args: list[Any], queue: str) -> None:
-    """Send one task; a broker failure becomes a 503 (the caller fails the row first).
+def enqueue_after_commit(
+    session: Any,
+    celery_app: Any,
+    task: str,
+    args: list[Any],
+    queue: str,
+    on_failure: Callable[[], None],
+) -> None:
+    """Send one task once ``session`` commits; a broker failure becomes a 503.
+
+    ``on_failure`` runs first, in a session of its own, to record that the row's work will
+    never start (the committed row must not wait for a message that was never sent).
 
     ``ignore_result``: the coordinator never reads task results (status comes from the
     database). Without it Celery subscribes this process to the result channel of every
     task it sends; after a Redis outage that subscription's reconnect gives up for good
     ("The Celery application must be restarted") and every later submit would fail.
     """
-    try:
-        celery_app.send_task(
-            task,
-            args=args,
-            queue=queue,
-            retry=True,
-            retry_policy={"max_retries": 2},
-            ignore_result=True,
-        )
-    except Exception as exc:
-        log.error(
-            "cannot enqueue %s on %s: %s: %s", task, queue, type(exc).__name__, exc, exc_info=True
-        )
-        raise ServiceUnavailable(
-            "the task broker is unavailable", code="broker_unavailable"
-        ) from exc
+
+    def send() -> None:
+        try:
+            celery_app.send_task(
+                task,
+                args=args,
+                queue=queue,
+                retry=True,
+                retry_policy={"max_retries": 2},
+                ignore_result=True,
+            )
+        except Exception as exc:
+            log.error(
+                "cannot enqueue %s on %s: %s: %s",
+                task,
+                queue,
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+            )
+            on_failure()
+            raise ServiceUnavailable(
+                "the task broker is unavailable", code="broker_unavailable"
+            ) from exc
+
+    after_commit(session, send)
 
 
 # ----------------------------------------------------------------------------- documents

@@ -1,7 +1,7 @@
-"""Storage: SQLAlchemy 2 models, one session per unit of work, small repositories."""
+"""Storage: SQLAlchemy tables (``tables``), one session per unit of work, small repositories."""
 
-from rev_tasks.db.models import ApiKey, Base, Fingerprint, Job, ModelRecord, Transcript, Vote
 from rev_tasks.db.session import dispose_engine, get_engine, session_scope
+from rev_tasks.db.tables import ApiKey, Base, Fingerprint, Job, ModelRecord, Transcript, Vote
 
 __all__ = [
     "ApiKey",

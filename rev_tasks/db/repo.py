@@ -1,5 +1,7 @@
 """Small repository functions shared by the tasks and the web coordinator.
 
+A job's status and stage are not written here: :mod:`rev_tasks.jobs` owns them.
+
 Writes that a redelivered task may repeat are upserts keyed by their natural key (job id for
 a transcript, (job, validator) for a vote), so running a step twice stores one row.
 """
@@ -9,16 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from rev_tasks.db.models import (
-    FAILED,
+from rev_tasks.db.tables import (
     MODEL_READY,
-    TERMINAL,
     Fingerprint,
-    Job,
     ModelRecord,
     Transcript,
     Vote,
@@ -52,28 +51,6 @@ def upsert(
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
     session.execute(stmt)
-
-
-def fail_job(session: Session, job_id: str, code: str, message: str, **details: Any) -> bool:
-    """Mark a job failed unless it already finished; True when this call failed it."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        error["details"] = details
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.not_in(TERMINAL))
-        .values(status=FAILED, stage="done", error=error, finished_at=now, updated_at=now)
-    )
-    return bool(res.rowcount)
-
-
-def set_progress(session: Session, job_id: str, done: int, maximum: int) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.not_in(TERMINAL))
-        .values(challenges_done=done, challenges_max=maximum, updated_at=utcnow())
-    )
 
 
 def store_transcript(

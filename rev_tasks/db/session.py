@@ -9,7 +9,7 @@ default, gets WAL and a busy timeout because web and several workers write to on
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,9 +64,25 @@ def dispose_engine(close: bool = True) -> None:
         _factory = None
 
 
+_AFTER_COMMIT = "rev_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once ``session`` (a :func:`session_scope`) has committed and closed.
+
+    How every message that names a row is sent: the worker that receives it must find the
+    row, so the send waits for the commit, and a rolled-back unit of work sends nothing.
+    Callbacks run in order; an exception from one propagates (the commit stands).
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
-    """A session that commits on success, rolls back on error and always closes."""
+    """A session that commits on success, rolls back on error and always closes.
+
+    After a successful commit it runs the session's :func:`after_commit` callbacks.
+    """
     get_engine()
     assert _factory is not None
     session = _factory()
@@ -77,4 +93,7 @@ def session_scope() -> Iterator[Session]:
         session.rollback()
         raise
     finally:
+        callbacks = session.info.pop(_AFTER_COMMIT, [])
         session.close()
+    for callback in callbacks:
+        callback()

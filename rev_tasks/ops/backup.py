@@ -27,7 +27,6 @@ must set ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is first imported
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -36,6 +35,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rev_tasks import queues
+from rev_tasks.ops.backup_files import EXTENSIONS, list_backups, next_backup_path
+from rev_tasks.queues import Task
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from sqlalchemy.engine import URL
@@ -49,14 +52,8 @@ DEFAULT_SCHEDULE = "0 3 * * *"
 #: How long one pg_dump/pg_restore may run before it is treated as hung.
 DEFAULT_TIMEOUT_S = 3600.0
 
-BACKUP_TASK_NAME = "rev_tasks.tasks.maintenance.backup"
 BACKUP_BEAT_NAME = "rev-backup-database"
-BACKUP_QUEUE = "maintenance"
 
-_NAME_RE = re.compile(r"^rev-(?P<ts>\d{8}T\d{6}Z)(?:-(?P<seq>\d+))?\.(?P<ext>dump|sqlite3)$")
-_TS_FORMAT = "%Y%m%dT%H%M%SZ"
-_EXT = {"postgresql": "dump", "sqlite": "sqlite3"}
-_KIND = {v: k for k, v in _EXT.items()}
 _PG_MAGIC = b"PGDMP"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Temporary files older than this are leftovers of a killed run and are removed on prune.
@@ -69,16 +66,6 @@ class BackupError(RuntimeError):
 
 class BackupInputError(BackupError, ValueError):
     """The request itself is wrong (bad URL, missing file, non-empty target): exit code 2."""
-
-
-@dataclass(frozen=True)
-class BackupInfo:
-    """One backup file, as listed by :func:`list_backups`."""
-
-    path: Path
-    created: datetime
-    size_bytes: int
-    kind: str  # "postgresql" | "sqlite"
 
 
 @dataclass(frozen=True)
@@ -128,7 +115,7 @@ def _parse_url(database_url: str) -> URL:
     except (ArgumentError, ValueError):
         raise BackupInputError(f"not a database URL: {database_url!r}") from None
     backend = url.get_backend_name()
-    if backend not in _EXT:
+    if backend not in EXTENSIONS:
         raise BackupInputError(
             f"unsupported database {backend!r}: backups support postgresql and sqlite"
         )
@@ -200,21 +187,6 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _target_name(dest: Path, when: datetime, ext: str) -> Path:
-    """``rev-<UTC stamp>.<ext>``; a second backup within the same second gets ``-1``..."""
-    stamp = when.strftime(_TS_FORMAT)
-    # Past the highest sequence used in this second, not the first free one: after a
-    # prune freed the plain name, reusing it would sort the newest backup first.
-    seqs = [
-        int(m["seq"] or 0)
-        for m in (_NAME_RE.match(p.name) for p in dest.iterdir())
-        if m is not None and m["ts"] == stamp
-    ]
-    if not seqs:
-        return dest / f"rev-{stamp}.{ext}"
-    return dest / f"rev-{stamp}-{max(seqs) + 1}.{ext}"
-
-
 # --------------------------------------------------------------------------- backup
 def _dump_postgres(url: URL, tmp: Path, timeout: float) -> None:
     conninfo, env = _pg_conninfo(url)
@@ -275,7 +247,7 @@ def backup_now(
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BackupError(f"cannot create backup directory {dest}: {exc.strerror}") from None
-        final = _target_name(dest, datetime.now(UTC), _EXT[backend])
+        final = next_backup_path(dest, datetime.now(UTC), backend)
         tmp = dest / f".{final.name}.tmp-{os.getpid()}"
         try:
             if backend == "postgresql":
@@ -301,23 +273,6 @@ def backup_from_env() -> Path:
     """Run :func:`backup_now` with settings from the environment (the beat task's body)."""
     settings = BackupSettings.from_env()
     return backup_now(settings.database_url, settings.backup_dir, settings.keep)
-
-
-def list_backups(dest_dir: str | os.PathLike[str]) -> list[BackupInfo]:
-    """Backups in ``dest_dir``, oldest first (so ``[-1]`` is the newest); [] if none."""
-    dest = Path(dest_dir)
-    if not dest.is_dir():
-        return []
-    found: list[tuple[tuple[datetime, int], BackupInfo]] = []
-    for entry in dest.iterdir():
-        m = _NAME_RE.match(entry.name)
-        if m is None or not entry.is_file():
-            continue
-        created = datetime.strptime(m["ts"], _TS_FORMAT).replace(tzinfo=UTC)
-        info = BackupInfo(entry, created, entry.stat().st_size, _KIND[m["ext"]])
-        found.append(((created, int(m["seq"] or 0)), info))
-    found.sort(key=lambda pair: pair[0])
-    return [info for _, info in found]
 
 
 def prune(dest_dir: str | os.PathLike[str], keep: int) -> list[Path]:
@@ -496,7 +451,7 @@ def beat_schedule_entry(schedule: str | None = None) -> dict[str, Any]:
         )
         expires = 3600.0
     return {
-        "task": BACKUP_TASK_NAME,
+        "task": Task.BACKUP,
         "schedule": sched,
-        "options": {"queue": BACKUP_QUEUE, "expires": expires},
+        "options": {"queue": queues.MAINTENANCE, "expires": expires},
     }

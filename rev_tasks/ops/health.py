@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rev_tasks import queues
+
 #: Queues that must have a consumer for a job to finish (``rev health`` default).
 #: Same default as the farm's settings (``REV_REQUIRED_QUEUES``).
-DEFAULT_REQUIRED_QUEUES: tuple[str, ...] = ("inference.cpu", "consensus", "default", "maintenance")
+DEFAULT_REQUIRED_QUEUES: tuple[str, ...] = queues.CPU_WORKER_QUEUES
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,8 @@ def check_workers(
         if not replies:
             return False, f"no worker answered within {timeout:g} s"
         counts: dict[str, int] = {}
-        for queues in replies.values():
-            for q in queues or ():
+        for consumed in replies.values():
+            for q in consumed or ():
                 counts[q["name"]] = counts.get(q["name"], 0) + 1
         missing = [q for q in required_queues if q not in counts]
         shown = ", ".join(f"{q}×{n}" for q, n in sorted(counts.items()))

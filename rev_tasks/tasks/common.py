@@ -1,8 +1,7 @@
-"""Helpers shared by the task modules: the farm key, job failure, metrics hooks, DB retries."""
+"""Helpers shared by the task modules: the farm key, model loading, DB retries."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ from celery import signals
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from rev_tasks import metrics
 from rev_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -136,24 +136,10 @@ def load_cached(path: str, memory_budget_mb: int | None = None) -> Any:
     model = modelcache.get(path, memory_budget_mb=memory_budget_mb)
     elapsed = time.perf_counter() - start
     stats = modelcache.stats()
-    with contextlib.suppress(Exception):
-        from rev_tasks import metrics
-
-        metrics.set_models_cached(stats["size"])
-        if stats["misses"] > before:
-            how = f"streamed within {memory_budget_mb} MB" if memory_budget_mb else "in memory"
-            log.info("loaded %s (%s) into the worker cache in %.2fs", path, how, elapsed)
-            metrics.MODEL_LOAD_DURATION.labels(
-                model_family=model.descriptor.get("family", "unknown"), device=model.device
-            ).observe(elapsed)
+    metrics.set_models_cached(stats["size"])
+    if stats["misses"] > before:
+        how = f"streamed within {memory_budget_mb} MB" if memory_budget_mb else "in memory"
+        log.info("loaded %s (%s) into the worker cache in %.2fs", path, how, elapsed)
+        family = str(model.descriptor.get("family", "unknown"))
+        metrics.observe_model_load(family, str(model.device), elapsed)
     return model
-
-
-def metric(name: str, *args: Any, **kwargs: Any) -> None:
-    """Call a ``rev_tasks.metrics`` helper; metrics never fail a task."""
-    try:
-        from rev_tasks import metrics
-
-        getattr(metrics, name)(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - observability must not break the pipeline
-        log.debug("metric %s not recorded", name, exc_info=True)

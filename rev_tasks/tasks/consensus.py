@@ -12,15 +12,10 @@ Votes are upserts keyed by (job, validator): a redelivered validator leaves the 
 A validator that crashes (an exception in its check) abstains instead of failing the chord:
 the quorum of four out of five tolerates one such validator, exactly as it tolerates one
 liar. A database outage is retried with backoff instead (``DB_RETRY``).
-
-Fault injection (tests only, ``REV_ENABLE_FAULT_INJECTION=1``):
-``REV_TEST_FAULTY_VALIDATORS="2"`` makes validator 2 lie (vote the opposite verdict),
-``"1:random"`` vote a random verdict, ``"3:crash"`` raise inside its check.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -29,11 +24,13 @@ import time
 from collections import Counter
 from typing import Any
 
+from rev_tasks import jobs, metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
-from rev_tasks.db.models import FAILED, SUCCEEDED, TERMINAL, Job, Transcript, Vote, utcnow
 from rev_tasks.db.session import session_scope
-from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
+from rev_tasks.db.tables import Job, Transcript, Vote
+from rev_tasks.queues import Task
+from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS
 from rev_tasks.tasks.common import (
     DB_ERRORS,
     DB_RETRY,
@@ -41,13 +38,10 @@ from rev_tasks.tasks.common import (
     farm_key,
     load_cached,
     memory_budget,
-    metric,
 )
+from rev_tasks.testing import faults
 
 log = logging.getLogger(__name__)
-
-VERDICTS = ("SAME", "DIFFERENT", "UNDECIDED", "INVALID")
-_OPPOSITE = {"SAME": "DIFFERENT", "DIFFERENT": "SAME", "UNDECIDED": "DIFFERENT", "INVALID": "SAME"}
 
 
 def vote_digest(job_id: str, transcript_root: str, verdict: str) -> str:
@@ -56,11 +50,6 @@ def vote_digest(job_id: str, transcript_root: str, verdict: str) -> str:
     return hashlib.sha256(
         json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
     ).hexdigest()
-
-
-def opposite(verdict: str) -> str:
-    """The lie a faulty validator tells (test-only fault injection)."""
-    return _OPPOSITE[verdict]
 
 
 def _vote_doc(v: Vote) -> dict[str, Any]:
@@ -127,7 +116,7 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
 
 
 # Validator results are kept: the chord counts them before it calls ``tally``.
-@app.task(name="rev_tasks.tasks.consensus.validate", **DB_RETRY)
+@app.task(name=Task.VALIDATE, **DB_RETRY)
 def validate(job_id: str, validator: int) -> dict[str, Any]:
     """One validator's independent check and vote (stored before it is returned).
 
@@ -143,41 +132,29 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
             # be a permanent vote against a transcript that does not exist yet.
             log.warning("validator %d: job %s has no transcript; not voting", validator, job_id)
             return {"validator": validator, "verdict": None, "abstained": True}
-    fault = get_settings().fault_mode(validator)
     try:
-        with contextlib.ExitStack() as stack:
-            with contextlib.suppress(Exception):
-                from rev_tasks import metrics
-
-                stack.enter_context(metrics.validator_running())
-            if fault == "crash":
-                raise RuntimeError(f"fault injection: validator {validator} crashed")
+        with metrics.validator_running():
+            faults.before_validation(validator)
             recorded, root, problems, indices = _check(job_id, validator)
     except DB_ERRORS:
         raise  # retried with backoff: an outage is not a validator fault
     except Exception as exc:  # noqa: BLE001 - a crashing validator abstains
         log.error("validator %d on job %s crashed; it abstains: %s", validator, job_id, exc)
         return {"validator": validator, "verdict": None, "abstained": True}
-    verdict = "INVALID" if problems else recorded
-    if fault == "lie":
-        log.warning("fault injection: validator %d lies about job %s", validator, job_id)
-        verdict = opposite(verdict)
-    elif fault == "random":
-        verdict = random.SystemRandom().choice(VERDICTS)
-        log.warning("fault injection: validator %d votes %s at random", validator, verdict)
+    verdict = faults.validator_verdict(validator, job_id, "INVALID" if problems else recorded)
     digest = vote_digest(job_id, root, verdict)
     with session_scope() as s:
         repo.store_vote(s, job_id, validator, verdict, digest, problems, indices)
     with session_scope() as s:  # the stored vote, which is the first one on a race
         stored = s.query(Vote).filter_by(job_id=job_id, validator=validator).one()
         doc = _vote_doc(stored)
-    metric("validator_vote", "reject" if doc["verdict"] == "INVALID" else "accept")
+    metrics.validator_vote("reject" if doc["verdict"] == "INVALID" else "accept")
     if problems:
         log.warning("validator %d on job %s: %s", validator, job_id, "; ".join(problems[:3]))
     return doc
 
 
-@app.task(name="rev_tasks.tasks.consensus.tally", ignore_result=True, **DB_RETRY)
+@app.task(name=Task.TALLY, ignore_result=True, **DB_RETRY)
 def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
     """Publish the verdict when ≥ 4 of 5 votes agree with the transcript; else fail the job.
 
@@ -185,68 +162,84 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
     chord body (redelivery, a re-dispatched chord) finish the job exactly once: the second
     one finds it terminal and skips.
     """
-    with session_scope() as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        tr = s.get(Transcript, job_id)
-        if job is None or job.status in TERMINAL:
-            return {"job_id": job_id, "skipped": True}
-        votes = repo.votes_for(s, job_id)
-        counts = Counter((v.verdict, v.digest) for v in votes)
-        (top_verdict, _digest), agreeing = counts.most_common(1)[0] if counts else ((None, None), 0)
-        recorded = tr.verdict if tr is not None else None
-        quorum = agreeing >= QUORUM
-        agreed = quorum and top_verdict == recorded and top_verdict != "INVALID"
-        consensus = {
-            "validators": VALIDATORS,
-            "quorum": QUORUM,
-            "votes": [_vote_doc(v) for v in votes],
-            "agreeing": agreeing,
-            "verdict": top_verdict if quorum else None,
-            "agreed": agreed,
-            "abstained": sorted(set(range(VALIDATORS)) - {v.validator for v in votes}),
-        }
-        result = dict(tr.outcome) if tr is not None else {}
-        result["consensus"] = consensus
-        now = utcnow()
-        if agreed:
-            job.status, job.error = SUCCEEDED, None
-            outcome = "published"
-        else:
-            result["verdict"] = None
-            job.status = FAILED
-            if quorum and top_verdict == "INVALID":
-                job.error = {
-                    "code": "invalid_transcript",
-                    "message": f"{agreeing} of {VALIDATORS} validators found the transcript invalid",
-                }
-            else:
-                job.error = {
-                    "code": "no_consensus",
-                    "message": (
-                        f"only {agreeing} of {VALIDATORS} validators agree on "
-                        f"{top_verdict} (quorum {QUORUM}); no verdict is published"
-                    ),
-                }
-            outcome = "no_quorum"
-        job.result = result
-        job.stage = "done"
-        job.finished_at = now
-        status, verdict = job.status, result.get("verdict")
-    metric("consensus_round", outcome, (time.time() - started) if started is not None else None)
-    metric("job_finished", "verify", status, verdict)
+    try:
+        with session_scope() as s:
+            tallied = _tally(s, job_id)
+    except jobs.IllegalTransition as exc:  # a stray tally for a job still in inference
+        log.warning("%s; the tally is ignored", exc)
+        tallied = None
+    if tallied is None:
+        return {"job_id": job_id, "skipped": True}
+    outcome, status, verdict, agreeing = tallied
+    metrics.consensus_round(outcome, (time.time() - started) if started is not None else None)
+    metrics.job_finished("verify", status, verdict)
     return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
 
 
-@app.task(name="rev_tasks.tasks.consensus.consensus_failed", ignore_result=True, **DB_RETRY)
+def _tally(session: Any, job_id: str) -> tuple[str, str, str | None, int] | None:
+    """(outcome, status, verdict, agreeing) once the job is finished; None if it was."""
+    job = jobs.load(session, job_id)
+    if job is None or jobs.finished(job):
+        return None
+    tr = session.get(Transcript, job_id)
+    consensus, failure = count_votes(repo.votes_for(session, job_id), tr.verdict if tr else None)
+    result = dict(tr.outcome) if tr is not None else {}
+    result["consensus"] = consensus
+    if failure is None:
+        jobs.publish(session, job, result)
+        outcome = "published"
+    else:
+        result["verdict"] = None
+        jobs.reject(session, job, result, *failure)
+        outcome = "no_quorum"
+    return outcome, job.status, result.get("verdict"), consensus["agreeing"]
+
+
+def count_votes(
+    votes: list[Vote], recorded: str | None
+) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """The consensus document, and (code, message) unless the votes publish ``recorded``.
+
+    Publishing needs a quorum of identical votes (verdict and digest) that agree with the
+    transcript's own decision; a quorum for INVALID rejects the transcript.
+    """
+    counts = Counter((v.verdict, v.digest) for v in votes)
+    (top_verdict, _digest), agreeing = counts.most_common(1)[0] if counts else ((None, None), 0)
+    quorum = agreeing >= QUORUM
+    agreed = quorum and top_verdict == recorded and top_verdict != "INVALID"
+    consensus = {
+        "validators": VALIDATORS,
+        "quorum": QUORUM,
+        "votes": [_vote_doc(v) for v in votes],
+        "agreeing": agreeing,
+        "verdict": top_verdict if quorum else None,
+        "agreed": agreed,
+        "abstained": sorted(set(range(VALIDATORS)) - {v.validator for v in votes}),
+    }
+    if agreed:
+        return consensus, None
+    if quorum and top_verdict == "INVALID":
+        return consensus, (
+            "invalid_transcript",
+            f"{agreeing} of {VALIDATORS} validators found the transcript invalid",
+        )
+    return consensus, (
+        "no_consensus",
+        f"only {agreeing} of {VALIDATORS} validators agree on {top_verdict} "
+        f"(quorum {QUORUM}); no verdict is published",
+    )
+
+
+@app.task(name=Task.CONSENSUS_FAILED, ignore_result=True, **DB_RETRY)
 def consensus_failed(task_id: str, job_id: str) -> None:
     """Chord errback: a validator or the tally raised; the job must not stay running."""
     with session_scope() as s:
-        failed = repo.fail_job(
+        failed = jobs.fail(
             s,
             job_id,
             "consensus_error",
             f"a consensus task failed (task {task_id}); no verdict is published",
         )
     if failed:
-        metric("consensus_round", "failed")
-        metric("job_finished", "verify", FAILED, None)
+        metrics.consensus_round("failed")
+        metrics.job_finished("verify", jobs.FAILED, None)

@@ -7,17 +7,18 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
+from rev_tasks import jobs
 from rev_tasks.celery import app
-from rev_tasks.db import repo
-from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, RUNNING, Job, ModelRecord, utcnow
 from rev_tasks.db.session import session_scope
-from rev_tasks.ops.backup import BACKUP_TASK_NAME, BackupError, backup_from_env
+from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, ModelRecord, utcnow
+from rev_tasks.ops.backup import BackupError, backup_from_env
+from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="rev_tasks.tasks.maintenance.reap_stale_jobs", ignore_result=True)
+@app.task(name=Task.REAP_STALE_JOBS, ignore_result=True)
 def reap_stale_jobs() -> dict[str, int]:
     """Fail jobs and registrations that stopped making progress.
 
@@ -27,12 +28,9 @@ def reap_stale_jobs() -> dict[str, int]:
     """
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.visibility_timeout + settings.job_time_limit)
-    jobs = models = 0
+    models = 0
     with session_scope() as s:
-        stale = s.scalars(select(Job.id).where(Job.status == RUNNING, Job.updated_at < cutoff))
-        for job_id in list(stale):
-            if repo.fail_job(s, job_id, "stale", "the job stopped making progress"):
-                jobs += 1
+        failed = jobs.fail_stale(s, cutoff, "stale", "the job stopped making progress")
         for rec in s.scalars(
             select(ModelRecord).where(
                 ModelRecord.status == MODEL_PENDING, ModelRecord.updated_at < cutoff
@@ -41,14 +39,14 @@ def reap_stale_jobs() -> dict[str, int]:
             rec.status = MODEL_FAILED
             rec.error = {"code": "stale", "message": "fingerprinting never finished"}
             models += 1
-    if jobs or models:
-        log.warning("reaped %d stale job(s) and %d stale model registration(s)", jobs, models)
-    return {"jobs": jobs, "models": models}
+    if failed or models:
+        log.warning("reaped %d stale job(s) and %d stale model registration(s)", failed, models)
+    return {"jobs": failed, "models": models}
 
 
 # The result is kept (not ignore_result): a failed backup must show as FAILURE in the
 # result backend and in Flower, not only as a log line and a counter.
-@app.task(name=BACKUP_TASK_NAME)
+@app.task(name=Task.BACKUP)
 def backup() -> dict[str, object]:
     """Back up the database into ``REV_BACKUP_DIR`` and prune to ``REV_BACKUP_KEEP``.
 

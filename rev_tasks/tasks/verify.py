@@ -3,7 +3,8 @@
 ``prepare`` runs on ``default``: it fixes the challenge commitment before any model sees a
 challenge, then hands the job to the device queue chosen at submit time. ``run_inference``
 runs the engine's batch loop there (progress written to the database after each batch,
-stopping at the decision), stores the transcript and starts the consensus chord.
+stopping at the decision), stores the transcript and starts the consensus chord. The job's
+state moves through :mod:`rev_tasks.jobs`.
 
 Both are safe to run twice: a finished job is left alone, and a decided one only gets its
 consensus chord dispatched if that had not happened yet. A database outage is retried with
@@ -13,26 +14,18 @@ backoff (``DB_RETRY``), never turned into a failed job.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from rev_tasks import jobs, metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
-from rev_tasks.db.models import (
-    RUNNING,
-    SUCCEEDED,
-    TERMINAL,
-    Fingerprint,
-    Job,
-    Transcript,
-    utcnow,
-)
-from rev_tasks.db.session import session_scope
+from rev_tasks.db.session import after_commit, session_scope
+from rev_tasks.db.tables import Fingerprint, Job, Transcript
+from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
     DB_ERRORS,
@@ -41,8 +34,8 @@ from rev_tasks.tasks.common import (
     farm_key,
     load_cached,
     memory_budget,
-    metric,
 )
+from rev_tasks.testing import faults
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +43,6 @@ log = logging.getLogger(__name__)
 # publish is retried for about a minute before the task gives up. Celery's default (three
 # tries within a second) would fail a job whose transcript is already stored.
 PUBLISH_RETRY = {"max_retries": 40, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2}
-
-
-@dataclass(frozen=True)
-class _JobSpec:
-    """What the inference step needs from the job row, read in one short session."""
-
-    id: str
-    tenant: str
-    kind: str
-    request: dict[str, Any]
-    reference_model_id: str | None
-    reference_path: str | None
-    candidate_path: str
-    commitment: str | None
 
 
 def _params(request: dict[str, Any]) -> Any:
@@ -79,57 +58,69 @@ def _params(request: dict[str, Any]) -> Any:
 
 def _fail(job_id: str, code: str, message: str, kind: str = "verify") -> None:
     with session_scope() as s:
-        failed = repo.fail_job(s, job_id, code, message)
+        failed = jobs.fail(s, job_id, code, message)
     if failed:
         log.warning("job %s failed: %s: %s", job_id, code, message)
-        metric("job_finished", kind, "failed", None)
+        metrics.job_finished(kind, jobs.FAILED, None)
 
 
-@app.task(name="rev_tasks.tasks.verify.prepare", ignore_result=True, **DB_RETRY)
+@app.task(name=Task.PREPARE, ignore_result=True, **DB_RETRY)
 def prepare(job_id: str) -> str:
     """Commit the job's challenge set (root stored on the job), then enqueue inference."""
-    from rev_tasks.core.challenges import commitment, generate_challenges
-    from rev_tasks.core.keys import key_id
-
     try:
-        key = farm_key()
-        with session_scope() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.status in TERMINAL:
-                return "skipped"
-            if job.status == RUNNING:  # a redelivered prepare: inference already has it
-                return "already running"
-            queue = job.queue
-            if job.commitment is None and job.kind == "verify":
-                budget = int(job.request.get("max_challenges", 64))
-                if job.reference_model_id is not None:
-                    fp = s.get(Fingerprint, job.reference_model_id)
-                    if fp is None:
-                        raise FarmError("model_not_ready", "the reference has no fingerprint")
-                    if fp.key_id != key_id(key):
-                        raise FarmError(
-                            "key_mismatch",
-                            "the reference fingerprint was made with another farm key; "
-                            "register the model again",
-                        )
-                    budget = min(budget, fp.n_challenges)
-                job.commitment = commitment(generate_challenges(key, budget)).hex()
-                job.challenges_max = budget
-            job.key_id = key_id(key)
-            if job.stage == "queued":
-                job.stage = "prepared"
+        return _prepare(job_id)
     except FarmError as exc:
         _fail(job_id, exc.code, exc.message)
         return "failed"
-    # Enqueued after the commit above, so the inference task always sees the commitment.
-    run_inference.apply_async(
-        (job_id,),
-        queue=queue,
-        task_id=inference_task_id(job_id),
-        retry=True,
-        retry_policy=PUBLISH_RETRY,
-    )
+    except jobs.IllegalTransition:  # the inference of a duplicate message overtook it
+        return "already running"
+
+
+def _prepare(job_id: str) -> str:
+    from rev_tasks.core.keys import key_id
+
+    key = farm_key()
+    with session_scope() as s:
+        job = jobs.load(s, job_id)
+        if job is None or jobs.finished(job):
+            return "skipped"
+        if not jobs.allows(job, jobs.PREPARE):  # a redelivered prepare: inference has it
+            return "already running"
+        commitment, budget = _commitment(s, job, key)
+        jobs.mark_prepared(s, job, key_id(key), commitment, budget)
+        # Sent after the commit, so the inference task always sees the commitment.
+        send = partial(
+            run_inference.apply_async,
+            (job_id,),
+            queue=job.queue,
+            task_id=inference_task_id(job_id),
+            retry=True,
+            retry_policy=PUBLISH_RETRY,
+        )
+        after_commit(s, send)
     return "prepared"
+
+
+def _commitment(session: Any, job: Job, key: bytes) -> tuple[str | None, int | None]:
+    """(root, size) of a verify job's challenge set, once; (None, None) when it has one."""
+    from rev_tasks.core.challenges import commitment, generate_challenges
+    from rev_tasks.core.keys import key_id
+
+    if job.commitment is not None or job.kind != "verify":
+        return None, None
+    budget = int(job.request.get("max_challenges", 64))
+    if job.reference_model_id is not None:
+        fp = session.get(Fingerprint, job.reference_model_id)
+        if fp is None:
+            raise FarmError("model_not_ready", "the reference has no fingerprint")
+        if fp.key_id != key_id(key):
+            raise FarmError(
+                "key_mismatch",
+                "the reference fingerprint was made with another farm key; "
+                "register the model again",
+            )
+        budget = min(budget, fp.n_challenges)
+    return commitment(generate_challenges(key, budget)).hex(), budget
 
 
 def inference_task_id(job_id: str) -> str:
@@ -143,7 +134,7 @@ def inference_task_id(job_id: str) -> str:
 
 # Results are kept (unlike the other pipeline steps) so that the PROGRESS state written
 # after every batch ends in SUCCESS/FAILURE instead of staying PROGRESS in the backend.
-@app.task(name="rev_tasks.tasks.verify.run_inference", bind=True, **DB_RETRY)
+@app.task(name=Task.RUN_INFERENCE, bind=True, **DB_RETRY)
 def run_inference(self: Any, job_id: str) -> str:
     """Run the job's batches on this worker's device; persist; start consensus.
 
@@ -152,54 +143,22 @@ def run_inference(self: Any, job_id: str) -> str:
     crash in native code) fails with ``worker_lost`` after ``REV_MAX_ATTEMPTS`` instead of
     being redelivered forever.
     """
-    settings = get_settings()
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status in TERMINAL:
-            return "skipped"
-        if s.get(Transcript, job_id) is not None:  # decided before a redelivery
-            if job.consensus_dispatched_at is None:
-                dispatch = True
-            else:
-                return "already decided"
-        else:
-            dispatch = False
-            job.status = RUNNING
-            job.stage = "inference"
-            job.started_at = job.started_at or utcnow()
-            job.challenges_done = 0  # a redelivered run starts over: progress says so
-            if not self.request.retries:
-                job.attempts = (job.attempts or 0) + 1
-            attempts = job.attempts or 0
-            spec = _JobSpec(
-                id=job.id,
-                tenant=job.tenant,
-                kind=job.kind,
-                request=dict(job.request),
-                reference_model_id=job.reference_model_id,
-                reference_path=job.reference_path,
-                candidate_path=job.candidate_path,
-                commitment=job.commitment,
-            )
-    if dispatch:
-        _dispatch_consensus(job_id)
-        return "consensus dispatched"
-    if attempts > settings.max_attempts:
-        _fail(
-            job_id,
-            "worker_lost",
-            f"the inference was interrupted {attempts - 1} times (worker killed: out of "
-            "memory, or a crash in native code); it is not retried again",
-            spec.kind,
-        )
-        return "failed"
-    _maybe_self_destruct(spec.candidate_path)
     try:
-        if spec.kind == "identify":
-            _identify(spec)
-            return "identified"
-        if not _verify(spec, self):
-            return "already decided"  # a concurrent delivery stored its transcript first
+        spec, outcome = _start(job_id, new_attempt=not self.request.retries)
+    except jobs.IllegalTransition as exc:  # another delivery moved the job meanwhile
+        log.warning("%s; this delivery leaves the job alone", exc)
+        return "skipped"
+    if spec is None:
+        return outcome
+    try:
+        if spec.attempts > get_settings().max_attempts:
+            raise FarmError(
+                "worker_lost",
+                f"the inference was interrupted {spec.attempts - 1} times (worker killed: out "
+                "of memory, or a crash in native code); it is not retried again",
+            )
+        faults.before_inference(spec.candidate_path)
+        outcome = _identify(spec) if spec.kind == "identify" else _verify(spec, self)
     except FarmError as exc:
         _fail(job_id, exc.code, exc.message, spec.kind)
         return "failed"
@@ -212,30 +171,24 @@ def run_inference(self: Any, job_id: str) -> str:
         log.exception("job %s: unexpected error", job_id)
         _fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500], spec.kind)
         raise
+    if outcome == "decided":
+        _dispatch_consensus(job_id)
+    return outcome
+
+
+def _start(job_id: str, new_attempt: bool) -> tuple[jobs.JobSpec | None, str]:
+    """The job's spec once this delivery started it, or (None, what happened instead)."""
+    with session_scope() as s:
+        job = jobs.load(s, job_id)
+        if job is None or jobs.finished(job):
+            return None, "skipped"
+        if s.get(Transcript, job_id) is None:
+            return jobs.mark_running(s, job, new_attempt=new_attempt), "started"
+        if job.consensus_dispatched_at is not None:
+            return None, "already decided"
+    # Decided before this redelivery, but the validators were never sent.
     _dispatch_consensus(job_id)
-    return "decided"
-
-
-def _maybe_self_destruct(candidate_path: str) -> None:
-    """Test-only: SIGKILL this child for a marked candidate (a model that OOM-kills workers)."""
-    marker = get_settings().fault_kill_path
-    if marker and marker in candidate_path:
-        log.warning("fault injection: killing this worker child (%s)", candidate_path)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _maybe_forge(candidate_path: str, reference: Any, candidate: Any) -> Any:
-    """Test-only: a lying inference worker, for a marked candidate.
-
-    It runs the reference model in the candidate's place, so the transcript it stores is
-    internally consistent (root, proofs, distances, decision) and claims SAME: only the
-    validators' re-execution of the real candidate can expose it.
-    """
-    marker = get_settings().fault_forge_path
-    if marker and marker in candidate_path and not isinstance(reference, dict):
-        log.warning("fault injection: forging the transcript of %s", candidate_path)
-        return reference
-    return candidate
+    return None, "consensus dispatched"
 
 
 def _load(path: str, side: str, request: dict[str, Any]) -> Any:
@@ -263,20 +216,17 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
     ``challenges_done``/``challenges_max``) is what Flower and ``AsyncResult`` show.
     """
     last = [time.perf_counter(), 0]
-    # Test-only: a slow model (REV_TEST_SLOW_BATCH_SECONDS, with REV_ENABLE_FAULT_INJECTION).
-    slow = get_settings().fault_slow_batch_seconds
 
     def report(done: int, maximum: int) -> None:
         now = time.perf_counter()
         if done > last[1]:
             per = (now - last[0]) / (done - last[1])
             for _ in range(done - last[1]):
-                metric("observe_inference", family, device, per)
+                metrics.observe_inference(family, device, per)
         last[0], last[1] = now, done
         with session_scope() as s:
-            repo.set_progress(s, job_id, done, maximum)
-        if slow:
-            time.sleep(slow)
+            jobs.record_progress(s, job_id, done, maximum)
+        faults.after_batch()
         if task is not None and getattr(task.request, "id", None):
             try:
                 task.update_state(
@@ -289,8 +239,8 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
     return report
 
 
-def _verify(spec: _JobSpec, task: Any = None) -> bool:
-    """Run the verification; True when this delivery stored the job's transcript."""
+def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
+    """Run the verification: ``decided`` when this delivery stored the job's transcript."""
     from rev_tasks.engine import Verification
     from rev_tasks.inference import ModelLoadError
 
@@ -305,7 +255,7 @@ def _verify(spec: _JobSpec, task: Any = None) -> bool:
         assert spec.reference_path is not None
         reference = _load(spec.reference_path, "reference", spec.request)
     candidate = _load(spec.candidate_path, "candidate", spec.request)
-    computed = _maybe_forge(spec.candidate_path, reference, candidate)
+    computed = faults.computed_candidate(spec.candidate_path, reference, candidate)
     try:
         verification = Verification(reference, computed, key, params)
     except ValueError as exc:
@@ -325,19 +275,11 @@ def _verify(spec: _JobSpec, task: Any = None) -> bool:
     result = dict(outcome.result)
     result["executed_on"] = _executed_on(candidate)
     with session_scope() as s:
-        # The first delivery to finish wins, under a row lock: two deliveries of one job can
-        # run at once (a redelivery while the first still runs), and a late one must neither
-        # replace a transcript the validators already checked nor reopen a finished job.
-        job = s.get(Job, spec.id, with_for_update=True)
-        if job is None or job.status in TERMINAL or s.get(Transcript, spec.id) is not None:
-            log.info("job %s: already decided by another delivery; result discarded", spec.id)
-            return False
-        repo.store_transcript(s, spec.id, result, outcome.transcript)
-        job.challenges_done = int(outcome.result["challenges_used"])
-        job.challenges_max = int(outcome.result.get("challenges_max", job.challenges_max))
-        job.decided_at = utcnow()
-        job.stage = "consensus"
-    return True
+        decided = jobs.record_decision(s, spec.id, result, outcome.transcript)
+    if not decided:  # the first delivery to finish wins
+        log.info("job %s: already decided by another delivery; result discarded", spec.id)
+        return "already decided"
+    return "decided"
 
 
 def _executed_on(model: Any) -> dict[str, Any]:
@@ -354,7 +296,7 @@ def _executed_on(model: Any) -> dict[str, Any]:
     }
 
 
-def _identify(spec: _JobSpec) -> None:
+def _identify(spec: jobs.JobSpec) -> str:
     from rev_tasks.core.keys import key_id
     from rev_tasks.engine import identify
     from rev_tasks.inference import ModelLoadError
@@ -385,17 +327,10 @@ def _identify(spec: _JobSpec) -> None:
     }
     used = max((r.get("challenges_used", 0) for r in ranking), default=0)
     with session_scope() as s:
-        job = s.get(Job, spec.id)
-        if job is None or job.status in TERMINAL:
-            return
-        now = utcnow()
-        job.result = result
-        job.status = SUCCEEDED
-        job.stage = "done"
-        job.challenges_done = used
-        job.decided_at = now
-        job.finished_at = now
-    metric("job_finished", "identify", SUCCEEDED, result["verdict"])
+        identified = jobs.record_identification(s, spec.id, result, used)
+    if identified:
+        metrics.job_finished("identify", jobs.SUCCEEDED, result["verdict"])
+    return "identified"
 
 
 def _dispatch_consensus(job_id: str) -> None:
@@ -409,6 +344,4 @@ def _dispatch_consensus(job_id: str) -> None:
     body = tally.si(job_id, time.time()).on_error(consensus_failed.s(job_id))
     chord(header)(body, retry=True, retry_policy=PUBLISH_RETRY)
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is not None and job.consensus_dispatched_at is None:
-            job.consensus_dispatched_at = utcnow()
+        jobs.record_consensus_dispatched(s, job_id)

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 def _counts() -> tuple[int, int]:
     from sqlalchemy import func, select
 
-    from rev_tasks.db.models import Job, ModelRecord
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job, ModelRecord
 
     with session_scope() as s:
         return (
@@ -219,3 +219,42 @@ def test_openapi_document_is_valid(client: Any) -> None:
     validator = Draft202012Validator(json.loads(text))
     assert validator.is_valid({"kind": "verify", "reference": "m", "candidate": {"path": "/x"}})
     assert not validator.is_valid({"kind": "verify", "reference": "m", "candidate": "c", "x": 1})
+
+
+def test_a_broker_outage_at_submit_is_a_503_and_the_row_says_so(
+    farm_env: dict[str, str], keys: dict[str, str], model_dirs: dict[str, Path]
+) -> None:
+    """The row is committed before the send; when the send fails it is failed, not left queued."""
+    import uuid
+
+    from celery import Celery
+
+    from rev_tasks.settings import Settings
+    from tests.integration.farm import authed_client
+    from web import create_app
+
+    dead = Celery("dead-broker", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app = create_app(
+        {"TESTING": True, "REV_SETTINGS": Settings.from_env(), "REV_METRICS": False,
+         "CELERY_APP": dead}
+    )  # fmt: skip
+    client = authed_client(app, keys["admin"])
+
+    def failed_ids() -> set[str]:
+        docs = client.get("/v1/jobs?status=failed&limit=100").get_json()["jobs"]
+        return {d["id"] for d in docs}
+
+    before = failed_ids()
+    _error(
+        client.post("/v1/jobs", json=_verify(model_dirs, device="cpu")), 503, "broker_unavailable"
+    )
+    (new,) = failed_ids() - before
+    doc = client.get(f"/v1/jobs/{new}").get_json()
+    assert doc["status"] == "failed" and doc["stage"] == "done", doc
+    assert doc["error"]["code"] == "broker_unavailable" and doc["finished_at"], doc
+
+    model_id = f"unsent-{uuid.uuid4().hex[:8]}"
+    body = {"id": model_id, "path": str(model_dirs["gpt2-a"])}
+    _error(client.post("/v1/models", json=body), 503, "broker_unavailable")
+    doc = client.get(f"/v1/models/{model_id}").get_json()
+    assert doc["status"] == "failed" and doc["error"]["code"] == "broker_unavailable", doc

@@ -94,12 +94,12 @@ def submit(client: Any, body: dict[str, Any]) -> str:
 def _no_job_left_running(farm_env: dict[str, str]) -> Iterator[None]:
     """A failed chaos test must not leave jobs running for the modules that follow."""
     yield
-    from rev_tasks.db import repo
+    from rev_tasks import jobs
     from rev_tasks.db.session import session_scope
 
     with session_scope() as s:
         for job_id in SUBMITTED:
-            repo.fail_job(s, job_id, "test_cleanup", "left unfinished by a failed chaos test")
+            jobs.fail(s, job_id, "test_cleanup", "left unfinished by a failed chaos test")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def _bodies(model_dirs: dict[str, Path], n: int) -> list[tuple[dict[str, Any], s
 def _rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
     from sqlalchemy import select
 
-    from rev_tasks.db.models import Job
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job
 
     with session_scope() as s:
         rows = s.execute(
@@ -139,8 +139,8 @@ def _rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
 def _votes(job_id: str) -> list[int]:
     from sqlalchemy import select
 
-    from rev_tasks.db.models import Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Vote
 
     with session_scope() as s:
         return list(s.scalars(select(Vote.validator).where(Vote.job_id == job_id)))

@@ -274,8 +274,8 @@ def test_redelivered_tasks_are_idempotent(
     from sqlalchemy import func, select
 
     from rev_tasks.celery import app
-    from rev_tasks.db.models import Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Vote
 
     body = {
         "kind": "verify",

@@ -141,8 +141,8 @@ def test_a_forging_inference_worker_is_caught_by_re_execution(
     """A lying inference worker: it runs the reference in gpt2-b's place and stores a
     transcript that is internally consistent and claims SAME. The audit alone cannot see it;
     every validator's re-execution of the real gpt2-b does, on whichever records it drew."""
-    from rev_tasks.db.models import Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Vote
 
     worker = start_worker(
         name="forger", REV_ENABLE_FAULT_INJECTION="1", REV_TEST_FORGE_INFERENCE_PATH="gpt2-b"
@@ -177,25 +177,26 @@ def test_a_forging_inference_worker_is_caught_by_re_execution(
 
 
 def test_fault_switch_needs_the_enable_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rev_tasks.settings import Settings
+    from rev_tasks.testing.faults import Faults
 
     monkeypatch.setenv("REV_TEST_FAULTY_VALIDATORS", "0,3:random,4:crash")
     monkeypatch.setenv("REV_TEST_SLOW_BATCH_SECONDS", "2")
     monkeypatch.setenv("REV_TEST_FORGE_INFERENCE_PATH", "gpt2-b")
+    monkeypatch.setenv("REV_TEST_KILL_INFERENCE_PATH", "oom-bomb")
     monkeypatch.delenv("REV_ENABLE_FAULT_INJECTION", raising=False)
-    off = Settings.from_env()
+    off = Faults.from_env()
     assert off.faulty_validators == frozenset()
-    assert off.fault_mode(0) is None and off.fault_slow_batch_seconds == 0
-    assert off.fault_forge_path == ""
+    assert off.validator_mode(0) is None and off.slow_batch_seconds == 0
+    assert off.forge_path == "" and off.kill_path == ""
     monkeypatch.setenv("REV_ENABLE_FAULT_INJECTION", "1")
-    on = Settings.from_env()
+    on = Faults.from_env()
     assert on.faulty_validators == frozenset({0, 3, 4})
-    assert [on.fault_mode(i) for i in range(5)] == ["lie", None, None, "random", "crash"]
-    assert on.fault_slow_batch_seconds == 2
-    assert on.fault_forge_path == "gpt2-b"
+    assert [on.validator_mode(i) for i in range(5)] == ["lie", None, None, "random", "crash"]
+    assert on.slow_batch_seconds == 2
+    assert on.forge_path == "gpt2-b" and on.kill_path == "oom-bomb"
     monkeypatch.setenv("REV_TEST_FAULTY_VALIDATORS", "1:sleepy")
     with pytest.raises(ValueError, match="mode"):
-        Settings.from_env()
+        Faults.from_env()
 
 
 # ----------------------------------------------------------------------------- models
@@ -335,8 +336,8 @@ def test_every_step_delivered_twice_while_the_job_runs(
     from sqlalchemy import func, select
 
     from rev_tasks.celery import app
-    from rev_tasks.db.models import Transcript, Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Transcript, Vote
 
     # Tenant beta's own registry: a copy of gpt2-a registered for the admin's tenant would
     # tie with gpt2-a in any later identify job of that tenant (test_farm's ranking).

@@ -34,7 +34,7 @@ def _roundtrip(url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from rev_tasks.db.models import Base
+    from rev_tasks.db.tables import Base
 
     _alembic(url, "upgrade", "head")
     engine = create_engine(url)

@@ -112,8 +112,8 @@ def test_restarts_lose_no_job_and_duplicate_no_vote(
     from prometheus_client import CollectorRegistry, multiprocess
     from sqlalchemy import func, select
 
-    from rev_tasks.db.models import Job, Transcript, Vote
     from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job, Transcript, Vote
 
     prom = tmp_path_factory.mktemp("prom-restarts")
 

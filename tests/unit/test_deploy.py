@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from rev_tasks import queues
 from rev_tasks.metrics import METRIC_NAMES
 from rev_tasks.ops.gpu import GPU_METRIC_NAMES
 
@@ -33,7 +34,7 @@ COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rev-farm.json"
-DECLARED_QUEUES = {"default", "inference.cpu", "consensus", "maintenance"}
+DECLARED_QUEUES = set(queues.BASE_QUEUES)
 WORKER_SERVICES = ("worker-cpu", "worker-consensus", "worker-maintenance")
 #: Series Prometheus itself provides.
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
@@ -236,7 +237,7 @@ def test_compose_gpu_override_pins_one_worker_per_gpu() -> None:
         assert len(devices) == 1 and len(devices[0]["device_ids"]) == 1, name
         index = devices[0]["device_ids"][0]
         cmd = svc["command"]
-        assert cmd[cmd.index("-Q") + 1] == f"inference.cuda{index}", name
+        assert cmd[cmd.index("-Q") + 1] == queues.gpu_queue(int(index)), name
         assert cmd[cmd.index("-c") + 1] == "1", name
         assert svc["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
         assert svc["environment"]["REV_WORKER_DEVICE"] == "cuda"
@@ -320,7 +321,7 @@ def test_k8s_scaling_and_workers() -> None:
     scaled = docs[("ScaledObject", "rev-worker-cpu")]["spec"]
     assert scaled["scaleTargetRef"]["name"] == "rev-worker-cpu"
     trigger = scaled["triggers"][0]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "inference.cpu"
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queues.INFERENCE_CPU
     hpas = [d for (kind, _), d in docs.items() if kind == "HorizontalPodAutoscaler"]
     assert [h["spec"]["scaleTargetRef"]["name"] for h in hpas] == ["rev-coordinator"]
 

@@ -17,7 +17,7 @@ from flask import Flask
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rev_tasks import metrics
+from rev_tasks import metrics, queues
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     (tmp_path / "rev-20250101T030000Z.dump").write_bytes(b"PGDMP")
     registry = metrics.build_registry(
         [
-            metrics.QueueDepthCollector(REDIS_TEST_URL, ["default"]),
+            metrics.QueueDepthCollector(REDIS_TEST_URL, [queues.DEFAULT]),
             metrics.WorkerMemoryCollector(),
             metrics.BackupAgeCollector(tmp_path),
         ]
@@ -97,6 +97,35 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     exposed = {name for name, _ in _samples(generate_latest(registry).decode())}
     ours = {n for n in exposed if not n.startswith(("process_", "python_"))}
     assert ours == set(metrics.METRIC_NAMES)
+
+
+class _BrokenSeries:
+    """A metric whose every call raises, like a full multiprocess directory would."""
+
+    def labels(self, **_: str) -> _BrokenSeries:
+        raise OSError("No space left on device")
+
+    inc = dec = set = observe = labels
+
+
+def test_recording_never_fails_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "JOBS_FINISHED", _BrokenSeries())
+    monkeypatch.setattr(metrics, "MODEL_LOAD_DURATION", _BrokenSeries())
+    monkeypatch.setattr(metrics, "CONSENSUS_VALIDATORS_ACTIVE", _BrokenSeries())
+    assert metrics.job_finished("verify", "failed", None) is None
+    assert metrics.observe_model_load("gpt2", "cpu", 0.5) is None
+    with metrics.validator_running():
+        ran = True
+    assert ran
+
+
+def test_a_wrong_call_is_an_error_not_a_silently_missing_count() -> None:
+    with pytest.raises(TypeError):
+        metrics.job_finished("verify", "failed")  # the verdict is missing
+    with pytest.raises(TypeError):
+        metrics.consensus_round(outcome="published", seconds=0.1)  # no such argument
+    with pytest.raises(AttributeError):
+        metrics.job_finishd  # noqa: B018 - a misspelt helper fails where it is named
 
 
 def test_labels_stay_bounded() -> None:
@@ -178,7 +207,7 @@ def test_queue_depth_reads_redis_at_scrape_time() -> None:
 
 
 def test_queue_depth_survives_a_dead_broker() -> None:
-    collector = metrics.QueueDepthCollector("redis://127.0.0.1:1/0", ["default"])
+    collector = metrics.QueueDepthCollector("redis://127.0.0.1:1/0", [queues.DEFAULT])
     assert list(collector.collect()) == []
 
 
@@ -206,7 +235,7 @@ _WORKER_SCRIPT = textwrap.dedent(
     import json, os, sys, urllib.request
     from rev_tasks.ops.multiproc import prepare_multiproc_dir
     prepare_multiproc_dir(os.environ["TEST_PROM_DIR"])  # before prometheus_client loads
-    from rev_tasks import metrics
+    from rev_tasks import metrics, queues
     assert metrics.multiprocess_enabled()
     server, _ = metrics.start_worker_metrics_server(0, "127.0.0.1")
     pid = os.fork()
@@ -292,3 +321,22 @@ def test_scrape_over_http_in_single_process_mode() -> None:
         assert "worker_memory_bytes" in text
     finally:
         server.shutdown()
+
+
+def test_metrics_and_backups_do_not_import_each_other() -> None:
+    """metrics reads backup files through ops.backup_files; only ops.backup records metrics."""
+    import ast
+
+    from rev_tasks.ops import backup, backup_files
+
+    def imported(module: object) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())  # type: ignore[attr-defined]
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                names |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+        return names
+
+    assert "rev_tasks.ops.backup" not in imported(metrics)
+    assert "rev_tasks.metrics" in imported(backup)
+    assert not {"rev_tasks.metrics", "rev_tasks.ops.backup"} & imported(backup_files)

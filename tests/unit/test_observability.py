@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from rev_tasks import logs, telemetry
+from rev_tasks import logs, queues, telemetry
+from rev_tasks.queues import Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,9 +38,9 @@ def test_beat_schedules_the_backup_on_maintenance_with_expiry() -> None:
         "{k: str(v) for k, v in c.beat_schedule['rev-backup-database'].items()}",
         REV_BACKUP_SCHEDULE="",
     )
-    assert entry["task"] == "rev_tasks.tasks.maintenance.backup"
+    assert entry["task"] == Task.BACKUP
     assert "0 3 * * *" in entry["schedule"]  # daily 03:00 UTC by default
-    assert entry["options"] == str({"queue": "maintenance", "expires": 3600.0})
+    assert entry["options"] == str({"queue": queues.MAINTENANCE, "expires": 3600.0})
     seconds = _config(
         "c.beat_schedule['rev-backup-database']['schedule']", REV_BACKUP_SCHEDULE="90"
     )

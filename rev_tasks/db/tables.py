@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy models: jobs, registered models, fingerprints, transcripts, votes.
+"""The database tables as typed SQLAlchemy classes: jobs, models, fingerprints, transcripts, votes.
 
 Big documents (transcripts, fingerprints) are zlib-compressed JSON in ``LargeBinary``
 columns: they are written once, read whole, and never queried inside. Small structured
@@ -24,12 +24,6 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-# Job status as the API shows it; ``stage`` says where in the pipeline a running job is.
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
-TERMINAL = frozenset({SUCCEEDED, FAILED})
-STAGES = ("queued", "prepared", "inference", "consensus", "done")
 
 MODEL_PENDING, MODEL_READY, MODEL_FAILED = "pending", "ready", "failed"
 
@@ -100,7 +94,11 @@ class Fingerprint(Base):
 
 
 class Job(Base):
-    """A verify or identify job; status and progress are what the API reports."""
+    """A verify or identify job; status and progress are what the API reports.
+
+    ``status`` and ``stage`` are written by :mod:`rev_tasks.jobs` only, which holds the
+    states they may take and the moves between them.
+    """
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -113,8 +111,8 @@ class Job(Base):
         String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT
     )
     kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
-    stage: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     device: Mapped[str] = mapped_column(String(8))
     queue: Mapped[str] = mapped_column(String(64))

@@ -15,19 +15,19 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
+from rev_tasks import queues
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
+from rev_tasks.queues import Task
 from web import services
-from web.errors import Conflict, NotFound, ServiceUnavailable
-from web.jobs import check_query, json_body, validation_error
+from web.errors import Conflict, NotFound
+from web.inputs import check_query, json_body, validation_error
 from web.schemas import MODEL_ID_PATTERN, ModelRegistration
 from web.security import can_see, principal
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
-
-FINGERPRINT_TASK = "rev_tasks.tasks.models.fingerprint"
 
 
 @bp.post("")
@@ -42,7 +42,7 @@ def register() -> ResponseReturnValue:
     path = services.model_path(req.path, settings)
     inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
     live = inspector.live()
-    gpu_live = [q for q in live if q.startswith(services.GPU_PREFIX)]
+    gpu_live = [q for q in live if queues.is_gpu_queue(q)]
     _device, queue = services.choose_queue(
         "auto", live, services.queue_backlog(settings.redis_url, gpu_live)
     )
@@ -53,17 +53,24 @@ def register() -> ResponseReturnValue:
         s.add(rec)
         s.flush()
         doc = services.model_document(rec, None)
-    try:
-        services.enqueue(current_app.extensions["rev_celery"], FINGERPRINT_TASK, [req.id], queue)
-    except ServiceUnavailable:
-        with session_scope() as s:
-            rec = s.get(ModelRecord, req.id)
-            if rec is not None:
-                rec.status = MODEL_FAILED
-                rec.error = {"code": "broker_unavailable", "message": "could not be enqueued"}
-        raise
+        services.enqueue_after_commit(
+            s,
+            current_app.extensions["rev_celery"],
+            Task.FINGERPRINT,
+            [req.id],
+            queue,
+            on_failure=lambda: _fail_unsent(req.id),
+        )
     url = url_for("models.get_model", model_id=req.id)
     return doc, 202, {"Location": url}
+
+
+def _fail_unsent(model_id: str) -> None:
+    with session_scope() as s:
+        rec = s.get(ModelRecord, model_id)
+        if rec is not None:
+            rec.status = MODEL_FAILED
+            rec.error = {"code": "broker_unavailable", "message": "could not be enqueued"}
 
 
 @bp.get("")

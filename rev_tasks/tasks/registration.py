@@ -1,4 +1,4 @@
-"""Fingerprint a registered reference model (status pending → ready | failed)."""
+"""Fingerprint a registered reference model (its status: pending → ready | failed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from rev_tasks.celery import app
 from rev_tasks.db import repo
-from rev_tasks.db.models import MODEL_FAILED, MODEL_PENDING, MODEL_READY, ModelRecord
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, MODEL_READY, ModelRecord
+from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
     DB_ERRORS,
@@ -32,7 +33,7 @@ def _mark_failed(model_id: str, code: str, message: str) -> None:
     log.warning("model %s failed: %s: %s", model_id, code, message)
 
 
-@app.task(name="rev_tasks.tasks.models.fingerprint", ignore_result=True, **DB_RETRY)
+@app.task(name=Task.FINGERPRINT, ignore_result=True, **DB_RETRY)
 def fingerprint(model_id: str) -> str:
     """Compute the model's signatures under the farm key and store them as its fingerprint."""
     from rev_tasks.engine import fingerprint_model
