@@ -24,6 +24,7 @@ _PLUGINS = (
     "rev_tasks.ops.backup",
     "rev_tasks.ops.health",
     "rev_tasks.auth_cli",
+    "rev_tasks.report_cli",
 )
 
 
