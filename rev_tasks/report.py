@@ -400,7 +400,10 @@ def build_report(
         "error": job.get("error"),
         "tolerance": result.get("tolerance") or request.get("tolerance"),
         "alpha": result.get("alpha", request.get("alpha")),
-        "challenges_used": result.get("challenges_used"),
+        "challenges_used": result.get(
+            "challenges_used",
+            (job.get("progress") or {}).get("challenges_done") if result.get("verdict") else None,
+        ),
         "challenges_max": result.get("challenges_max")
         or (job.get("progress") or {}).get("challenges_max"),
         "reason": result.get("reason"),
@@ -408,7 +411,7 @@ def build_report(
     }
     consensus = result.get("consensus") or {}
     out["consensus"] = consensus
-    positions: list[int] = []
+    positions: list[int] = []  # each record's challenge index, in transcript order
     if transcript is not None:
         ev = evidence(transcript)
         out["evidence"] = ev
@@ -441,7 +444,8 @@ def build_report(
             {
                 **v,
                 "records": recs,
-                "challenges": [positions[i] for i in recs or [] if 0 <= i < len(positions)],
+                # 1-based, as the charts' x axis and the distance table number challenges
+                "numbers": [i + 1 for i in recs or [] if 0 <= i < len(positions)],
             }
         )
     out["votes"] = votes

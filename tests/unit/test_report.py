@@ -63,8 +63,9 @@ def test_votes_show_the_challenges_each_validator_reexecuted() -> None:
         for i in range(5)
     ]
     data = build_report(_job(tr, verdict="SAME", consensus={"votes": votes, "quorum": 4}), tr)
-    indices = [r["index"] for r in tr["records"]]
-    assert data["votes"][0]["challenges"] == [indices[1], indices[3]]
+    assert data["votes"][0]["numbers"] == [2, 4]
+    html = report_html(_job(tr, verdict="SAME", consensus={"votes": votes}), tr, None, "", True)
+    assert html.count("#2, #4") == 5
 
 
 def test_identify_ranking_and_endpoint_fields_are_rendered() -> None:
