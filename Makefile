@@ -28,6 +28,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup
+	# Debian's chromium + chromedriver for the report pages' browser tests (idempotent).
+	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest -q
 
 # Only the fault-injection suite (marker `faults`): SIGKILLed workers, a crashed Redis, an

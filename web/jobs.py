@@ -241,7 +241,15 @@ def list_jobs() -> ResponseReturnValue:
                 "status must be queued, running, succeeded or failed", code="invalid_status"
             )
         stmt = stmt.where(Job.status == status)
-    cursor = request.args.get("cursor")
+    docs, next_cursor = page_of(stmt, request.args.get("cursor"), limit)
+    return {"jobs": docs, "next_cursor": next_cursor}
+
+
+def page_of(stmt: Any, cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of a newest-first job query after ``cursor``: (job documents, next cursor).
+
+    Shared with the browser's jobs list (web/reports.py), so both page the same way.
+    """
     if cursor:
         created, last_id = _decode_cursor(cursor)
         stmt = stmt.where(
@@ -251,7 +259,7 @@ def list_jobs() -> ResponseReturnValue:
         jobs = list(s.scalars(stmt.limit(limit + 1)))
         page = jobs[:limit]
         next_cursor = _encode_cursor(page[-1]) if len(jobs) > limit else None
-        return {"jobs": [services.job_document(j) for j in page], "next_cursor": next_cursor}
+        return [services.job_document(j) for j in page], next_cursor
 
 
 @bp.get("/<job_id>")

@@ -32,7 +32,7 @@ from rev_tasks.db.session import session_scope
 from rev_tasks.report import build_report
 from web import services
 from web.errors import NotFound
-from web.jobs import JOB_ID, _decode_cursor, _encode_cursor
+from web.jobs import page_of, visible_job
 from web.rendering import render
 
 PREFIX = "/ui"
@@ -218,16 +218,6 @@ def logout() -> ResponseReturnValue:
 
 
 # ----------------------------------------------------------------------------- pages
-def _visible(s: Any, job_id: str) -> Job:
-    """The job as the API's tenant rule allows; otherwise a 404 page (the same for both)."""
-    from web.security import can_see
-
-    job = s.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
-    if job is None or not can_see(job.tenant):
-        raise NotFound(f"no job {job_id[:64]!r}", code="job_not_found")
-    return job
-
-
 @bp.errorhandler(NotFound)
 def _not_found(exc: NotFound) -> ResponseReturnValue:
     return _page_error(404, "Not found", exc.message)
@@ -245,18 +235,7 @@ def jobs() -> ResponseReturnValue:
         stmt = stmt.where(Job.tenant == principal().tenant)
     if status:
         stmt = stmt.where(Job.status == status)
-    cursor = request.args.get("cursor")
-    if cursor:
-        from sqlalchemy import and_, or_
-
-        created, last_id = _decode_cursor(cursor)
-        stmt = stmt.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
-        )
-    with session_scope() as s:
-        rows = list(s.scalars(stmt.limit(PAGE + 1)))
-        docs = [services.job_document(j) for j in rows[:PAGE]]
-        next_cursor = _encode_cursor(rows[PAGE - 1]) if len(rows) > PAGE else None
+    docs, next_cursor = page_of(stmt, request.args.get("cursor"), PAGE)
     next_query = urlencode({k: v for k, v in (("status", status), ("cursor", next_cursor)) if v})
     return render(
         "jobs.html",
@@ -273,7 +252,7 @@ def jobs() -> ResponseReturnValue:
 def _load(job_id: str) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
     """(job document, transcript, certificate file text) for a job the caller may see."""
     with session_scope() as s:
-        job = _visible(s, job_id)
+        job = visible_job(s, job_id)  # another tenant's job: the same 404 as the API
         doc = services.job_document(job)
         tr = s.get(Transcript, job_id)
         transcript = tr.document() if tr is not None else None
