@@ -64,7 +64,7 @@ def load_public_key(pem: bytes | str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise CertificateError(f"not a PEM public key ({exc})") from exc
+        raise CertificateError("not a PEM public key") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise CertificateError(f"the public key is {type(key).__name__}, not Ed25519")
     return key
