@@ -103,6 +103,9 @@ class FarmClient:
     def transcript(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}/transcript")
 
+    def certificate(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}/certificate")
+
     def register_model(self, model_id: str, path: str) -> dict[str, Any]:
         return self._request("POST", "/v1/models", {"id": model_id, "path": path})
 
