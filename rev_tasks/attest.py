@@ -1,10 +1,12 @@
 """Issue and read the certificates of published jobs (database glue for ``certificates``).
 
-The consensus tally calls :func:`issue_on_publish` in the transaction that publishes a
-verdict, so a job is certified exactly when it is published and by the key the consensus
-workers hold; the coordinator only serves what was stored and never holds the private key.
-``rev certificate issue`` calls :func:`issue` for jobs published before certificates
-existed (or while the key file was missing).
+The inference task records the weights digests of the models it ran (:func:`weights_digests`)
+in the job's result, so a certificate names the weights that were verified, not whatever
+the folder holds later. The consensus tally calls :func:`issue_on_publish` in the
+transaction that publishes a verdict, so a job is certified exactly when it is published
+and by the key the consensus workers hold; the coordinator only serves what was stored and
+never holds the private key. ``rev certificate issue`` calls :func:`issue` for jobs
+published before certificates existed (or while the key file was missing).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from rev_tasks import certificates as C
@@ -48,12 +51,42 @@ def _label(ref: Any, path: str | None) -> str:
     return Path(path).name if path else "unknown"
 
 
+def weights_digests(candidate_path: str, reference_path: str | None) -> dict[str, str | None]:
+    """``candidate_digest`` (and ``reference_digest`` for a folder reference) for a result.
+
+    Taken by the inference task right after the models ran. A folder that cannot be read
+    now is None, logged: the verdict stands, and the job is not certified (a digest taken
+    later could name other weights).
+    """
+    out: dict[str, str | None] = {}
+    paths = {"candidate_digest": candidate_path, "reference_digest": reference_path}
+    for field, path in paths.items():
+        if path is None:
+            continue
+        try:
+            out[field] = C.weights_digest(path)
+        except (C.CertificateError, OSError) as exc:
+            log.error("%s: no weights digest of %s: %s", field, path, exc)
+            out[field] = None
+    return out
+
+
+def _recorded_digest(result: dict[str, Any], field: str, path: str) -> str:
+    """The digest the inference recorded; for jobs decided before it did, the folder's now."""
+    if field not in result:
+        return C.weights_digest(path)
+    digest = result[field]
+    if not digest:
+        raise C.CertificateError(f"the inference could not digest {path}; not certified")
+    return str(digest)
+
+
 def _candidate(job: Job) -> dict[str, Any]:
     request, result = job.request or {}, job.result or {}
     endpoint = request.get("endpoint") or result.get("endpoint")
     if isinstance(endpoint, dict) and endpoint.get("url"):
         return C.endpoint_subject(str(endpoint["url"]), str(endpoint.get("model", "")))
-    digest = result.get("candidate_digest") or C.weights_digest(job.candidate_path)
+    digest = _recorded_digest(result, "candidate_digest", job.candidate_path)
     return C.model_subject(_label(request.get("candidate"), job.candidate_path), digest)
 
 
@@ -76,7 +109,7 @@ def _reference(session: Session, job: Job) -> dict[str, Any]:
     path = job.reference_path or ""
     return {
         "name": _label((job.request or {}).get("reference"), path),
-        "digest": {C.SUBJECT_DIGEST: C.weights_digest(path)},
+        "digest": {C.SUBJECT_DIGEST: _recorded_digest(result, "reference_digest", path)},
         "descriptor": descriptor,
     }
 
@@ -132,13 +165,19 @@ def issue_on_publish(session: Session, job_id: str, key_file: str | Path) -> boo
     """The tally's hook: certify a verdict it just published; never fails the publication.
 
     A missing key file or an unreadable model folder is logged; the verdict stays published
-    and ``rev certificate issue JOB_ID`` can certify it later.
+    and ``rev certificate issue JOB_ID`` can certify it later. Only a database error
+    propagates: the publication's own transaction is lost with it, and the tally retries.
     """
     try:
         key = C.load_signing_key(key_file)
         issue(session, job_id, key)
     except (C.CertificateError, OSError) as exc:
         log.error("job %s: no certificate issued: %s", job_id, exc)
+        return False
+    except SQLAlchemyError:
+        raise
+    except Exception:  # noqa: BLE001 - a bug in signing must not withhold a verdict
+        log.exception("job %s: no certificate issued", job_id)
         return False
     return True
 

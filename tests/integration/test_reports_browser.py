@@ -4,8 +4,8 @@ A real worker runs a SAME, a DIFFERENT, an identify and a failing job for tenant
 (and one for ``beta``); the coordinator is served on loopback by werkzeug's server in a
 thread, backed by the session's PostgreSQL and Redis; Debian's chromium, driven through
 its own chromedriver by Selenium, logs in with alpha's key and reads every report. The
-certificates of the published jobs are issued by the function the consensus tally calls
-(``attest.issue``) and checked with ``rev certificate verify``.
+worker signs each published verdict with the farm's certificate key (the tally for verify
+jobs, the ``certify`` task for identify jobs); ``rev certificate verify`` checks them.
 
 Screenshots go to ``$REV_TEST_ARTIFACTS`` (default ``var/test-artifacts/browser``); their
 paths are printed.
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.farm import ROOT, register, submit, wait_job
+from tests.integration.farm import ROOT, register, submit, wait_certificate, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +56,11 @@ def worker(start_worker: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def signing_key(tmp_path_factory: Any) -> Any:
+def signing_key(farm_env: dict[str, str]) -> Any:
+    """The key the farm's workers sign with (REV_CERT_KEY_FILE)."""
     from rev_tasks import certificates as C
 
-    return C.create_signing_key(tmp_path_factory.mktemp("cert") / "certificate.key")
+    return C.load_signing_key(farm_env["REV_CERT_KEY_FILE"])
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +69,8 @@ def jobs(
     keys: dict[str, str],
     worker: Any,
     model_dirs: dict[str, Path],
-    signing_key: Any,
 ) -> dict[str, dict[str, Any]]:
     """Real farm runs: alpha's SAME, DIFFERENT, identify and failed jobs, and beta's job."""
-    from rev_tasks import attest
-    from rev_tasks.db.session import session_scope
-
     alpha, beta = client_for(keys["alpha"]), client_for(keys["beta"])
     for model_id, name in (("report-gpt2-a", "gpt2-a"), ("report-gpt2-b", "gpt2-b")):
         assert register(alpha, model_id, model_dirs[name])["status"] == "ready"
@@ -94,10 +91,11 @@ def jobs(
     assert docs["different"]["result"]["verdict"] == "DIFFERENT"
     assert docs["identify"]["result"]["best"] == "report-gpt2-a"
     assert docs["failed"]["error"]["code"] == "model_load_error"
-    # What the tally does when it publishes (the hook is wired there by the lead).
-    for name in ("same", "different", "identify", "beta"):
-        with session_scope() as s:
-            attest.issue(s, ids[name], signing_key)
+    # The tally signs in the transaction that publishes; identify's certify task just after.
+    for name in ("same", "different", "beta"):
+        owner = alpha if name != "beta" else beta
+        assert owner.get(f"/v1/jobs/{ids[name]}/certificate").status_code == 200, name
+    wait_certificate(alpha, ids["identify"])
     return docs
 
 
@@ -402,6 +400,15 @@ def test_certificates_verify_and_fail_clearly(
     bad = _rev("certificate", "verify", str(flipped), "--public-key", pem)
     assert bad.returncode == 1 and "certificate INVALID" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+    # The subject is the weights the inference digested, for verify and identify jobs alike.
+    identify = tmp_path / "identify.cert.json"
+    identify.write_bytes(alpha.get(f"/v1/jobs/{jobs['identify']['id']}/certificate").data)
+    for name, path in (("same", files["same"]), ("identify", identify)):
+        subject = C.verify(path.read_bytes(), C.load_public_key(key.data)).statement["subject"][0]
+        recorded = jobs[name]["result"]["candidate_digest"]
+        assert subject["digest"] == {C.SUBJECT_DIGEST: recorded}
+        assert recorded == C.weights_digest(jobs[name]["request"]["candidate"]["path"])
 
     missing = _rev("certificate", "verify", str(tmp_path / "nope.json"), "--public-key", pem)
     assert missing.returncode == 2 and "not found" in missing.stderr

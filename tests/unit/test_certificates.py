@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import stat
 import subprocess
@@ -166,10 +167,13 @@ def test_votes_must_attest_the_transcript(key: Any, same: dict[str, Any]) -> Non
         C.verify(cert, key.public_key(), same)
 
 
-def test_vote_digest_is_the_consensus_one() -> None:
+def test_vote_digest_is_the_consensus_one_and_its_format_is_fixed() -> None:
+    """Stored votes and issued certificates carry these digests: the bytes must not drift."""
     from rev_tasks.tasks.consensus import vote_digest
 
-    assert C.vote_digest(SAME_ID, "ab" * 32, "SAME") == vote_digest(SAME_ID, "ab" * 32, "SAME")
+    assert vote_digest is C.vote_digest  # one function: the validators' and the verifier's
+    text = f'{{"job_id":"{SAME_ID}","transcript_root":"{"ab" * 32}","verdict":"SAME"}}'
+    assert C.vote_digest(SAME_ID, "ab" * 32, "SAME") == hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_no_certificate_without_a_published_verdict(same: dict[str, Any]) -> None:
