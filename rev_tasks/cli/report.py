@@ -51,7 +51,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"rev: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    text = json.dumps(certificate, sort_keys=True, separators=(",", ":")) if certificate else None
+    text = certificate.decode("utf-8") if certificate else None
     html = report_html(doc, transcript, text, client.base_url, standalone=True)
     if args.output in (None, "-"):
         sys.stdout.write(html)
