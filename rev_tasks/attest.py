@@ -12,7 +12,6 @@ published before certificates existed (or while the key file was missing).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,11 @@ from rev_tasks.db.tables import (
     ModelRecord,
     SigningKey,
     Transcript,
+    iso,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
-
-
-def _iso(ts: datetime | None) -> str | None:
-    if ts is None:
-        return None
-    if ts.tzinfo is None:  # SQLite hands datetimes back naive; they are UTC
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _label(ref: Any, path: str | None) -> str:
@@ -121,7 +113,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "kind": job.kind,
         "status": job.status,
         "result": job.result,
-        "finished_at": _iso(job.finished_at),
+        "finished_at": iso(job.finished_at),
     }
 
 

@@ -16,10 +16,10 @@ from flask.typing import ResponseReturnValue
 
 from rev_tasks import attest, jobs
 from rev_tasks.db.session import session_scope
+from rev_tasks.db.tables import iso
 from web.errors import Conflict, NotFound
 from web.inputs import check_query
 from web.jobs import visible_job
-from web.services import iso
 
 bp = Blueprint("certificates", __name__, url_prefix="/v1")
 

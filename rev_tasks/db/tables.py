@@ -36,6 +36,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso(ts: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z (SQLite hands datetimes back naive; they are UTC)."""
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def pack_json(doc: Any) -> bytes:
     """Compact JSON, compressed: the storage form of transcripts and fingerprints."""
     return zlib.compress(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(), 6)
