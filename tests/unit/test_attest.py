@@ -4,6 +4,10 @@ a verdict for want of a certificate (a real SQLite database and real key and mod
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +172,52 @@ def test_weights_the_inference_could_not_read_are_never_certified_later(
     assert session.get(Certificate, JOB_ID) is None  # the folder now would not be proof
     with pytest.raises(C.CertificateError, match="could not digest"):
         attest.issue(session, JOB_ID, C.load_signing_key(key_file))
+
+
+def _rev(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rev_tasks.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def test_rev_certificate_keygen_and_issue_certify_a_job_published_without_a_key(
+    session: Session, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REV_CERT_KEY_FILE", str(tmp_path / "absent.key"))
+    reset_settings()
+    try:
+        transcript = _decided_job(
+            session, models, **attest.weights_digests(str(models["candidate"]), None)
+        )
+        _tally(session, JOB_ID)
+        session.commit()
+    finally:
+        reset_settings()
+    assert session.get(Certificate, JOB_ID) is None
+
+    key = tmp_path / "new.key"
+    made = _rev("certificate", "keygen", str(key))
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    again = _rev("certificate", "keygen", str(key))
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+    database = str(session.get_bind().url)
+    issued = _rev("certificate", "issue", "--key-file", str(key), DATABASE_URL=database)
+    assert issued.returncode == 0, issued.stderr
+    assert f"{JOB_ID} certified by {C.keyid(C.load_signing_key(key))[:16]}" in issued.stdout
+    session.expire_all()
+    row = session.get(Certificate, JOB_ID)
+    assert row is not None
+    C.verify(row.envelope.encode(), C.load_signing_key(key).public_key(), transcript)
+
+    unknown = _rev(
+        "certificate", "issue", "no-such-job", "--key-file", str(key), DATABASE_URL=database
+    )
+    assert unknown.returncode == 1 and "no job no-such-job" in unknown.stderr
