@@ -62,6 +62,14 @@ class FarmClient:
         self.api_key = api_key if api_key is not None else find_api_key()
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
+        """The response's JSON (None when the body is not JSON); errors as ClientError."""
+        resp = self._send(method, path, body)
+        try:
+            return resp.json()
+        except ValueError:
+            return None
+
+    def _send(self, method: str, path: str, body: Any = None) -> Any:
         import requests
 
         url = f"{self.base_url}{path}"
@@ -84,7 +92,7 @@ class FarmClient:
             if err:
                 raise ClientError(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
             raise ClientError(f"{resp.status_code} from {url}")
-        return data
+        return resp
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._request("POST", "/v1/jobs", body)
@@ -102,6 +110,15 @@ class FarmClient:
 
     def transcript(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}/transcript")
+
+    def certificate(self, job_id: str) -> bytes:
+        """The certificate file's exact bytes (any other form fails verification)."""
+        return bytes(self._send("GET", f"/v1/jobs/{job_id}/certificate").content)
+
+    def public_key(self, keyid: str | None = None) -> bytes:
+        """The farm's certificate public key as PEM (the current one, or ``keyid``'s)."""
+        query = f"?keyid={keyid}" if keyid else ""
+        return bytes(self._send("GET", f"/v1/certificates/key{query}").content)
 
     def register_model(self, model_id: str, path: str) -> dict[str, Any]:
         return self._request("POST", "/v1/models", {"id": model_id, "path": path})
