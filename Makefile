@@ -27,8 +27,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The real tools of the deploy tests (promtool, amtool, nginx, KEDA's schemas) first; never
-# fatal: without root or a network their tests skip, and under CI=true it says which.
+# The real tools of the tests (promtool, amtool, nginx, KEDA's schemas, chromium and its
+# chromedriver) first; never fatal: without root or a network their tests skip, and under
+# CI=true it says which.
 test: setup
 	-bash scripts/install_tools.sh
 	$(BIN)/python -m pytest -q

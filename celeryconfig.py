@@ -77,6 +77,8 @@ task_routes = {
     Task.VALIDATE: {"queue": queues.CONSENSUS},
     Task.TALLY: {"queue": queues.CONSENSUS},
     Task.CONSENSUS_FAILED: {"queue": queues.CONSENSUS},
+    # Consensus workers hold the certificate signing key; nothing else needs it.
+    Task.CERTIFY: {"queue": queues.CONSENSUS},
     "rev_tasks.tasks.maintenance.*": {"queue": queues.MAINTENANCE},
     "rev_tasks.ops.*": {"queue": queues.MAINTENANCE},
 }

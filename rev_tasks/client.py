@@ -74,6 +74,16 @@ class FarmClient:
     def _request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> Any:
+        """The response's JSON (None when the body is not JSON); errors as ClientError."""
+        resp = self._send(method, path, body, headers)
+        try:
+            return resp.json()
+        except ValueError:
+            return None
+
+    def _send(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         import requests
 
         url = f"{self.base_url}{path}"
@@ -99,7 +109,7 @@ class FarmClient:
             if err:
                 raise error(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
             raise error(f"{resp.status_code} from {url}")
-        return data
+        return resp
 
     def submit(
         self, body: dict[str, Any], idempotency_key: str | None = None, backoff: float = 1.0
@@ -137,6 +147,15 @@ class FarmClient:
 
     def transcript(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}/transcript")
+
+    def certificate(self, job_id: str) -> bytes:
+        """The certificate file's exact bytes (any other form fails verification)."""
+        return bytes(self._send("GET", f"/v1/jobs/{job_id}/certificate").content)
+
+    def public_key(self, keyid: str | None = None) -> bytes:
+        """The farm's certificate public key as PEM (the current one, or ``keyid``'s)."""
+        query = f"?keyid={keyid}" if keyid else ""
+        return bytes(self._send("GET", f"/v1/certificates/key{query}").content)
 
     def register_model(self, model_id: str, path: str) -> dict[str, Any]:
         return self._request("POST", "/v1/models", {"id": model_id, "path": path})

@@ -80,5 +80,6 @@ class Task:
     VALIDATE = "rev_tasks.tasks.consensus.validate"
     TALLY = "rev_tasks.tasks.consensus.tally"
     CONSENSUS_FAILED = "rev_tasks.tasks.consensus.consensus_failed"
+    CERTIFY = "rev_tasks.tasks.consensus.certify"
     REAP_STALE_JOBS = "rev_tasks.tasks.maintenance.reap_stale_jobs"
     BACKUP = "rev_tasks.tasks.maintenance.backup"

@@ -48,6 +48,11 @@ def _list(raw: str, sep: str = ",") -> list[str]:
     return [part.strip() for part in raw.split(sep) if part.strip()]
 
 
+def _path_or_none(name: str) -> Path | None:
+    raw = os.environ.get(name, "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a farm process needs to know about its deployment."""
@@ -82,6 +87,9 @@ class Settings:
     max_model_files: int = 10_000
     allow_pickle: bool = False
     hsts: bool = False
+    # --- certificates and browser sessions (docs/certificates.md); None: under var_dir
+    cert_key_file: Path | None = None
+    session_key_file: Path | None = None
 
     @property
     def visibility_timeout(self) -> int:
@@ -140,6 +148,8 @@ class Settings:
             max_model_files=max(1, _int("REV_MAX_MODEL_FILES", 10_000)),
             allow_pickle=os.environ.get("REV_ALLOW_PICKLE", "").strip() == "1",
             hsts=_flag("REV_HSTS"),
+            cert_key_file=_path_or_none("REV_CERT_KEY_FILE") or var_dir / "certificate.key",
+            session_key_file=_path_or_none("REV_SESSION_KEY_FILE") or var_dir / "session.key",
         )
 
 

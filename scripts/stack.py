@@ -7,11 +7,13 @@ wheel, on a free loopback port) unless ``REDIS_URL`` is set; ``alembic upgrade h
 a consensus worker (also ``default`` and ``maintenance``); beat; Flower. Every process runs
 in its own process group, with a pid file in ``var/run`` and a log in ``var/log``, and
 carries ``REV_STACK_ID`` in its environment so that ``down`` can prove none is left.
-``up`` returns once ``/readyz`` answers 200.
+``up`` returns once ``/readyz`` answers 200. It first creates, once and mode 0600, the farm's
+secret key and the certificate signing key (``REV_SECRET_KEY_FILE``, ``REV_CERT_KEY_FILE``).
 
 ``demo`` (after ``up``) registers the real MiniLM, builds a byte copy and a 1 %-noise copy
-under ``var/models``, submits a SAME and a DIFFERENT case over HTTP, shows progress and
-prints each finished job document.
+under ``var/models``, submits a SAME and a DIFFERENT case over HTTP, shows progress, prints
+each finished job document, and checks the SAME verdict's signed certificate against its
+transcript with ``rev certificate verify``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rev_tasks import certificates
 from rev_tasks.cli.worker import worker_command
 from rev_tasks.testing import variants
 from rev_tasks.testing.harness import (
@@ -87,6 +90,14 @@ def ensure_secret_key(path: Path) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fh.write(secrets.token_bytes(32))
         log(f"created secret key {path}")
+    return path
+
+
+def ensure_certificate_key(path: Path) -> Path:
+    """The Ed25519 key the consensus worker signs verdicts with, created once (0600)."""
+    if not path.exists():
+        key = certificates.create_signing_key(path)
+        log(f"created certificate signing key {path} (keyid {certificates.keyid(key)[:16]})")
     return path
 
 
@@ -179,6 +190,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise SystemExit(f"port {p} ({what}) is already in use; set REV_PORT/REV_FLOWER_PORT")
     key = Path(os.environ.get("REV_SECRET_KEY_FILE") or VAR / "secret.key")
     ensure_secret_key(key)
+    cert_key = Path(os.environ.get("REV_CERT_KEY_FILE") or VAR / "certificate.key")
+    ensure_certificate_key(cert_key)
     roots = os.environ.get("REV_MODEL_ROOTS") or os.pathsep.join(
         str(p) for p in (VAR / "models", minilm_dir()) if p is not None
     )
@@ -191,6 +204,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "REV_STACK_ID": stack_id,
             "REV_VAR_DIR": str(VAR),
             "REV_SECRET_KEY_FILE": str(key.resolve()),
+            "REV_CERT_KEY_FILE": str(cert_key.resolve()),
             "REV_BACKUP_DIR": os.environ.get("REV_BACKUP_DIR") or str(VAR / "backups"),
             "REV_MODEL_ROOTS": roots,
             "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{VAR / 'rev.db'}",
@@ -436,8 +450,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"after {result.get('challenges_used')} challenges, "
             f"{consensus.get('agreeing')}/5 validators agree"
         )
+    if "SAME" in finished:
+        try:
+            ok &= verify_certificate(client, finished["SAME"]["id"])
+        except ClientError as exc:
+            log(f"no certificate for the SAME job: {exc}")
+            ok = False
     log("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def verify_certificate(client: Any, job_id: str) -> bool:
+    """What a third party does with a verdict: fetch the job's certificate, its transcript and
+    the farm's public key, then check them offline with ``rev certificate verify``."""
+    out = VAR / "demo"
+    out.mkdir(exist_ok=True)
+    cert, transcript = out / f"{job_id}.certificate.json", out / f"{job_id}.transcript.json"
+    key = out / "farm-key.pem"
+    cert.write_bytes(client.certificate(job_id))
+    transcript.write_text(json.dumps(client.transcript(job_id)))
+    key.write_bytes(client.public_key())
+    argv = ["certificate", "verify", str(cert), "--public-key", str(key),
+            "--transcript", str(transcript)]  # fmt: skip
+    log("rev " + " ".join(argv))
+    proc = subprocess.run(
+        [PY, "-m", "rev_tasks.cli", *argv], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    print(proc.stdout + proc.stderr, end="", flush=True)
+    return proc.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(registry.bp)
     app.register_blueprint(openapi.bp)
 
+    from web import certificates, reports
+
+    app.register_blueprint(certificates.bp)
+    reports.init_app(app)  # /ui pages: session cookie, CSRF (docs/certificates.md)
+
     if app.config.get("REV_METRICS", True):
         try:
             from rev_tasks import metrics

@@ -199,7 +199,15 @@ def list_jobs() -> ResponseReturnValue:
             choices = ", ".join(jobs.STATUSES[:-1]) + f" or {jobs.STATUSES[-1]}"
             raise BadRequest(f"status must be {choices}", code="invalid_status")
         stmt = stmt.where(Job.status == status)
-    cursor = request.args.get("cursor")
+    docs, next_cursor = page_of(stmt, request.args.get("cursor"), limit)
+    return {"jobs": docs, "next_cursor": next_cursor}
+
+
+def page_of(stmt: Any, cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of a newest-first job query after ``cursor``: (job documents, next cursor).
+
+    Shared with the browser's jobs list (web/reports.py), so both page the same way.
+    """
     if cursor:
         created, last_id = _decode_cursor(cursor)
         stmt = stmt.where(
@@ -209,7 +217,7 @@ def list_jobs() -> ResponseReturnValue:
         rows = list(s.scalars(stmt.limit(limit + 1)))
         page = rows[:limit]
         next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
-        return {"jobs": [services.job_document(j) for j in page], "next_cursor": next_cursor}
+        return [services.job_document(j) for j in page], next_cursor
 
 
 @bp.get("/<job_id>")

@@ -13,6 +13,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import TypeAdapter
 
 from rev_tasks import __version__, jobs
+from web import certificates
 from web import schemas as S
 from web.idempotency import HEADER as IDEMPOTENCY_HEADER
 
@@ -226,6 +227,7 @@ def build_spec() -> dict[str, Any]:
             }
         },
     }
+    paths.update(certificates.openapi_paths(_errors, _headers(*_RATE_HEADERS)))
     return {
         "openapi": "3.1.0",
         "info": {

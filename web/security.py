@@ -117,9 +117,13 @@ def authenticate() -> Principal:
     return who
 
 
-def _before() -> None:
-    if request.path in PUBLIC_PATHS:
-        return
+def _before() -> Any:
+    from web import certificates, reports  # imported here: both import web.jobs, which imports us
+
+    if request.path in PUBLIC_PATHS or request.path in certificates.PUBLIC_PATHS:
+        return None
+    if reports.is_browser_path(request.path):  # the pages: a session cookie, not a bearer key
+        return reports.gate()
     who = authenticate()
     g.rev_principal = who
     limiter: RateLimiter = current_app.extensions["rev_ratelimit"]

@@ -11,27 +11,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rev_tasks import queues
 from rev_tasks.db.session import after_commit
-from rev_tasks.db.tables import Fingerprint, Job, ModelRecord
+from rev_tasks.db.tables import Fingerprint, Job, ModelRecord, iso
 from rev_tasks.inference.guard import within
 from rev_tasks.settings import Settings
 from web.errors import Conflict, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
-
-
-def iso(ts: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a Z (SQLite hands datetimes back naive; they are UTC)."""
-    if ts is None:
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------- paths

@@ -5,7 +5,7 @@ a key waits for the first transaction and fails, and that request answers with t
 job instead of creating another.
 
 Revision ID: 0005_idempotency_keys
-Revises: 0003_vote_sample
+Revises: 0004_certificates
 Create Date: 2026-12-01 00:00:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_idempotency_keys"
-down_revision: str | None = "0003_vote_sample"
+down_revision: str | None = "0004_certificates"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

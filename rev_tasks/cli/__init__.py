@@ -13,7 +13,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from rev_tasks.cli import backup, farm, health, keys, verify, worker
+from rev_tasks.cli import backup, farm, health, keys, report, verify, worker
 from rev_tasks.cli.common import EXIT_USAGE, UserError
 from rev_tasks.inference.loader import ModelLoadError
 
@@ -21,6 +21,7 @@ from rev_tasks.inference.loader import ModelLoadError
 COMMANDS: tuple[ModuleType, ...] = (
     verify,  # verify, fingerprint, audit (in-process)
     farm,  # submit, status, wait, cancel, jobs, models (HTTP client of the coordinator)
+    report,  # report (over HTTP), certificate verify|issue|keygen
     keys,  # keys create|list|revoke|ensure-dev (on DATABASE_URL)
     worker,  # worker --cpu|--gpu N|--consensus
     backup,  # backup now|list, restore

@@ -1,4 +1,5 @@
-"""The database tables as typed SQLAlchemy classes: jobs, models, fingerprints, transcripts, votes.
+"""The database tables as typed SQLAlchemy classes: jobs, models, fingerprints, transcripts,
+votes, API keys, certificates and their signing keys.
 
 Big documents (transcripts, fingerprints) are zlib-compressed JSON in ``LargeBinary``
 columns: they are written once, read whole, and never queried inside. Small structured
@@ -33,6 +34,15 @@ DEFAULT_TENANT = "default"
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def iso(ts: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z (SQLite hands datetimes back naive; they are UTC)."""
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def pack_json(doc: Any) -> bytes:
@@ -201,6 +211,34 @@ class ApiKey(Base):
     @property
     def scope_set(self) -> frozenset[str]:
         return frozenset(s for s in self.scopes.split(",") if s)
+
+
+# Certificates and signing keys are insert-only: a certificate is the farm's word at the moment
+# a verdict was published and is never re-signed, and a retired signing key's public half stays
+# so that the certificates it signed remain verifiable (docs/certificates.md, "Key rotation").
+
+
+class Certificate(Base):
+    """A published job's DSSE envelope, stored as the exact bytes of the certificate file."""
+
+    __tablename__ = "certificates"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    keyid: Mapped[str] = mapped_column(String(64), index=True)
+    envelope: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SigningKey(Base):
+    """The public key (PEM) behind a keyid, recorded the first time it signs."""
+
+    __tablename__ = "signing_keys"
+
+    keyid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class IdempotencyKey(Base):

@@ -5,8 +5,9 @@ and decision), checks it against the commitment made at ``prepare``, re-executes
 records drawn from the operating system's randomness once the transcript is stored (so the
 inference worker cannot know them in advance; the draw is stored with the vote), and
 votes. ``tally`` (the chord callback) reads the votes from the database and publishes the
-verdict only when four of five agree with the transcript's decision; otherwise the job
-fails with ``no_consensus`` and no verdict.
+verdict only when four of five agree with the transcript's decision, signing its
+certificate in the same transaction (:mod:`rev_tasks.attest`); otherwise the job fails
+with ``no_consensus`` and no verdict.
 
 Votes are upserts keyed by (job, validator): a redelivered validator leaves the first vote.
 A validator that crashes (an exception in its check) abstains instead of failing the chord:
@@ -18,21 +19,20 @@ job's row lock, when it stores its vote; the tally finds it finished and publish
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import time
 from collections import Counter
 from typing import Any
 
-from rev_tasks import jobs, metrics
+from rev_tasks import attest, jobs, metrics
 from rev_tasks.celery import app
+from rev_tasks.certificates import vote_digest
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import Job, Transcript, Vote
 from rev_tasks.queues import Task
-from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS
+from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
 from rev_tasks.tasks.common import (
     DB_ERRORS,
     DB_RETRY,
@@ -45,14 +45,6 @@ from rev_tasks.tasks.common import (
 from rev_tasks.testing import faults
 
 log = logging.getLogger(__name__)
-
-
-def vote_digest(job_id: str, transcript_root: str, verdict: str) -> str:
-    """sha256 hex of the canonical JSON of what a validator attests to."""
-    doc = {"job_id": job_id, "transcript_root": transcript_root, "verdict": verdict}
-    return hashlib.sha256(
-        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    ).hexdigest()
 
 
 def _vote_doc(v: Vote) -> dict[str, Any]:
@@ -207,6 +199,9 @@ def _tally(
     result["consensus"] = consensus
     if failure is None:
         jobs.publish(session, job, result)
+        # Signed in this transaction, so a published verdict and its certificate appear
+        # together; a certificate that cannot be made is logged and never fails the verdict.
+        attest.issue_on_publish(session, job_id, get_settings().cert_key_file)
         outcome = "published"
     else:
         result["verdict"] = None
@@ -248,6 +243,16 @@ def count_votes(
         f"only {agreeing} of {VALIDATORS} validators agree on {top_verdict} "
         f"(quorum {QUORUM}); no verdict is published",
     )
+
+
+@app.task(name=Task.CERTIFY, ignore_result=True, **DB_RETRY)
+def certify(job_id: str) -> bool:
+    """Sign a verdict published without a tally (an identify job's ranking).
+
+    It runs here, on ``consensus``, because only the consensus workers hold the signing key.
+    """
+    with session_scope() as s:
+        return attest.issue_on_publish(s, job_id, get_settings().cert_key_file)
 
 
 @app.task(name=Task.CONSENSUS_FAILED, ignore_result=True, **DB_RETRY)

@@ -23,7 +23,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from rev_tasks import jobs, metrics
+from rev_tasks import attest, jobs, metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import after_commit, session_scope
@@ -296,6 +296,7 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
         raise FarmError("verification_error", str(exc)) from exc
     result = dict(outcome.result)
     result["executed_on"] = _executed_on(candidate)
+    result.update(attest.weights_digests(spec.candidate_path, spec.reference_path))
     with session_scope() as s:
         decided = jobs.record_decision(s, spec.id, result, outcome.transcript)
     if not decided:  # the first delivery to finish wins; a cancelled job keeps no result
@@ -346,10 +347,16 @@ def _identify(spec: jobs.JobSpec) -> str:
         "key_id": key_id(key),
         "candidate": candidate.descriptor,
         "executed_on": _executed_on(candidate),
+        **attest.weights_digests(spec.candidate_path, None),
     }
     used = max((r.get("challenges_used", 0) for r in ranking), default=0)
     with session_scope() as s:
         identified = jobs.record_identification(s, spec.id, result, used)
+        if identified:  # signed on a consensus worker, which holds the key, after the commit
+            send = partial(
+                app.send_task, Task.CERTIFY, (spec.id,), retry=True, retry_policy=PUBLISH_RETRY
+            )
+            after_commit(s, send)
     return "identified" if identified else "already finished"
 
 

@@ -30,7 +30,7 @@ from rev_tasks.testing.harness import (
     worker_argv,
 )
 
-TERMINAL = {"succeeded", "failed"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
 # A fixed test key (the farm's key file); the in-process comparison uses the same bytes.
 TEST_KEY = bytes(range(100, 132))
 
@@ -67,14 +67,20 @@ def farm_environment(
     DATABASE_URL or key file; the chaos tests pass their own Redis, database URL (through
     a TCP proxy) and a short visibility timeout in ``extra``.
     """
+    from rev_tasks.certificates import create_signing_key
+
     var = tmp_path_factory.mktemp("var")
     key_file = var / "secret.key"
     key_file.write_bytes(TEST_KEY)
+    # The consensus workers sign published verdicts with it, as on the local stack.
+    cert_key = var / "certificate.key"
+    create_signing_key(cert_key)
     env = {
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "REV_MODEL_ROOTS": os.pathsep.join([str(model_dirs["root"]), str(model_dirs["minilm"])]),
         "REV_SECRET_KEY_FILE": str(key_file),
+        "REV_CERT_KEY_FILE": str(cert_key),
         "REV_VAR_DIR": str(var),
         "REV_INSPECT_TIMEOUT": "0.5",
         "REV_INSPECT_CACHE_SECONDS": "1",
@@ -207,7 +213,7 @@ class FarmWorker:
 
 
 def wait_job(client: Any, job_id: str, timeout: float = 300.0) -> dict[str, Any]:
-    """Poll GET /v1/jobs/<id> until it is succeeded or failed; return the document."""
+    """Poll GET /v1/jobs/<id> until it is finished (TERMINAL); return the document."""
     deadline = time.monotonic() + timeout
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -218,6 +224,18 @@ def wait_job(client: Any, job_id: str, timeout: float = 300.0) -> dict[str, Any]
             return doc
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s: {doc}")
+
+
+def wait_certificate(client: Any, job_id: str, timeout: float = 60.0) -> bytes:
+    """The job's certificate file once it is signed (an identify job's comes just after)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = client.get(f"/v1/jobs/{job_id}/certificate")
+        if resp.status_code == 200:
+            return bytes(resp.data)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id}: no certificate in {timeout}s: {resp.get_json()}")
+        time.sleep(0.3)
 
 
 def submit(client: Any, body: dict[str, Any]) -> str:

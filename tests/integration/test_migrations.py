@@ -15,7 +15,17 @@ from rev_tasks.testing.harness import ROOT
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"models", "fingerprints", "jobs", "transcripts", "votes", "api_keys", "idempotency_keys"}
+TABLES = {
+    "models",
+    "fingerprints",
+    "jobs",
+    "transcripts",
+    "votes",
+    "api_keys",
+    "certificates",
+    "signing_keys",
+    "idempotency_keys",
+}
 
 
 def _alembic(url: str, *args: str) -> None:

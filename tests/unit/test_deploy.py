@@ -134,10 +134,12 @@ def test_env_k8s_example_holds_the_secrets_keys() -> None:
     """`kubectl create secret --from-env-file=.env.k8s` (deploy/k8s/README.md) makes the
     rev-secrets Secret: the example has its keys but the key file's, unquoted (kubectl
     takes the rest of the line literally)."""
-    (secret,) = [d for _, d in _k8s_docs() if d["kind"] == "Secret"]
+    secrets = {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "Secret"}
+    assert set(secrets) == {"rev-secrets", "rev-certificate-key"}
+    secret = secrets["rev-secrets"]
     lines = (ROOT / ".env.k8s.example").read_text().splitlines()
     env = dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
-    assert set(env) == set(secret["stringData"]) - {"rev.key"}
+    assert set(env) == set(secret["stringData"]) - {"rev.key", "session.key"}
     assert not [v for v in env.values() if v[:1] in {"'", '"'}]
     used = set()
     for _, doc in _k8s_docs():
@@ -215,6 +217,36 @@ def test_compose_processes() -> None:
     for name in WORKER_SERVICES:
         grace = _seconds(services[name]["stop_grace_period"])
         assert grace > limit, f"{name}: stop_grace_period {grace}s <= task_time_limit {limit}s"
+
+
+def test_only_the_consensus_workers_hold_the_certificate_key() -> None:
+    """The signing key reaches the pods that sign (the tally) and no other; every coordinator
+    replica reads the one session key, so a browser stays logged in across replicas."""
+    services = _compose()["services"]
+    holders = {name for name, svc in services.items() if "rev_cert_key" in svc.get("secrets", [])}
+    assert holders == {"worker-consensus"}
+    consensus, coordinator = services["worker-consensus"], services["coordinator"]
+    assert consensus["environment"]["REV_CERT_KEY_FILE"] == "/run/secrets/rev_cert_key"
+    assert "rev_session_key" in coordinator["secrets"]
+    assert coordinator["environment"]["REV_SESSION_KEY_FILE"] == "/run/secrets/rev_session_key"
+
+    mounted: dict[str, dict[str, str]] = {}  # workload -> {file path: secret name}
+    for _, doc in _workloads():
+        pod = doc["spec"]["template"]["spec"]
+        volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+        files = mounted.setdefault(doc["metadata"]["name"], {})
+        for container in pod["containers"]:
+            for mount in container.get("volumeMounts", []):
+                secret = volumes.get(mount["name"])
+                for item in (secret or {}).get("items", []):
+                    files[f"{mount['mountPath']}/{item['path']}"] = secret["secretName"]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for variable in ("REV_CERT_KEY_FILE", "REV_SESSION_KEY_FILE"):
+                if variable in env:
+                    assert env[variable] in files, f"{doc['metadata']['name']}: {variable}"
+    holders = {w for w, files in mounted.items() if "rev-certificate-key" in files.values()}
+    assert holders == {"rev-worker-consensus"}
+    assert "/run/secrets/rev/session.key" in mounted["rev-coordinator"]
 
 
 def test_compose_worker_memory_fits_the_limit() -> None:

@@ -28,11 +28,17 @@ DOCKERFILE = "deploy/Dockerfile"
 #: deploy/k8s/README.md (and what `make up` leaves behind).
 SECRETS = (
     "deploy/secrets/rev.key",
+    "deploy/secrets/certificate.key",
+    "deploy/secrets/session.key",
     ".env",
     ".env.k8s",
     "deploy/.env",
     ".rev/api-key",
     "var/secret.key",
+    "var/certificate.key",
+    "var/session.key",
+    "certificate.key",
+    "deploy/certificate.key",
     "var/rev.sqlite3",
     "deploy/nginx/certs/tls.key",
     "deploy/nginx/certs/tls.crt",
