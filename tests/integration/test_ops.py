@@ -408,6 +408,14 @@ def test_metrics_count_the_job(
     assert value(merged, "rev_http_requests_total", endpoint="/readyz", status="503") >= 1
     assert value(merged, "rev_http_request_duration_seconds_bucket", endpoint="/readyz") > 0
     assert value(merged, "queue_depth", queue=INFERENCE_CPU) == 0
+    # Only the declared queues (REV_GPU_COUNT unset: no inference.cudaN), and none of the
+    # series only workers record, not even as zeros.
+    assert {lab["queue"] for n, lab, _ in merged if n == "queue_depth"} == set(CPU_WORKER_QUEUES)
+    names = {n for n, _, _ in merged}
+    assert not names & {"models_cached", "consensus_validators_active", "rev_backup_failures_total",
+                        "consensus_duration_seconds_count", "model_inference_duration_seconds_count",
+                        "consensus_rounds_total"}, sorted(names)  # fmt: skip
+    assert value(merged, "rev_jobs_finished_total", kind="identify", status="cancelled") == 0
 
     # The worker: every series of the job, exactly once for this worker's one job.
     w = scrape(ops["metrics"])

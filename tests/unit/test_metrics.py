@@ -419,3 +419,20 @@ def test_metrics_and_backups_do_not_import_each_other() -> None:
     assert "rev_tasks.ops.backup" not in imported(metrics)
     assert "rev_tasks.metrics" in imported(backup)
     assert not {"rev_tasks.metrics", "rev_tasks.ops.backup"} & imported(backup_files)
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_the_coordinator_reports_the_declared_queues_only(gpus: int) -> None:
+    """REV_GPU_COUNT decides the inference.cudaN series: none on a CPU-only farm."""
+    _need_redis()
+    import dataclasses
+
+    from rev_tasks.settings import Settings
+    from web import create_app
+
+    settings = dataclasses.replace(Settings.from_env(), gpu_count=gpus, redis_url=REDIS_TEST_URL)
+    app = create_app({"TESTING": True, "REV_SETTINGS": settings})
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    reported = {dict(labels)["queue"] for name, labels in _samples(text) if name == "queue_depth"}
+    assert reported == set(queues.declared_queues(gpus))
+    assert {q for q in reported if queues.is_gpu_queue(q)} == set(queues.gpu_queues(gpus))
