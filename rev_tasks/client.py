@@ -1,6 +1,7 @@
 """HTTP client of the farm's coordinator, for ``rev``'s farm commands and ``make demo``.
 
-The coordinator is found at ``REV_API_URL`` (default ``http://127.0.0.1:8000``); the API key
+The coordinator is found at ``REV_API_URL`` (default ``http://127.0.0.1:$REV_PORT``, port 8000
+when ``REV_PORT`` is unset too: the port ``make up`` serves on); the API key
 comes from ``REV_API_KEY``, else the file named by ``REV_API_KEY_FILE``, else ``.rev/api-key``
 (the development key ``make up`` writes) in the current folder or the repository. Model paths
 are sent as absolute paths and resolved on the server, so they must name folders under the
@@ -11,16 +12,25 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from rev_tasks.settings import api_url
 
-TERMINAL = ("succeeded", "failed")
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: Answers after which a submit is sent again (with the same Idempotency-Key): no answer
+#: at all, or a proxy's "try later". Anything else is the coordinator's own decision.
+RETRY_STATUSES = frozenset({502, 503, 504})
+SUBMIT_ATTEMPTS = 3
 
 
 class ClientError(Exception):
     """The request failed; ``str()`` is one line for the user."""
+
+
+class Unreachable(ClientError):
+    """No answer from the coordinator, or a 502/503/504: the request may be tried again."""
 
 
 def find_api_key() -> str | None:
@@ -61,24 +71,30 @@ class FarmClient:
         self.timeout = timeout
         self.api_key = api_key if api_key is not None else find_api_key()
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         """The response's JSON (None when the body is not JSON); errors as ClientError."""
-        resp = self._send(method, path, body)
+        resp = self._send(method, path, body, headers)
         try:
             return resp.json()
         except ValueError:
             return None
 
-    def _send(self, method: str, path: str, body: Any = None) -> Any:
+    def _send(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         import requests
 
         url = f"{self.base_url}{path}"
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = dict(headers or {})
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         try:
             resp = requests.request(method, url, json=body, timeout=self.timeout, headers=headers)
         except requests.RequestException as exc:
             reason = type(exc).__name__
-            raise ClientError(f"cannot reach the farm at {self.base_url} ({reason})") from exc
+            raise Unreachable(f"cannot reach the farm at {self.base_url} ({reason})") from exc
         try:
             data = resp.json()
         except ValueError:
@@ -89,13 +105,34 @@ class FarmClient:
                 raise ClientError(
                     "401: no API key (set REV_API_KEY, or run `make up` to create .rev/api-key)"
                 )
+            error = ClientError if resp.status_code not in RETRY_STATUSES else Unreachable
             if err:
-                raise ClientError(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
-            raise ClientError(f"{resp.status_code} from {url}")
+                raise error(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
+            raise error(f"{resp.status_code} from {url}")
         return resp
 
-    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", "/v1/jobs", body)
+    def submit(
+        self, body: dict[str, Any], idempotency_key: str | None = None, backoff: float = 1.0
+    ) -> dict[str, Any]:
+        """Submit a job; retried with one Idempotency-Key, so a retry never makes a second job.
+
+        Up to :data:`SUBMIT_ATTEMPTS` tries when there was no answer (connection refused or
+        reset, a timeout: the job may or may not exist) or a 502/503/504; the coordinator
+        returns the job of the first try that reached it. The key is a fresh UUID unless
+        given.
+        """
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            try:
+                return self._request("POST", "/v1/jobs", body, headers)
+            except Unreachable:
+                if attempt == SUBMIT_ATTEMPTS:
+                    raise
+                time.sleep(backoff * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}")
@@ -136,7 +173,7 @@ class FarmClient:
         interval: float = 0.5,
         progress: Any = None,
     ) -> dict[str, Any]:
-        """Poll until the job is succeeded or failed; ``TimeoutError`` after ``timeout``."""
+        """Poll until the job is finished (:data:`TERMINAL`); ``TimeoutError`` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             doc = self.job(job_id)

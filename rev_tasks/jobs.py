@@ -3,8 +3,10 @@
 A job's state is its (status, stage) pair: the API shows ``status``; ``stage`` says where in
 the pipeline a job is. The states and the allowed transitions are data (:class:`State`,
 :data:`TRANSITIONS`), and every write of a job's status or stage goes through this module,
-from the coordinator (:func:`new_job`, :func:`fail` when the broker refuses the job) and
-from the tasks (prepare → start → decide → publish or reject; identify; fail; the reaper).
+from the coordinator (:func:`new_job`, :func:`fail` when the broker refuses the job,
+:func:`cancel`) and from the tasks (prepare → start → decide → publish or reject; identify;
+fail; the reaper). Each move into a terminal state is counted in ``rev_jobs_finished_total``
+when it commits.
 
 A transition is a compare-and-set on the row: it applies only if the row is still in the
 state it was read in, so a move that the data does not allow, or one that a concurrent
@@ -21,10 +23,11 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import event, select, tuple_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from rev_tasks import metrics
 from rev_tasks.db import repo
 from rev_tasks.db.tables import Job, Transcript, utcnow
 
@@ -39,6 +42,7 @@ class State(Enum):
     CONSENSUS = ("running", "consensus")  # its transcript is stored; the validators vote
     SUCCEEDED = ("succeeded", "done")
     FAILED = ("failed", "done")
+    CANCELLED = ("cancelled", "done")  # its owner cancelled it; it has no verdict
 
     @property
     def status(self) -> str:
@@ -59,6 +63,7 @@ class State(Enum):
 
 QUEUED, RUNNING = State.QUEUED.status, State.INFERENCE.status
 SUCCEEDED, FAILED = State.SUCCEEDED.status, State.FAILED.status
+CANCELLED = State.CANCELLED.status
 #: Every status a job can have, as the API shows it.
 STATUSES = tuple(dict.fromkeys(s.status for s in State))
 #: Where in the pipeline a job is (``done`` once it is finished, whichever way).
@@ -94,7 +99,18 @@ IDENTIFY = Transition("identify", frozenset({State.INFERENCE}), State.SUCCEEDED)
 PUBLISH = Transition("publish", frozenset({State.CONSENSUS}), State.SUCCEEDED)
 REJECT = Transition("reject", frozenset({State.CONSENSUS}), State.FAILED)
 FAIL = Transition("fail", ACTIVE_STATES, State.FAILED)
-TRANSITIONS: tuple[Transition, ...] = (PREPARE, START, DECIDE, IDENTIFY, PUBLISH, REJECT, FAIL)
+#: Cancelling stops a job wherever it is; the tasks still queued for it find it finished.
+CANCEL = Transition("cancel", ACTIVE_STATES, State.CANCELLED)
+TRANSITIONS: tuple[Transition, ...] = (
+    PREPARE,
+    START,
+    DECIDE,
+    IDENTIFY,
+    PUBLISH,
+    REJECT,
+    FAIL,
+    CANCEL,
+)
 
 
 class LifecycleError(Exception):
@@ -150,15 +166,48 @@ def _compare_and_set(
     """
     now = utcnow()
     values = {"status": target.status, "stage": target.stage, "updated_at": now, **values}
-    if target in TERMINAL_STATES:
+    terminal = target in TERMINAL_STATES
+    if terminal:
         values.setdefault("finished_at", now)
-    res = session.execute(
+    stmt = (
         update(Job)
         .where(Job.id == job_id, expected)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return values if res.rowcount else None
+    if not terminal:
+        return values if session.execute(stmt).rowcount else None
+    kind = session.execute(stmt.returning(Job.kind)).scalar()
+    if kind is None:
+        return None
+    _count_when_committed(session, kind, target, values)
+    return values
+
+
+# ----------------------------------------------------------------------------- counting
+_FINISHED = "rev_finished_jobs"
+
+
+def _count_when_committed(session: Session, kind: str, target: State, values: Any) -> None:
+    """Count a job in ``rev_jobs_finished_total`` once the move that finished it commits.
+
+    Every move into a terminal state comes through :func:`_compare_and_set`, whoever makes
+    it (a task, the reaper, the coordinator when the broker refuses a job, a cancel), so
+    this is the one place a finished job is counted. A rolled-back move counts nothing.
+    """
+    verdict = (values.get("result") or {}).get("verdict")
+    session.info.setdefault(_FINISHED, []).append((kind, target.status, verdict))
+
+
+@event.listens_for(Session, "after_commit")
+def _count_finished(session: Session) -> None:
+    for kind, status, verdict in session.info.pop(_FINISHED, ()):
+        metrics.job_finished(kind, status, verdict)  # never raises: metrics cannot fail a task
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_finished(session: Session) -> None:
+    session.info.pop(_FINISHED, None)
 
 
 def allows(job: Job, transition: Transition) -> bool:
@@ -239,14 +288,19 @@ def mark_running(session: Session, job: Job, *, new_attempt: bool) -> JobSpec:
     )
 
 
-def record_progress(session: Session, job_id: str, done: int, maximum: int) -> None:
-    """Challenges done so far, while the inference runs (a no-op in any other state)."""
-    session.execute(
+def record_progress(session: Session, job_id: str, done: int, maximum: int) -> bool:
+    """Challenges done so far, while the inference runs (a no-op in any other state).
+
+    False when the job is no longer in inference (cancelled, reaped, or decided by another
+    delivery): the caller stops its batches, at no cost beyond the write it makes anyway.
+    """
+    res = session.execute(
         update(Job)
         .where(Job.id == job_id, _states([State.INFERENCE]))
         .values(challenges_done=done, challenges_max=maximum, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
+    return bool(res.rowcount)
 
 
 def record_decision(
@@ -318,6 +372,18 @@ def fail(session: Session, job_id: str, code: str, message: str, **details: Any)
     # By status, not (status, stage): a row whose pair no state has must still be failable.
     active = Job.status.in_(sorted({s.status for s in FAIL.sources}))
     return _compare_and_set(session, job_id, active, FAIL.target, {"error": error}) is not None
+
+
+def cancel(session: Session, job: Job) -> bool:
+    """Cancel ``job`` (read with :func:`load`); False if it was already cancelled.
+
+    No verdict is kept: a job cancelled during consensus loses the result its tally would
+    have published. Raises :class:`IllegalTransition` for a job that finished otherwise.
+    """
+    if State.of(job) == State.CANCELLED:
+        return False
+    apply(session, job, CANCEL, result=None)
+    return True
 
 
 def fail_stale(session: Session, cutoff: datetime, code: str, message: str) -> int:

@@ -13,11 +13,19 @@ Who records what
   worker runs.
 - Workers (Celery prefork): tasks call :func:`observe_inference`, :func:`observe_model_load`,
   :func:`set_models_cached`, :func:`validator_running`, :func:`validator_vote`,
-  :func:`consensus_round`, :func:`job_finished`. The children write into
+  :func:`consensus_round`. The children write into
   ``PROMETHEUS_MULTIPROC_DIR``; the Celery main process serves the merged view with
   :func:`start_worker_metrics_server` (call it from the ``worker_init`` signal), plus the
-  process-tree RSS (``worker_memory_bytes``) and the age of the newest backup on disk.
+  process-tree RSS (``worker_memory_bytes``), the age of the newest backup on disk and,
+  on CUDA workers, the GPUs' utilisation and memory.
+- Finished jobs: :mod:`rev_tasks.jobs` calls :func:`job_finished` when a move into a
+  terminal state commits, in whichever process made it (a worker, the reaper, the
+  coordinator for a cancel or a job the broker refused).
 - Backups: :mod:`rev_tasks.ops.backup` records duration and failures itself.
+
+Counters with a closed label set start at 0 in each process that records them
+(:func:`preinitialise_worker`, :func:`preinitialise_coordinator`), so the first event after
+a start shows in ``rate()`` and ``increase()``.
 
 Multiprocess mode is chosen by prometheus_client when it is first imported, from
 ``PROMETHEUS_MULTIPROC_DIR``: the variable must be in the environment before any import
@@ -55,7 +63,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rev_tasks.ops.backup_files import list_backups
+from rev_tasks.ops.gpu import GPU_METRIC_NAMES, GpuCollector
 from rev_tasks.queues import BASE_QUEUES
+from rev_tasks.settings import get_settings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from wsgiref.simple_server import WSGIServer
@@ -70,15 +80,18 @@ DEFAULT_WORKER_METRICS_PORT = 9808
 #: Queues every farm declares; ``queue_depth`` reports these by default.
 DEFAULT_QUEUES: tuple[str, ...] = BASE_QUEUES
 
-# Buckets bracket the operations guide's targets: inference 50-200 ms (so 0.2 is an edge,
-# which keeps the p99 > 200 ms alert exact), consensus 10-50 ms, API 100-500 ms.
+# Buckets bracket the latency targets (quoted in bench/common.py, GUIDE): inference 50-200 ms
+# (so 0.2 is an edge, which keeps the p99 > 200 ms alert exact), consensus 10-50 ms, API
+# 100-500 ms. Backups run from 20 ms (a small SQLite file) to an hour (a large PostgreSQL).
 _INFERENCE_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _CONSENSUS_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BACKUP_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+_BACKUP_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+)  # fmt: skip
 
 # --------------------------------------------------------------------------- coordinator
 HTTP_REQUESTS = Counter(
@@ -156,6 +169,15 @@ VOTES = frozenset({"accept", "reject", "error"})
 CONSENSUS_OUTCOMES = frozenset({"published", "no_quorum", "failed"})
 #: Verdicts a finished job may carry (``none`` when it failed before deciding).
 VERDICTS = frozenset({"SAME", "DIFFERENT", "UNDECIDED", "none"})
+#: Job kinds (the ``kind`` of ``POST /v1/jobs``).
+KINDS = ("verify", "identify")
+#: (status, verdict) of a finished job: a verdict only when it succeeded (an identify job
+#: with nothing to compare succeeds without one); failed and cancelled jobs have none.
+FINISHED = (
+    *(("succeeded", v) for v in ("SAME", "DIFFERENT", "UNDECIDED", "none")),
+    ("failed", "none"),
+    ("cancelled", "none"),
+)
 
 _COUNTERS = (
     HTTP_REQUESTS,
@@ -173,6 +195,23 @@ _HISTOGRAMS = (
     BACKUP_DURATION,
 )
 _GAUGES = (MODELS_CACHED, CONSENSUS_VALIDATORS_ACTIVE)
+#: Metrics only workers record. The coordinator defines them too (one module), and
+#: prometheus_client writes an unlabelled metric at 0 as soon as it exists: its
+#: ``/metrics`` leaves them out rather than export a worker's series as zeros.
+WORKER_ONLY = frozenset(
+    m._name
+    for m in (
+        MODEL_INFERENCE_DURATION,
+        MODEL_LOAD_DURATION,
+        MODELS_CACHED,
+        CONSENSUS_DURATION,
+        CONSENSUS_VALIDATORS_ACTIVE,
+        CONSENSUS_VALIDATORS,
+        CONSENSUS_ROUNDS,
+        BACKUP_FAILURES,
+        BACKUP_DURATION,
+    )
+)
 #: Series produced at scrape time by the collectors below (not by a metric object).
 _COLLECTED_GAUGES = (
     "queue_depth",
@@ -189,7 +228,7 @@ def _series_names() -> frozenset[str]:
     for h in _HISTOGRAMS:
         names |= {f"{h._name}_{s}" for s in ("bucket", "count", "sum", "created")}
     names |= {g._name for g in _GAUGES}
-    return frozenset(names)
+    return frozenset(names | GPU_METRIC_NAMES)
 
 
 #: Every series name this project exports; dashboards and alerts may use only these
@@ -307,6 +346,35 @@ def record_backup_failure() -> None:
     BACKUP_FAILURES.inc()
 
 
+# --------------------------------------------------------------------------- first events
+def _at_zero(counter: Counter, label_sets: Iterable[tuple[str, ...]]) -> None:
+    for labels in label_sets:
+        counter.labels(*labels)
+
+
+@_never_fails
+def preinitialise_worker() -> None:
+    """Create each worker counter with a closed label set at 0 (call at worker start).
+
+    A series that first appears with its first increment starts at 1, and ``rate()`` or
+    ``increase()`` need two samples of it: the first failed job, ``no_quorum`` round or
+    rejected vote after a worker start would never reach an alert. Created here, every
+    series is scraped at 0 before its first event. Series with open label sets (model
+    family, HTTP status) are left to appear when used.
+    """
+    _at_zero(JOBS_FINISHED, ((k, s, v) for k in KINDS for s, v in FINISHED))
+    _at_zero(CONSENSUS_ROUNDS, ((o,) for o in sorted(CONSENSUS_OUTCOMES)))
+    _at_zero(CONSENSUS_VALIDATORS, ((v,) for v in sorted(VOTES)))
+
+
+@_never_fails
+def preinitialise_coordinator() -> None:
+    """The coordinator's counters at 0: submissions, and the jobs it finishes itself (a
+    cancel, a job the broker refused)."""
+    _at_zero(JOBS_SUBMITTED, ((k,) for k in KINDS))
+    _at_zero(JOBS_FINISHED, ((k, s, v) for k in KINDS for s, v in FINISHED))
+
+
 # --------------------------------------------------------------------------- collectors
 class QueueDepthCollector(Collector):
     """``queue_depth{queue}``: messages waiting in each Celery queue, read at scrape time.
@@ -407,6 +475,19 @@ class _DefaultRegistry(Collector):
         return REGISTRY.collect()
 
 
+class _Without(Collector):
+    """Another collector's families, less those named in ``names``."""
+
+    def __init__(self, inner: Collector, names: frozenset[str]) -> None:
+        self.inner = inner
+        self.names = names
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.inner.collect():
+            if family.name not in self.names:
+                yield family
+
+
 def multiprocess_enabled() -> bool:
     """True when prometheus_client writes values to ``PROMETHEUS_MULTIPROC_DIR`` files."""
     from prometheus_client import values
@@ -432,17 +513,18 @@ class _ReapingMultiProcessCollector(multiprocess.MultiProcessCollector):
         return super().collect()
 
 
-def build_registry(collectors: Iterable[Collector] = ()) -> CollectorRegistry:
+def build_registry(
+    collectors: Iterable[Collector] = (), exclude: frozenset[str] = frozenset()
+) -> CollectorRegistry:
     """A registry for one exposition: every process's values plus scrape-time collectors.
 
     In multiprocess mode the values come from the files of all processes; otherwise from
-    this process's default registry.
+    this process's default registry. Families named in ``exclude`` are left out.
     """
     registry = CollectorRegistry(auto_describe=False)
-    if multiprocess_enabled():
-        _ReapingMultiProcessCollector(registry)
-    else:
-        registry.register(_DefaultRegistry())
+    multi = multiprocess_enabled()
+    values: Collector = _ReapingMultiProcessCollector(None) if multi else _DefaultRegistry()
+    registry.register(_Without(values, exclude) if exclude else values)
     for collector in collectors:
         registry.register(collector)
     return registry
@@ -472,9 +554,11 @@ def start_worker_metrics_server(
     not fork with the pool. ``port`` None reads ``REV_METRICS_PORT`` (default 9808; ``0``
     or ``off`` there disables); an explicit ``port=0`` binds an ephemeral port (tests).
     ``backup_dir`` defaults to ``REV_BACKUP_DIR`` when that is set: the worker that runs
-    backups then exports their age. A port already taken (two workers on one host) is
-    logged and skipped rather than killing the worker. Returns the server and its thread,
-    or None when disabled or not started.
+    backups then exports their age. A CUDA worker (``REV_WORKER_DEVICE=cuda``, as
+    ``rev worker --gpu N`` sets it) also exports its GPUs' utilisation and memory
+    (:class:`~rev_tasks.ops.gpu.GpuCollector`). A port already taken (two workers on one
+    host) is logged and skipped rather than killing the worker. Returns the server and its
+    thread, or None when disabled or not started.
     """
     if port is None:
         raw = os.environ.get("REV_METRICS_PORT", str(DEFAULT_WORKER_METRICS_PORT)).strip()
@@ -486,7 +570,10 @@ def start_worker_metrics_server(
             "PROMETHEUS_MULTIPROC_DIR was not set before prometheus_client was imported: "
             "task metrics recorded in pool children will not be exported"
         )
+    preinitialise_worker()
     collectors: list[Collector] = [WorkerMemoryCollector()]
+    if get_settings().worker_device == "cuda":
+        collectors.append(GpuCollector())
     if backup_dir is None and os.environ.get("REV_BACKUP_DIR"):
         backup_dir = os.environ["REV_BACKUP_DIR"]
     if backup_dir is not None:
@@ -513,13 +600,16 @@ def init_app(
     Requests are labelled by URL rule (``/v1/jobs/<job_id>``), never by raw path, so
     cardinality stays bounded; unmatched paths share ``<unmatched>``. Scrapes of ``path``
     are not counted (they would dominate the request rate). With ``redis_url`` the route
-    also reports ``queue_depth`` for ``queues``.
+    also reports ``queue_depth`` for ``queues`` (``create_app`` passes the declared ones,
+    so ``REV_GPU_COUNT`` decides how many ``inference.cudaN`` there are). The exposition
+    leaves out the series only workers record (:data:`WORKER_ONLY`).
     """
     from flask import Response, g, request
 
     extra: list[Collector] = []
     if redis_url:
         extra.append(QueueDepthCollector(redis_url, queues))
+    preinitialise_coordinator()
 
     def _start() -> None:
         g._rev_metrics_start = time.perf_counter()
@@ -536,7 +626,7 @@ def init_app(
         return response
 
     def _metrics() -> Response:
-        body = generate_latest(build_registry(extra))
+        body = generate_latest(build_registry(extra, exclude=WORKER_ONLY))
         return Response(body, content_type=CONTENT_TYPE_LATEST)
 
     app.before_request(_start)

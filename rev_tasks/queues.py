@@ -53,6 +53,20 @@ def declared_queues(gpu_count: int) -> list[str]:
     return [DEFAULT, INFERENCE_CPU, *gpu_queues(gpu_count), CONSENSUS, MAINTENANCE]
 
 
+def prepare_task_id(job_id: str) -> str:
+    """The ``prepare`` task's id, derived from the job (a cancel revokes it by this id)."""
+    return f"prepare-{job_id}"
+
+
+def inference_task_id(job_id: str) -> str:
+    """The inference task's id, derived from the job: Flower and ``AsyncResult`` find it.
+
+    A redelivered ``prepare`` sends the same id again, which is harmless: the task is
+    idempotent and the result backend keeps one state per id.
+    """
+    return f"inference-{job_id}"
+
+
 class Task:
     """Registered task names (``rev_tasks.<module>.<name>``).
 

@@ -63,7 +63,9 @@ class Settings:
     model_roots: tuple[Path, ...]
     secret_key_file: Path
     max_models_per_worker: int = 2
-    gpu_count: int = 8
+    # REV_GPU_COUNT: the inference.cudaN queues this farm declares (every process of a farm
+    # must agree: the queues are declared, not created on use). 0: a CPU-only farm.
+    gpu_count: int = 0
     fingerprint_challenges: int = 256
     default_batch_size: int = 8
     job_time_limit: int = 3600
@@ -127,7 +129,7 @@ class Settings:
             model_roots=roots,
             secret_key_file=Path(key_file).expanduser(),
             max_models_per_worker=max(1, _int("REV_MAX_MODELS_PER_WORKER", 2)),
-            gpu_count=max(0, _int("REV_GPU_COUNT", 8)),
+            gpu_count=max(0, _int("REV_GPU_COUNT", 0)),
             fingerprint_challenges=min(4096, max(1, _int("REV_FINGERPRINT_CHALLENGES", 256))),
             default_batch_size=min(256, max(1, _int("REV_BATCH_SIZE", 8))),
             job_time_limit=max(1, _int("REV_JOB_TIME_LIMIT", 3600)),
@@ -163,5 +165,16 @@ def reset_settings() -> None:
 
 
 def api_url() -> str:
-    """Where the CLI client finds the coordinator."""
-    return (os.environ.get("REV_API_URL") or DEFAULT_API_URL).rstrip("/")
+    """Where the CLI client finds the coordinator: ``REV_API_URL``, else the local one.
+
+    The local coordinator listens on ``REV_PORT`` (``make up``), so the default follows it.
+    """
+    explicit = os.environ.get("REV_API_URL", "").strip()
+    if explicit:
+        return explicit.rstrip("/")
+    port = os.environ.get("REV_PORT", "").strip()
+    if not port:
+        return DEFAULT_API_URL
+    if not port.isdigit():
+        raise ValueError(f"REV_PORT must be a port number, not {port!r}")
+    return f"http://127.0.0.1:{int(port)}"

@@ -58,6 +58,14 @@ def log(msg: str) -> None:
     print(f"[stack] {msg}", flush=True)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (var/...), else absolute."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -103,7 +111,7 @@ def start(name: str, argv: list[str], env: dict[str, str]) -> int:
     RUN.mkdir(parents=True, exist_ok=True)
     proc = GroupProcess(name, argv, env, LOG / f"{name}.log", append=True)
     _pid_file(name).write_text(f"{proc.pid}\n")
-    log(f"started {name} (pid {proc.pid}, log var/log/{name}.log)")
+    log(f"started {name} (pid {proc.pid}, log {_shown(LOG / f'{name}.log')})")
     return proc.pid
 
 
@@ -236,10 +244,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         _tail_logs()
         cmd_down(args)
         return 1
-    log(f"coordinator {state['api']}  Flower {state['flower']}  Redis {state['env']['REDIS_URL']}")
-    log("metrics " + "  ".join(f"{k} {v}" for k, v in state.get("metrics", {}).items()))
+    for line in banner(state):
+        log(line)
     print(json.dumps(ready, indent=2))
     return 0
+
+
+def banner(state: dict[str, Any]) -> list[str]:
+    """What ``up`` prints once the stack is ready: where everything is, and how to reach it."""
+    return [
+        f"coordinator {state['api']}  Flower {state['flower']}  Redis {state['env']['REDIS_URL']}",
+        "metrics " + "  ".join(f"{k} {v}" for k, v in state.get("metrics", {}).items()),
+        f"logs in {_shown(LOG)}, pid files in {_shown(RUN)}",
+        f"rev commands in another shell: export REV_API_URL={state['api']}",
+    ]
 
 
 def _prom_dir(name: str) -> str:
@@ -317,7 +335,7 @@ def _tail_logs(lines: int = 15) -> None:
         path = LOG / f"{name}.log"
         if path.exists():
             tail = path.read_text(errors="replace").splitlines()[-lines:]
-            print(f"--- var/log/{name}.log (tail)", file=sys.stderr)
+            print(f"--- {_shown(path)} (tail)", file=sys.stderr)
             print("\n".join(tail), file=sys.stderr)
 
 

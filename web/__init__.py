@@ -37,7 +37,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from web.services import QueueInspector
 
     app.extensions["rev_inspector"] = QueueInspector(
-        celery_app, settings.inspect_timeout, settings.inspect_cache_seconds
+        celery_app, settings.inspect_timeout, settings.inspect_cache_seconds, settings.redis_url
     )
 
     from web import errors, health, jobs, openapi, registry

@@ -37,7 +37,7 @@ def job_certificate(job_id: str) -> ResponseReturnValue:
     if text is None:
         if status in jobs.ACTIVE:
             raise Conflict("the job has not published a verdict yet", code="certificate_not_ready")
-        if status == jobs.FAILED:
+        if status in (jobs.FAILED, jobs.CANCELLED):
             raise NotFound("the job published no verdict", code="certificate_not_found")
         raise NotFound(
             "no certificate was issued for this job (an operator can run "

@@ -1,7 +1,8 @@
 """``/healthz`` (the process answers) and ``/readyz`` (it can do useful work).
 
 Ready means: the database answers, the broker answers, and every required queue
-(``REV_REQUIRED_QUEUES``) has a live consumer. Anything else is a 503 with the reason.
+(``REV_REQUIRED_QUEUES``) has a live consumer in a worker census at most
+``REV_INSPECT_CACHE_SECONDS`` old. Anything else is a 503 with the reason.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def readyz() -> ResponseReturnValue:
     live: dict[str, int] = {}
     if not broker:
         inspector: services.QueueInspector = current_app.extensions["rev_inspector"]
-        live = inspector.live()
+        # Never a census older than one interval: a stopped worker must read as gone.
+        live = inspector.live(max_age=settings.inspect_cache_seconds)
         if any(q not in live for q in settings.required_queues):
             live = inspector.live(refresh=True)  # a worker may have just started
     missing = [q for q in settings.required_queues if q not in live]

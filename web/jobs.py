@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, list, read and fetch the transcript of verification jobs."""
+"""``/v1/jobs``: submit, list, read, cancel and fetch the transcript of verification jobs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
 
 from rev_tasks import jobs, metrics, queues
-from rev_tasks.db.session import session_scope
+from rev_tasks.db import idempotency as idempotency_keys
+from rev_tasks.db.session import after_commit, session_scope
 from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_READY,
@@ -26,22 +27,27 @@ from rev_tasks.db.tables import (
     Transcript,
 )
 from rev_tasks.queues import Task
-from web import services
+from web import idempotency, services
 from web.errors import BadRequest, Conflict, NotFound, Unprocessable
 from web.inputs import check_query, json_body, validation_error
 from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
 from web.security import can_see, principal
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp.register_error_handler(idempotency.Replayed, idempotency.replayed)
 
 MAX_PAGE = 100
 MAX_CURSOR = 256
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def visible_job(session: Any, job_id: str) -> Job:
-    """The job if it exists and the caller may see it; otherwise the same 404 either way."""
-    job = session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
+def visible_job(session: Any, job_id: str, lock: bool = False) -> Job:
+    """The job if it exists and the caller may see it; otherwise the same 404 either way.
+
+    ``lock``: read it ``FOR UPDATE`` (a transition follows).
+    """
+    found = JOB_ID.fullmatch(job_id)
+    job = session.get(Job, job_id, with_for_update=lock or None) if found else None
     if job is None or not can_see(job.tenant):
         raise NotFound(f"no job {job_id[:64]!r}", code="job_not_found")
     return job
@@ -75,10 +81,17 @@ def _candidate_path(session: Any, ref: str | PathRef, settings: Any) -> str:
 def submit() -> ResponseReturnValue:
     settings = services.settings_of(current_app)
     check_query()
+    key = idempotency.request_key()
     try:
         req = JOB_REQUEST.validate_python(json_body())
     except ValidationError as exc:
         raise validation_error(exc) from exc
+    digest = idempotency_keys.request_hash(req.model_dump(mode="json"))
+    if key is not None:
+        with session_scope() as s:
+            known = idempotency_keys.find(s, principal().tenant, key, digest)
+        if known is not None:
+            return idempotency.answer(known)
     job_id = str(uuid.uuid4())
     with session_scope() as s:
         reference_model_id = reference_path = None
@@ -116,6 +129,10 @@ def submit() -> ResponseReturnValue:
         )
         s.add(job)
         status = job.status
+        if key is not None:
+            raced = idempotency_keys.remember(s, principal().tenant, key, digest, job_id)
+            if raced is not None:
+                raise idempotency.Replayed(raced)
         services.enqueue_after_commit(
             s,
             current_app.extensions["rev_celery"],
@@ -123,6 +140,7 @@ def submit() -> ResponseReturnValue:
             [job_id],
             queues.DEFAULT,
             on_failure=lambda: _fail_unsent(job_id),
+            task_id=queues.prepare_task_id(job_id),
         )
     metrics.job_submitted(req.kind)
     url = url_for("jobs.get_job", job_id=job_id)
@@ -132,6 +150,7 @@ def submit() -> ResponseReturnValue:
 def _fail_unsent(job_id: str) -> None:
     with session_scope() as s:
         jobs.fail(s, job_id, "broker_unavailable", "the job could not be enqueued")
+        idempotency_keys.forget_job(s, job_id)  # a retry with the same key makes a new job
 
 
 def _encode_cursor(job: Job) -> str:
@@ -206,6 +225,28 @@ def get_job(job_id: str) -> ResponseReturnValue:
     check_query()
     with session_scope() as s:
         return services.job_document(visible_job(s, job_id))
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str) -> ResponseReturnValue:
+    """Cancel a queued or running job: 200 with its document, again for a cancelled one.
+
+    The job's tasks still queued are revoked once the cancel commits, and each task checks
+    the job first anyway (a worker started later never heard of the revoke); a running
+    inference stops at its next batch. A job that finished otherwise is a 409.
+    """
+    check_query()
+    with session_scope() as s:
+        job = visible_job(s, job_id, lock=True)
+        if jobs.finished(job) and job.status != jobs.CANCELLED:
+            raise Conflict(
+                f"job {job_id} already {job.status}: only a queued or running job can be cancelled",
+                code="job_finished",
+            )
+        if jobs.cancel(s, job):
+            celery_app = current_app.extensions["rev_celery"]
+            after_commit(s, lambda: services.revoke_job_tasks(celery_app, job_id))
+        return services.job_document(job)
 
 
 @bp.get("/<job_id>/transcript")

@@ -12,9 +12,10 @@ from flask import Blueprint
 from flask.typing import ResponseReturnValue
 from pydantic import TypeAdapter
 
-from rev_tasks import __version__
+from rev_tasks import __version__, jobs
 from web import certificates
 from web import schemas as S
+from web.idempotency import HEADER as IDEMPOTENCY_HEADER
 
 bp = Blueprint("openapi", __name__)
 
@@ -58,10 +59,12 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "no API key, or an invalid or revoked one (see WWW-Authenticate)",
         403: "the key lacks the scope this operation needs",
         404: "not found (or owned by another tenant)",
-        409: "conflict with the current state (model not ready, no GPU worker, duplicate id)",
+        409: "conflict with the current state (model not ready, no GPU worker, duplicate id, "
+        "a finished job)",
         413: "the body is larger than REV_MAX_BODY_BYTES",
         415: "the body is not JSON",
-        422: "validation failed (unknown fields, out-of-range values, bad paths, unknown models)",
+        422: "validation failed (unknown fields, out-of-range values, bad paths, unknown models, "
+        "an Idempotency-Key reused for another body)",
         429: "rate limit exceeded for this key; Retry-After says when to retry",
         503: "database or broker unavailable; retry later",
     }
@@ -100,6 +103,17 @@ def build_spec() -> dict[str, Any]:
             "post": {
                 "summary": "Submit a verify or identify job",
                 "operationId": "submitJob",
+                "parameters": [
+                    {
+                        "name": IDEMPOTENCY_HEADER,
+                        "in": "header",
+                        "required": False,
+                        "description": "a key of the client's choosing (a UUID): the same key "
+                        "with the same body within 24 h returns the first job instead of "
+                        "creating another (Idempotent-Replayed: true); with another body, 422",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("JobRequest")}},
@@ -122,10 +136,7 @@ def build_spec() -> dict[str, Any]:
                     {
                         "name": "status",
                         "in": "query",
-                        "schema": {
-                            "type": "string",
-                            "enum": ["queued", "running", "succeeded", "failed"],
-                        },
+                        "schema": {"type": "string", "enum": list(jobs.STATUSES)},
                     },
                 ],
                 "responses": {"200": _ok("JobPage", "one page of jobs"), **_errors(400)},
@@ -137,6 +148,21 @@ def build_spec() -> dict[str, Any]:
                 "operationId": "getJob",
                 "parameters": [_id_param("job_id")],
                 "responses": {"200": _ok("JobDocument", "the job"), **_errors(400, 404)},
+            }
+        },
+        "/v1/jobs/{job_id}/cancel": {
+            "post": {
+                "summary": "Cancel a queued or running job (idempotent)",
+                "description": "Its queued tasks are revoked and a running inference stops "
+                "at its next batch; the job ends `cancelled` with no verdict. Cancelling a "
+                "cancelled job answers the same document; a job that finished otherwise is "
+                "a 409 `job_finished`.",
+                "operationId": "cancelJob",
+                "parameters": [_id_param("job_id")],
+                "responses": {
+                    "200": _ok("JobDocument", "the cancelled job"),
+                    **_errors(400, 404, 409),
+                },
             }
         },
         "/v1/jobs/{job_id}/transcript": {

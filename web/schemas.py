@@ -200,7 +200,7 @@ class JobDocument(BaseModel):
     id: str
     tenant: str
     kind: Literal["verify", "identify"]
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     stage: str
     device: str
     queue: str

@@ -6,6 +6,7 @@ enqueues after the commit, and reads status back from the database.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -122,13 +123,25 @@ class QueueInspector:
     """Which queues have a live consumer, from ``inspect().active_queues()``, cached.
 
     A broadcast costs the full inspect timeout (it waits for every worker's reply), so a
-    request never waits for one once an answer exists: a stale answer is returned at once
+    submit never waits for one once an answer exists: a stale answer is returned at once
     and refreshed in a background thread (stale-while-revalidate). Only the first call, or
     ``refresh=True``, blocks. A worker that just died may still be listed for about ``ttl``
-    seconds, which the job survives (its message waits until a worker for that queue is back).
+    seconds, which a job survives (its message waits until a worker for that queue is back).
+
+    Readiness cannot live with that: ``live(max_age=ttl)`` never answers with a census
+    older than ``max_age`` and takes a new one instead. With ``redis_url`` every census is
+    also shared through Redis (:data:`CENSUS_KEY`, with the time it was taken), and each
+    coordinator process uses the newest one any of them took: a stopped worker reads as
+    gone in every process within one census interval, and the processes between them run
+    about one broadcast per interval, not one each.
     """
 
-    def __init__(self, celery_app: Any, timeout: float, ttl: float) -> None:
+    #: Where the newest census lives in Redis: ``{"at": unix time, "queues": {name: n}}``.
+    CENSUS_KEY = "rev:worker-census"
+
+    def __init__(
+        self, celery_app: Any, timeout: float, ttl: float, redis_url: str | None = None
+    ) -> None:
         self.app = celery_app
         self.timeout = timeout
         self.ttl = ttl
@@ -136,27 +149,72 @@ class QueueInspector:
         self._at: float | None = None
         self._refreshing = False
         self._queues: dict[str, int] = {}
+        self._redis_url = redis_url
+        self._redis: Any = None
 
-    def live(self, refresh: bool = False) -> dict[str, int]:
-        """Queue name → number of live workers consuming it."""
+    def _shared(self) -> Any:
+        """The Redis client of the shared census, made on first use: importing redis (8.x)
+        imports OpenTelemetry when it is installed, which a coordinator without an OTLP
+        endpoint must not do at start."""
+        if self._redis is None and self._redis_url:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+        return self._redis
+
+    def live(self, refresh: bool = False, max_age: float | None = None) -> dict[str, int]:
+        """Queue name → number of live workers consuming it.
+
+        ``max_age``: seconds; an older census is not served (a new one is taken).
+        """
         with self._lock:
-            if refresh or self._at is None:
+            if not refresh:
+                self._adopt_shared()
+            age = None if self._at is None else time.time() - self._at
+            too_old = max_age is not None and (age is None or age > max_age)
+            if refresh or age is None or too_old:
                 self._store(self._inspect())
                 return dict(self._queues)
-            if time.monotonic() - self._at > self.ttl and not self._refreshing:
+            if age > self.ttl and not self._refreshing:
                 self._refreshing = True
                 threading.Thread(target=self._refresh, name="queue-inspector", daemon=True).start()
             return dict(self._queues)
 
-    def _store(self, queues: dict[str, int]) -> None:
+    def _store(self, queues: dict[str, int], at: float | None = None) -> None:
         self._queues = queues
-        self._at = time.monotonic()
+        self._at = time.time() if at is None else at
+        if at is None:
+            self._share()
 
     def _refresh(self) -> None:
         queues = self._inspect()
         with self._lock:
             self._store(queues)
             self._refreshing = False
+
+    def _share(self) -> None:
+        if not self._redis_url:
+            return
+        doc = json.dumps({"at": self._at, "queues": self._queues})
+        try:
+            self._shared().set(self.CENSUS_KEY, doc, ex=max(60, int(10 * self.ttl)))
+        except Exception as exc:  # noqa: BLE001 - the census still serves this process
+            log.debug("census not shared: %s", exc)
+
+    def _adopt_shared(self) -> None:
+        """Take the census another process stored, when it is newer than this one's."""
+        if not self._redis_url:
+            return
+        try:
+            raw = self._shared().get(self.CENSUS_KEY)
+            doc = json.loads(raw) if raw else None
+            at, queues = float(doc["at"]), {str(k): int(v) for k, v in doc["queues"].items()}
+        except Exception:  # noqa: BLE001 - no shared census (or Redis down): keep our own
+            return
+        if self._at is None or at > self._at:
+            self._store(queues, at)
 
     def _inspect(self) -> dict[str, int]:
         try:
@@ -217,6 +275,7 @@ def enqueue_after_commit(
     args: list[Any],
     queue: str,
     on_failure: Callable[[], None],
+    task_id: str | None = None,
 ) -> None:
     """Send one task once ``session`` commits; a broker failure becomes a 503.
 
@@ -235,6 +294,7 @@ def enqueue_after_commit(
                 task,
                 args=args,
                 queue=queue,
+                task_id=task_id,
                 retry=True,
                 retry_policy={"max_retries": 2},
                 ignore_result=True,
@@ -254,6 +314,20 @@ def enqueue_after_commit(
             ) from exc
 
     after_commit(session, send)
+
+
+def revoke_job_tasks(celery_app: Any, job_id: str) -> None:
+    """Revoke a cancelled job's ``prepare`` and inference tasks, by their derived ids.
+
+    Best effort (a broadcast to the workers up now, which discard the messages when they
+    come): every task also finds the job cancelled in the database before it does anything,
+    so a broker hiccup here only costs a no-op delivery later.
+    """
+    ids = [queues.prepare_task_id(job_id), queues.inference_task_id(job_id)]
+    try:
+        celery_app.control.revoke(ids)
+    except Exception as exc:  # noqa: BLE001 - the cancel is committed; the tasks check it
+        log.warning("job %s: cannot revoke its tasks: %s: %s", job_id, type(exc).__name__, exc)
 
 
 # ----------------------------------------------------------------------------- documents

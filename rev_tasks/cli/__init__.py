@@ -20,7 +20,7 @@ from rev_tasks.inference.loader import ModelLoadError
 #: Command groups in the order ``rev --help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
     verify,  # verify, fingerprint, audit (in-process)
-    farm,  # submit, status, wait, jobs, models (HTTP client of the coordinator)
+    farm,  # submit, status, wait, cancel, jobs, models (HTTP client of the coordinator)
     report,  # report (over HTTP), certificate verify|issue|keygen
     keys,  # keys create|list|revoke|ensure-dev (on DATABASE_URL)
     worker,  # worker --cpu|--gpu N|--consensus

@@ -1,8 +1,10 @@
-"""``rev submit|status|wait|jobs|models``: the farm's commands, over its HTTP API.
+"""``rev submit|status|wait|cancel|jobs|models``: the farm's commands, over its HTTP API.
 
-Exit statuses: 0 success (for ``wait``: the job succeeded), 1 the job failed, 2 the request
-could not be made (connection error, or the API refused it: the one-line reason is on
-stderr), 3 ``wait`` timed out.
+Exit statuses: 0 success (for ``wait``: the job succeeded), 1 the job failed or was
+cancelled, 2 the request could not be made (connection error, or the API refused it: the
+one-line reason is on stderr), 3 ``wait`` timed out. ``submit`` sends an Idempotency-Key
+(a fresh UUID per invocation) and retries a submit that got no answer with the same key,
+so the retry returns the job the first try may have created.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from rev_tasks.client import TERMINAL, ClientError, FarmClient
 from rev_tasks.inference.budget import memory_budget_arg
+from rev_tasks.jobs import STATUSES
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REQUEST, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -56,6 +59,11 @@ def _summary(doc: dict[str, Any]) -> str:
     if doc["status"] == "failed":
         err = doc.get("error") or {}
         return f"{doc['id']} failed: {err.get('code')}: {err.get('message')}"
+    if doc["status"] == "cancelled":
+        p = doc["progress"]
+        return (
+            f"{doc['id']} cancelled after {p['challenges_done']}/{p['challenges_max']} challenges"
+        )
     if doc["kind"] == "identify" and doc["status"] == "succeeded":
         return f"{doc['id']} succeeded: best match {result.get('best')} ({result.get('verdict')})"
     if doc["status"] == "succeeded":
@@ -116,8 +124,7 @@ def _wait_and_report(client: FarmClient, job_id: str, args: argparse.Namespace) 
     return EXIT_OK if doc["status"] == "succeeded" else EXIT_JOB_FAILED
 
 
-def cmd_status(args: argparse.Namespace, client: FarmClient) -> int:
-    doc = client.job(args.job_id)
+def _show(doc: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         _print(doc)
     else:
@@ -125,8 +132,16 @@ def cmd_status(args: argparse.Namespace, client: FarmClient) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace, client: FarmClient) -> int:
+    return _show(client.job(args.job_id), args)
+
+
 def cmd_wait(args: argparse.Namespace, client: FarmClient) -> int:
     return _wait_and_report(client, args.job_id, args)
+
+
+def cmd_cancel(args: argparse.Namespace, client: FarmClient) -> int:
+    return _show(client.cancel(args.job_id), args)
 
 
 def cmd_jobs(args: argparse.Namespace, client: FarmClient) -> int:
@@ -212,10 +227,17 @@ def add_commands(subparsers: Any) -> None:
     _waiting(w)
     w.set_defaults(func=_run(cmd_wait))
 
+    c = subparsers.add_parser(
+        "cancel", help="cancel a queued or running farm job (again: the same answer)"
+    )
+    c.add_argument("job_id")
+    _common(c)
+    c.set_defaults(func=_run(cmd_cancel))
+
     j = subparsers.add_parser("jobs", help="list farm jobs, newest first")
     j.add_argument("--limit", type=int, default=20)
     j.add_argument("--cursor", default=None)
-    j.add_argument("--status", choices=("queued", "running", "succeeded", "failed"))
+    j.add_argument("--status", choices=STATUSES)
     _common(j)
     j.set_defaults(func=_run(cmd_jobs))
 

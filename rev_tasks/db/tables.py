@@ -239,3 +239,24 @@ class SigningKey(Base):
     keyid: Mapped[str] = mapped_column(String(64), primary_key=True)
     public_pem: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` on ``POST /v1/jobs`` and the job that request made.
+
+    (tenant, key) is the primary key: of two concurrent requests with one key, the second
+    insert waits for the first transaction and then fails, so only one of them creates a
+    job and the other answers with it. ``request_hash`` is the SHA-256 of the validated
+    request: the same key with another body is refused. The reaper prunes expired keys.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -41,6 +41,22 @@ class FarmError(Exception):
         self.message = message
 
 
+class JobFailed(Exception):
+    """Raised by a task after it stored its job's failure, so that the task ends FAILURE.
+
+    Flower, ``AsyncResult`` and the result backend then show the failed job as a failed
+    task (a task that returned normally would read SUCCESS). It is an expected outcome,
+    listed in each task's ``throws``: Celery logs it without a traceback, and with
+    ``task_acks_on_failure`` the message is acked, not redelivered; it is not in
+    ``autoretry_for``, so nothing retries it. One string argument, so the result backend
+    can rebuild it: ``"<code>: <message>"``, the job's own error.
+    """
+
+    @classmethod
+    def of(cls, code: str, message: str) -> JobFailed:
+        return cls(f"{code}: {message}")
+
+
 @lru_cache(maxsize=4)
 def _read_key(path: str) -> bytes:
     from rev_tasks.core.keys import load_key

@@ -12,7 +12,9 @@ with ``no_consensus`` and no verdict.
 Votes are upserts keyed by (job, validator): a redelivered validator leaves the first vote.
 A validator that crashes (an exception in its check) abstains instead of failing the chord:
 the quorum of four out of five tolerates one such validator, exactly as it tolerates one
-liar. A database outage is retried with backoff instead (``DB_RETRY``).
+liar. A database outage is retried with backoff instead (``DB_RETRY``). A job that finished
+meanwhile (cancelled) gets no vote: the validator checks the job first and again, under the
+job's row lock, when it stores its vote; the tally finds it finished and publishes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from rev_tasks.tasks.common import (
     DB_ERRORS,
     DB_RETRY,
     FarmError,
+    JobFailed,
     farm_key,
     load_cached,
     memory_budget,
@@ -115,15 +118,20 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
     A crash in the check is an abstention (no vote stored, the chord goes on), so that one
     broken validator cannot block a verdict that four others agree on.
     """
+    abstain = {"validator": validator, "verdict": None, "abstained": True}
     with session_scope() as s:
         existing = s.query(Vote).filter_by(job_id=job_id, validator=validator).one_or_none()
         if existing is not None:
             return _vote_doc(existing)
+        job = s.get(Job, job_id)
+        if job is None or jobs.finished(job):
+            log.info("validator %d: job %s is finished (cancelled?); not voting", validator, job_id)
+            return abstain
         if s.get(Transcript, job_id) is None:
             # Nothing to validate (a stray or replayed message): casting INVALID here would
             # be a permanent vote against a transcript that does not exist yet.
             log.warning("validator %d: job %s has no transcript; not voting", validator, job_id)
-            return {"validator": validator, "verdict": None, "abstained": True}
+            return abstain
     try:
         with metrics.validator_running():
             faults.before_validation(validator)
@@ -132,10 +140,16 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
         raise  # retried with backoff: an outage is not a validator fault
     except Exception as exc:  # noqa: BLE001 - a crashing validator abstains
         log.error("validator %d on job %s crashed; it abstains: %s", validator, job_id, exc)
-        return {"validator": validator, "verdict": None, "abstained": True}
+        return abstain
     verdict = faults.validator_verdict(validator, job_id, "INVALID" if problems else recorded)
     digest = vote_digest(job_id, root, verdict)
     with session_scope() as s:
+        job = jobs.load(s, job_id)  # locked: a cancel cannot slip in between check and vote
+        if job is None or jobs.finished(job):
+            log.info(
+                "validator %d: job %s finished during the check; not voting", validator, job_id
+            )
+            return abstain
         repo.store_vote(s, job_id, validator, verdict, digest, problems, indices)
     with session_scope() as s:  # the stored vote, which is the first one on a race
         stored = s.query(Vote).filter_by(job_id=job_id, validator=validator).one()
@@ -146,13 +160,15 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
     return doc
 
 
-@app.task(name=Task.TALLY, ignore_result=True, **DB_RETRY)
-def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
+@app.task(name=Task.TALLY, bind=True, ignore_result=True, throws=(JobFailed,), **DB_RETRY)
+def tally(self: Any, job_id: str, started: float | None = None) -> dict[str, Any]:
     """Publish the verdict when ≥ 4 of 5 votes agree with the transcript; else fail the job.
 
     The job row is locked (``FOR UPDATE``) while the tally runs, so two deliveries of the
     chord body (redelivery, a re-dispatched chord) finish the job exactly once: the second
-    one finds it terminal and skips.
+    one finds it terminal and skips. A rejected transcript fails the job, then the task
+    (:class:`JobFailed`, after the failure is committed). The chord's errback is for
+    consensus tasks that broke, not for a verdict refused: it is not sent for that one.
     """
     try:
         with session_scope() as s:
@@ -162,14 +178,18 @@ def tally(job_id: str, started: float | None = None) -> dict[str, Any]:
         tallied = None
     if tallied is None:
         return {"job_id": job_id, "skipped": True}
-    outcome, status, verdict, agreeing = tallied
+    outcome, status, verdict, agreeing, error = tallied
     metrics.consensus_round(outcome, (time.time() - started) if started is not None else None)
-    metrics.job_finished("verify", status, verdict)
+    if error is not None:
+        self.request.errbacks = None  # Celery sends the errbacks of this request on failure
+        raise JobFailed.of(*error)
     return {"job_id": job_id, "status": status, "verdict": verdict, "agreeing": agreeing}
 
 
-def _tally(session: Any, job_id: str) -> tuple[str, str, str | None, int] | None:
-    """(outcome, status, verdict, agreeing) once the job is finished; None if it was."""
+def _tally(
+    session: Any, job_id: str
+) -> tuple[str, str, str | None, int, tuple[str, str] | None] | None:
+    """(outcome, status, verdict, agreeing, error) once the job is finished; None if it was."""
     job = jobs.load(session, job_id)
     if job is None or jobs.finished(job):
         return None
@@ -187,7 +207,7 @@ def _tally(session: Any, job_id: str) -> tuple[str, str, str | None, int] | None
         result["verdict"] = None
         jobs.reject(session, job, result, *failure)
         outcome = "no_quorum"
-    return outcome, job.status, result.get("verdict"), consensus["agreeing"]
+    return outcome, job.status, result.get("verdict"), consensus["agreeing"], failure
 
 
 def count_votes(
@@ -247,4 +267,3 @@ def consensus_failed(task_id: str, job_id: str) -> None:
         )
     if failed:
         metrics.consensus_round("failed")
-        metrics.job_finished("verify", jobs.FAILED, None)

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from rev_tasks import jobs
 from rev_tasks.celery import app
+from rev_tasks.db import idempotency
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, ModelRecord, utcnow
 from rev_tasks.ops.backup import BackupError, backup_from_env
@@ -24,7 +25,8 @@ def reap_stale_jobs() -> dict[str, int]:
 
     A running job whose row has not changed for longer than the broker would take to
     redeliver it (visibility timeout) plus a whole job's time limit can no longer finish:
-    it is failed with ``stale`` so that no client waits forever.
+    it is failed with ``stale`` so that no client waits forever. Idempotency keys past
+    their 24 hours are deleted here too.
     """
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.visibility_timeout + settings.job_time_limit)
@@ -39,9 +41,10 @@ def reap_stale_jobs() -> dict[str, int]:
             rec.status = MODEL_FAILED
             rec.error = {"code": "stale", "message": "fingerprinting never finished"}
             models += 1
+        keys = idempotency.prune(s)
     if failed or models:
         log.warning("reaped %d stale job(s) and %d stale model registration(s)", failed, models)
-    return {"jobs": failed, "models": models}
+    return {"jobs": failed, "models": models, "idempotency_keys": keys}
 
 
 # The result is kept (not ignore_result): a failed backup must show as FAILURE in the

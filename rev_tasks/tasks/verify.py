@@ -8,7 +8,10 @@ state moves through :mod:`rev_tasks.jobs`.
 
 Both are safe to run twice: a finished job is left alone, and a decided one only gets its
 consensus chord dispatched if that had not happened yet. A database outage is retried with
-backoff (``DB_RETRY``), never turned into a failed job.
+backoff (``DB_RETRY``), never turned into a failed job. A job that fails is stored as
+failed first, then the task raises :class:`JobFailed` so that it ends FAILURE (Flower's
+failed tasks). A cancelled job's inference stops at its next batch: the progress write
+after each batch finds the row no longer in inference.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import after_commit, session_scope
 from rev_tasks.db.tables import Fingerprint, Job, Transcript
-from rev_tasks.queues import Task
+from rev_tasks.queues import Task, inference_task_id
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
     DB_ERRORS,
     DB_RETRY,
     FarmError,
+    JobFailed,
     farm_key,
     load_cached,
     memory_budget,
@@ -56,22 +60,31 @@ def _params(request: dict[str, Any]) -> Any:
     )
 
 
-def _fail(job_id: str, code: str, message: str, kind: str = "verify") -> None:
+def _fail(job_id: str, code: str, message: str) -> str:
+    """Store the job's failure, then raise :class:`JobFailed` (the task ends FAILURE).
+
+    Returns instead when the job had already finished (another delivery, a cancel): this
+    delivery failed nothing, and its task is no failure.
+    """
     with session_scope() as s:
         failed = jobs.fail(s, job_id, code, message)
-    if failed:
-        log.warning("job %s failed: %s: %s", job_id, code, message)
-        metrics.job_finished(kind, jobs.FAILED, None)
+    if not failed:
+        return "already finished"
+    log.warning("job %s failed: %s: %s", job_id, code, message)
+    raise JobFailed.of(code, message)
 
 
-@app.task(name=Task.PREPARE, ignore_result=True, **DB_RETRY)
+class _LeftInference(Exception):
+    """The job's row left the inference while its batches ran (cancelled, reaped, decided)."""
+
+
+@app.task(name=Task.PREPARE, ignore_result=True, throws=(JobFailed,), **DB_RETRY)
 def prepare(job_id: str) -> str:
     """Commit the job's challenge set (root stored on the job), then enqueue inference."""
     try:
         return _prepare(job_id)
     except FarmError as exc:
-        _fail(job_id, exc.code, exc.message)
-        return "failed"
+        return _fail(job_id, exc.code, exc.message)
     except jobs.IllegalTransition:  # the inference of a duplicate message overtook it
         return "already running"
 
@@ -123,18 +136,9 @@ def _commitment(session: Any, job: Job, key: bytes) -> tuple[str | None, int | N
     return commitment(generate_challenges(key, budget)).hex(), budget
 
 
-def inference_task_id(job_id: str) -> str:
-    """The inference task's id, derived from the job: Flower and ``AsyncResult`` find it.
-
-    A redelivered ``prepare`` sends the same id again, which is harmless: the task is
-    idempotent and the result backend keeps one state per id.
-    """
-    return f"inference-{job_id}"
-
-
 # Results are kept (unlike the other pipeline steps) so that the PROGRESS state written
 # after every batch ends in SUCCESS/FAILURE instead of staying PROGRESS in the backend.
-@app.task(name=Task.RUN_INFERENCE, bind=True, **DB_RETRY)
+@app.task(name=Task.RUN_INFERENCE, bind=True, throws=(JobFailed,), **DB_RETRY)
 def run_inference(self: Any, job_id: str) -> str:
     """Run the job's batches on this worker's device; persist; start consensus.
 
@@ -159,21 +163,35 @@ def run_inference(self: Any, job_id: str) -> str:
             )
         faults.before_inference(spec.candidate_path)
         outcome = _identify(spec) if spec.kind == "identify" else _verify(spec, self)
+    except _LeftInference:
+        return _left(job_id)
     except FarmError as exc:
-        _fail(job_id, exc.code, exc.message, spec.kind)
-        return "failed"
+        return _fail(job_id, exc.code, exc.message)
     except SoftTimeLimitExceeded:
-        _fail(job_id, "timeout", "the job ran past REV_JOB_TIME_LIMIT", spec.kind)
-        return "failed"
+        return _fail(job_id, "timeout", "the job ran past REV_JOB_TIME_LIMIT")
     except DB_ERRORS:
         raise  # the database is down: retried with backoff, the job is not failed
     except Exception as exc:
         log.exception("job %s: unexpected error", job_id)
-        _fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500], spec.kind)
+        with session_scope() as s:
+            jobs.fail(s, job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
         raise
     if outcome == "decided":
         _dispatch_consensus(job_id)
     return outcome
+
+
+def _left(job_id: str) -> str:
+    """What this delivery returns once its job left the inference under it."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        status = job.status if job is not None else None
+        done = job.challenges_done if job is not None else 0
+    if status == jobs.CANCELLED:
+        log.info("job %s was cancelled: its inference stopped after %d challenges", job_id, done)
+        return "cancelled"
+    log.info("job %s left the inference (%s); this delivery stops", job_id, status)
+    return "skipped"
 
 
 def _start(job_id: str, new_attempt: bool) -> tuple[jobs.JobSpec | None, str]:
@@ -213,7 +231,9 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
     """The engine's per-batch callback: metrics, the job row, and the task's PROGRESS state.
 
     The database row is what the API and ``rev wait`` read; the PROGRESS state (meta
-    ``challenges_done``/``challenges_max``) is what Flower and ``AsyncResult`` show.
+    ``challenges_done``/``challenges_max``) is what Flower and ``AsyncResult`` show. The
+    row's write is also the cancellation check: once the job is no longer in inference
+    (cancelled), it raises :class:`_LeftInference` and the batches stop.
     """
     last = [time.perf_counter(), 0]
 
@@ -225,7 +245,9 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
                 metrics.observe_inference(family, device, per)
         last[0], last[1] = now, done
         with session_scope() as s:
-            jobs.record_progress(s, job_id, done, maximum)
+            running = jobs.record_progress(s, job_id, done, maximum)
+        if not running:
+            raise _LeftInference(job_id)
         faults.after_batch()
         if task is not None and getattr(task.request, "id", None):
             try:
@@ -277,8 +299,8 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     result.update(attest.weights_digests(spec.candidate_path, spec.reference_path))
     with session_scope() as s:
         decided = jobs.record_decision(s, spec.id, result, outcome.transcript)
-    if not decided:  # the first delivery to finish wins
-        log.info("job %s: already decided by another delivery; result discarded", spec.id)
+    if not decided:  # the first delivery to finish wins; a cancelled job keeps no result
+        log.info("job %s: decided by another delivery, or finished; result discarded", spec.id)
         return "already decided"
     return "decided"
 
@@ -335,9 +357,7 @@ def _identify(spec: jobs.JobSpec) -> str:
                 app.send_task, Task.CERTIFY, (spec.id,), retry=True, retry_policy=PUBLISH_RETRY
             )
             after_commit(s, send)
-    if identified:
-        metrics.job_finished("identify", jobs.SUCCEEDED, result["verdict"])
-    return "identified"
+    return "identified" if identified else "already finished"
 
 
 def _dispatch_consensus(job_id: str) -> None:

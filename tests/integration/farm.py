@@ -30,7 +30,7 @@ from rev_tasks.testing.harness import (
     worker_argv,
 )
 
-TERMINAL = {"succeeded", "failed"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
 # A fixed test key (the farm's key file); the in-process comparison uses the same bytes.
 TEST_KEY = bytes(range(100, 132))
 
@@ -213,7 +213,7 @@ class FarmWorker:
 
 
 def wait_job(client: Any, job_id: str, timeout: float = 300.0) -> dict[str, Any]:
-    """Poll GET /v1/jobs/<id> until it is succeeded or failed; return the document."""
+    """Poll GET /v1/jobs/<id> until it is finished (TERMINAL); return the document."""
     deadline = time.monotonic() + timeout
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from rev_tasks.queues import gpu_queue
-from rev_tasks.testing.harness import ALL_QUEUES, ROOT, applied_environment
+from rev_tasks.testing.harness import ALL_QUEUES, ROOT, applied_environment, free_port
 from rev_tasks.testing.variants import build_tiny_gpt2, copy_model
 from tests.integration.farm import (
     TEST_KEY,
@@ -65,6 +65,7 @@ def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
         "REV_INSPECT_CACHE_SECONDS": "1",
         "REV_FINGERPRINT_CHALLENGES": "64",
         "REV_METRICS_PORT": "0",
+        "REV_GPU_COUNT": "1",
     }
     with applied_environment(env):
         purge(redis_url)
@@ -78,8 +79,9 @@ def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
         )
         assert proc.returncode == 0, proc.stderr
         logs = tmp_path_factory.mktemp("gpu-logs")
+        metrics_port = free_port()
         gpu = FarmWorker(
-            env,
+            {**env, "REV_METRICS_PORT": str(metrics_port)},
             logs,
             queues=gpu_queue(0),
             name="gpu0",
@@ -93,7 +95,13 @@ def gpu_farm(redis_url: str, tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
         settings = Settings.from_env()
         app = create_app({"TESTING": True, "REV_SETTINGS": settings, "REV_METRICS": False})
         try:
-            yield {"client": app.test_client(), "dirs": dirs, "env": env, "gpu": gpu}
+            yield {
+                "client": app.test_client(),
+                "dirs": dirs,
+                "env": env,
+                "gpu": gpu,
+                "gpu_metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            }
         finally:
             for w in workers:
                 print(f"--- {w.name} log tail\n{w.log_tail(3000)}")
@@ -155,15 +163,37 @@ def test_fingerprint_and_verify_against_id_on_gpu(gpu_farm: dict[str, Any]) -> N
     _check_on_gpu(doc, gpu_farm["gpu"])
 
 
+def test_gpu_worker_exports_its_gpu(gpu_farm: dict[str, Any]) -> None:
+    """`rev worker --gpu 0` sets REV_WORKER_DEVICE=cuda: its metrics carry NVML's series."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rev_tasks.ops.gpu import MEMORY_TOTAL, MEMORY_USED, UTILIZATION
+
+    text = requests.get(gpu_farm["gpu_metrics"], timeout=10).text
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert {UTILIZATION, MEMORY_USED, MEMORY_TOTAL} <= samples.keys(), sorted(samples)
+    assert samples[MEMORY_TOTAL].value > 0 and samples[MEMORY_TOTAL].labels["gpu"] == "0"
+
+
 def test_gpu_queues_drained(gpu_farm: dict[str, Any]) -> None:
     assert_drained(gpu_farm["env"]["REDIS_URL"])
 
 
-def test_worker_cli_pins_before_torch() -> None:
+def test_worker_cli_pins_before_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     """`rev worker --gpu N` puts CUDA_VISIBLE_DEVICES in the exec'd environment."""
     from rev_tasks.cli.worker import worker_command
+    from rev_tasks.settings import reset_settings
 
-    argv, env = worker_command("gpu", gpu=3, environ={})
+    monkeypatch.setenv("REV_GPU_COUNT", "4")  # inference.cuda0..3 declared
+    reset_settings()
+    try:
+        argv, env = worker_command("gpu", gpu=3, environ={})
+        with pytest.raises(ValueError, match="REV_GPU_COUNT"):
+            worker_command("gpu", gpu=4, environ={})
+    finally:
+        monkeypatch.undo()
+        reset_settings()
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["REV_WORKER_DEVICE"] == "cuda"
     assert argv[argv.index("-Q") + 1] == gpu_queue(3)
     assert argv[argv.index("-c") + 1] == "1"

@@ -24,6 +24,7 @@ TABLES = {
     "api_keys",
     "certificates",
     "signing_keys",
+    "idempotency_keys",
 }
 
 

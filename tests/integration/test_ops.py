@@ -314,15 +314,21 @@ def test_flower_lists_the_workers_and_their_tasks(flower: str, ops: dict[str, An
     assert queues == set(CPU_WORKER_QUEUES)
 
 
-def test_flower_saw_the_job_and_its_final_state(flower: str, job: dict[str, Any]) -> None:
-    task_id = f"inference-{job['id']}"
-    deadline = time.monotonic() + 15
+def flower_task(flower: str, task_id: str, state: str, timeout: float = 15.0) -> dict[str, Any]:
+    """Flower's /api/task/info for ``task_id`` once it shows ``state`` (its events arrive late)."""
+    deadline = time.monotonic() + timeout
     info: dict[str, Any] = {}
-    while info.get("state") != "SUCCESS" and time.monotonic() < deadline:
+    while info.get("state") != state and time.monotonic() < deadline:
         resp = requests.get(f"{flower}/api/task/info/{task_id}", timeout=5)
         info = resp.json() if resp.status_code == 200 else {}
         time.sleep(0.3)
-    assert info.get("state") == "SUCCESS", info
+    assert info.get("state") == state, info
+    return info
+
+
+def test_flower_saw_the_job_and_its_final_state(flower: str, job: dict[str, Any]) -> None:
+    task_id = f"inference-{job['id']}"
+    info = flower_task(flower, task_id, "SUCCESS")
     assert info["name"] == Task.RUN_INFERENCE
     types = requests.get(f"{flower}/api/task/types", timeout=5).json()["task-types"]
     assert set(JOB_TASKS) <= set(types), types
@@ -402,6 +408,14 @@ def test_metrics_count_the_job(
     assert value(merged, "rev_http_requests_total", endpoint="/readyz", status="503") >= 1
     assert value(merged, "rev_http_request_duration_seconds_bucket", endpoint="/readyz") > 0
     assert value(merged, "queue_depth", queue=INFERENCE_CPU) == 0
+    # Only the declared queues (REV_GPU_COUNT unset: no inference.cudaN), and none of the
+    # series only workers record, not even as zeros.
+    assert {lab["queue"] for n, lab, _ in merged if n == "queue_depth"} == set(CPU_WORKER_QUEUES)
+    names = {n for n, _, _ in merged}
+    assert not names & {"models_cached", "consensus_validators_active", "rev_backup_failures_total",
+                        "consensus_duration_seconds_count", "model_inference_duration_seconds_count",
+                        "consensus_rounds_total"}, sorted(names)  # fmt: skip
+    assert value(merged, "rev_jobs_finished_total", kind="identify", status="cancelled") == 0
 
     # The worker: every series of the job, exactly once for this worker's one job.
     w = scrape(ops["metrics"])
@@ -507,6 +521,137 @@ def test_coordinator_traces_only_with_an_endpoint(
     assert "error" not in on.stderr.lower(), on.stderr
     spans = otlp_sink.spans()[before:]
     assert spans.count(("rev-test-web", "GET /healthz")) == 3, spans
+
+
+# ----------------------------------------------------------------------------- a failed job
+@pytest.fixture(scope="module")
+def prometheus(ops: dict[str, Any], ops_dir: Path) -> Iterator[str | None]:
+    """A real Prometheus scraping the ops worker every second (None when not installed)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    target = ops["metrics"].removeprefix("http://").removesuffix("/metrics")
+    config = ops_dir / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: rev-worker-cpu\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    argv = [
+        binary, f"--config.file={config}", f"--storage.tsdb.path={ops_dir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]  # fmt: skip
+    svc = service("prometheus", argv, {}, ops_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/-/ready", proc=svc)
+        yield url
+    finally:
+        svc.stop(15)
+
+
+def promql(url: str, query: str) -> list[dict[str, Any]]:
+    """The result vector of an instant query on the real Prometheus."""
+    resp = requests.get(f"{url}/api/v1/query", params={"query": query}, timeout=10)
+    assert resp.status_code == 200 and resp.json()["status"] == "success", resp.text
+    return list(resp.json()["data"]["result"])
+
+
+FAILED_VERIFY = {"kind": "verify", "status": "failed", "verdict": "none"}
+
+
+@pytest.fixture(scope="module")
+def failed_job(
+    client: Any,
+    job: dict[str, Any],
+    ops: dict[str, Any],
+    flower: str,
+    prometheus: str | None,
+    model_dirs: dict[str, Path],
+) -> dict[str, Any]:
+    """The ops worker's first failed job (a candidate whose weights are corrupt), with the
+    worker's exposition before and after it and, once Prometheus has scraped the series at
+    0, that Prometheus."""
+    before = scrape(ops["metrics"])
+    if prometheus is not None:  # the series scraped at 0 before the failure
+        deadline = time.monotonic() + 30
+        query = 'rev_jobs_finished_total{kind="verify",status="failed"}'
+        while not promql(prometheus, query) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [r["value"][1] for r in promql(prometheus, query)] == ["0"]
+    body = {
+        "kind": "verify",
+        "reference": job["model"]["id"],
+        "candidate": {"path": str(model_dirs["corrupt"])},
+    }
+    doc = wait_job(client, submit(client, body), timeout=180)
+    return {"doc": doc, "before": before, "after": scrape(ops["metrics"])}
+
+
+def test_a_failed_job_is_a_failed_task_in_flower(
+    flower: str, failed_job: dict[str, Any], ops: dict[str, Any], farm_env: dict[str, str]
+) -> None:
+    """FAILURE in Flower (its Failed counter too) while the job keeps its own clear error;
+    the failure was stored before the task failed, and the message was not delivered again."""
+    from celery.result import AsyncResult
+
+    from rev_tasks.celery import app
+    from tests.integration.farm import assert_drained
+
+    doc = failed_job["doc"]
+    assert doc["status"] == "failed" and doc["result"] is None, doc
+    assert doc["error"]["code"] == "model_load_error"
+    assert doc["error"]["message"].startswith("candidate: "), doc["error"]
+    task_id = f"inference-{doc['id']}"
+    info = flower_task(flower, task_id, "FAILURE")
+    assert info["exception"].startswith("JobFailed("), info["exception"]
+    assert f"model_load_error: {doc['error']['message'][:40]}" in info["exception"]
+    assert info["retries"] == 0 and info["name"] == Task.RUN_INFERENCE, info
+    failures = requests.get(f"{flower}/api/tasks", params={"state": "FAILURE"}, timeout=5).json()
+    assert task_id in failures, sorted(failures)
+    workers = requests.get(f"{flower}/workers", params={"json": 1}, timeout=10).json()["data"]
+    counted = {w["hostname"]: w.get("task-failed", 0) for w in workers}
+    assert counted.get(ops["worker"].name, 0) >= 1, counted
+    result = AsyncResult(task_id, app=app)
+    assert result.state == "FAILURE" and "model_load_error" in str(result.result)
+    # Acked on failure: one delivery, nothing left unacked or queued; an expected outcome
+    # (the task's `throws`), logged at INFO, not as an error.
+    assert_drained(farm_env["REDIS_URL"])
+    log = ops["worker"].log_tail(2_000_000)
+    assert log.count(f"Task {Task.RUN_INFERENCE}[{task_id}] received") == 1
+    lines = [json.loads(ln) for ln in log.splitlines() if ln.startswith("{")]
+    mine = [r for r in lines if r.get("task_id") == task_id]
+    expected = [r for r in mine if "raised expected: JobFailed(" in r["message"]]
+    assert [r["level"] for r in expected] == ["INFO"], mine[-3:]
+    assert not [r for r in mine if r["level"] in ("ERROR", "CRITICAL")], mine[-3:]
+
+
+def test_the_first_failed_job_after_a_worker_start_shows_in_increase(
+    failed_job: dict[str, Any], prometheus: str | None
+) -> None:
+    """rev_jobs_finished_total{status="failed"} is 0 before the worker's first failure and 1
+    after it, so increase() sees the first one (on a real Prometheus when installed)."""
+    assert failed_job["doc"]["status"] == "failed"
+    assert value(failed_job["before"], "rev_jobs_finished_total", **FAILED_VERIFY) == 0
+    assert value(failed_job["after"], "rev_jobs_finished_total", **FAILED_VERIFY) == 1
+    for name, labels in (
+        ("consensus_rounds_total", {"outcome": "no_quorum"}),
+        ("consensus_validators_total", {"vote": "reject"}),
+        ("rev_jobs_finished_total", {"status": "cancelled"}),
+    ):
+        assert value(failed_job["before"], name, **labels) == 0, (name, labels)
+    if prometheus is None:
+        pytest.skip("Prometheus not installed (Debian prometheus; scripts/install_tools.sh)")
+    query = 'increase(rev_jobs_finished_total{status="failed"}[5m])'
+    deadline = time.monotonic() + 30
+    increase = 0.0
+    while increase <= 0 and time.monotonic() < deadline:
+        increase = sum(float(r["value"][1]) for r in promql(prometheus, query))
+        time.sleep(0.5)
+    assert increase > 0, promql(prometheus, query)
 
 
 # ----------------------------------------------------------------------------- backups
@@ -616,3 +761,36 @@ def test_backup_restore_round_trip(
     assert client.get(f"/v1/jobs/{job['id']}").get_json() == job_before
     assert client.get("/v1/models/ops-gpt2").get_json() == model_before
     shutil.rmtree(dest, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- a worker stops
+def test_rev_health_says_down_within_one_census_interval_of_a_worker_stop(
+    coordinator: str, start_worker: Any, farm_env: dict[str, str]
+) -> None:
+    """Every gunicorn process has answered "up" from its census; the only worker stops.
+
+    Past one census interval (REV_INSPECT_CACHE_SECONDS, 1 s here) no process may answer
+    with a census from before the stop: the first /readyz or `rev health` after it says
+    DOWN, whichever process serves it (a stale-while-revalidate census would say UP first).
+    """
+    from rev_tasks.settings import Settings
+
+    interval = Settings.from_env().inspect_cache_seconds
+    worker = start_worker(name="health")
+    deadline = time.monotonic() + 30
+    while requests.get(f"{coordinator}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the coordinator never saw the worker"
+        time.sleep(0.3)
+    for _ in range(12):  # both gunicorn processes hold an "up" census now
+        assert requests.get(f"{coordinator}/readyz", timeout=10).status_code == 200
+    worker.stop()
+    stopped = time.monotonic()
+    time.sleep(interval + 0.5)
+    proc = rev("health", "--api", coordinator, env=farm_env)
+    first = requests.get(f"{coordinator}/readyz", timeout=10)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"^workers\s+\| DOWN\s+\| no live worker for", proc.stdout, re.M), proc.stdout
+    assert first.status_code == 503, first.text
+    for _ in range(6):  # every process, not only the one that answered first
+        assert requests.get(f"{coordinator}/readyz", timeout=10).status_code == 503
+    assert time.monotonic() - stopped < 30

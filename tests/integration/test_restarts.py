@@ -83,9 +83,9 @@ def _restart(
     os.kill(worker.proc.pid, signal.SIGTERM)  # the main process only, like tini forwards it
     if impatient:
         time.sleep(0.3)
-        if worker.proc.poll() is None:
+        if worker.proc.alive():
             os.kill(worker.proc.pid, signal.SIGQUIT)
-    code = worker.proc.wait(timeout=120)
+    code = worker.proc.popen.wait(timeout=120)
     after = worker.log_tail(200_000).split("Warm shutdown", 1)[-1]
     worker.stop()  # closes the log; nothing is left to kill
     event = {

@@ -19,7 +19,7 @@ import rev_tasks.cli as cli
 
 EXPECTED_COMMANDS = {
     "verify", "fingerprint", "audit",
-    "submit", "status", "wait", "jobs", "models", "report", "certificate",
+    "submit", "status", "wait", "cancel", "jobs", "models", "report", "certificate",
     "keys", "worker", "backup", "restore", "health",
 }  # fmt: skip
 

@@ -60,6 +60,7 @@ FILLED = {
     "POSTGRES_PASSWORD": "pg-secret",
     "FLOWER_BASIC_AUTH": "admin:flower-secret",
     "GRAFANA_ADMIN_PASSWORD": "grafana-secret",
+    "REV_GPU_COUNT": "2",  # required by the GPU override only
 }
 
 
@@ -145,6 +146,9 @@ def test_compose_config_accepts_a_filled_in_env(tmp_path: Path, files: list[Path
     assert services["proxy"]["configs"] == [
         {"source": "proxy-https-port", "target": "/etc/nginx/https-port.conf"}
     ]
+    # Every service declares the same GPU queues (prepare, on another worker, sends to them).
+    counts = {svc.get("environment", {}).get("REV_GPU_COUNT") for svc in services.values()}
+    assert counts - {None} == {"2"}, counts
     if COMPOSE_GPU in files:
         gpu = services["worker-gpu0"]
         assert "pg-secret" in gpu["environment"]["DATABASE_URL"]
@@ -162,7 +166,8 @@ def test_compose_config_refuses_the_example_as_shipped(tmp_path: Path, files: li
 
 @pytest.mark.parametrize("name", sorted(FILLED))
 def test_compose_config_names_each_required_variable_left_empty(tmp_path: Path, name: str) -> None:
-    run = _compose_config(tmp_path, [COMPOSE], _env_file(tmp_path, {**FILLED, name: ""}))
+    files = [COMPOSE, COMPOSE_GPU]  # REV_GPU_COUNT is required by the override only
+    run = _compose_config(tmp_path, files, _env_file(tmp_path, {**FILLED, name: ""}))
     assert run.returncode != 0
     assert f"required variable {name} is missing a value" in run.stderr, run.stderr
 

@@ -230,3 +230,34 @@ def test_real_gpus_are_exported() -> None:
         assert value > 2**30 and labels["uuid"].startswith(("GPU-", "MIG-"))
     for _, value in series.get(gpu.UTILIZATION, []):
         assert 0.0 <= value <= 1.0
+
+
+# --------------------------------------------------------------------------- the worker server
+@pytest.mark.parametrize(("device", "exported"), [("cuda", True), ("cpu", False)])
+def test_only_a_cuda_worker_serves_gpu_series(
+    monkeypatch: pytest.MonkeyPatch, device: str, exported: bool
+) -> None:
+    """start_worker_metrics_server registers GpuCollector for REV_WORKER_DEVICE=cuda only
+    (NVML stood in for at its call boundary: this machine has no GPU)."""
+    import urllib.request
+
+    from rev_tasks import metrics
+    from rev_tasks.settings import reset_settings
+
+    monkeypatch.setenv("REV_WORKER_DEVICE", device)
+    monkeypatch.setenv("REV_BACKUP_DIR", "")
+    monkeypatch.setattr(metrics, "GpuCollector", lambda: gpu.GpuCollector(nvml=_two_gpus(), env={}))
+    reset_settings()
+    started = metrics.start_worker_metrics_server(0, "127.0.0.1")
+    assert started is not None
+    server, _ = started
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.shutdown()
+        monkeypatch.undo()
+        reset_settings()
+    assert (gpu.UTILIZATION in text) is exported
+    assert "worker_memory_bytes" in text
+    assert gpu.GPU_METRIC_NAMES <= metrics.METRIC_NAMES  # dashboards and alerts may name them

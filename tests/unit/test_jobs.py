@@ -68,9 +68,10 @@ def _state_in_db(engine: object, job_id: str = "job-1") -> State:
 
 
 def test_statuses_and_stages_come_from_the_states() -> None:
-    assert jobs.STATUSES == ("queued", "running", "succeeded", "failed")
+    assert jobs.STATUSES == ("queued", "running", "succeeded", "failed", "cancelled")
     assert jobs.STAGES == ("queued", "prepared", "inference", "consensus", "done")
-    assert {"succeeded", "failed"} == jobs.TERMINAL and {"queued", "running"} == jobs.ACTIVE
+    assert {"succeeded", "failed", "cancelled"} == jobs.TERMINAL
+    assert {"queued", "running"} == jobs.ACTIVE
     assert {s.status for s in State} == set(jobs.STATUSES)
 
 
@@ -85,6 +86,7 @@ def test_every_state_is_reachable_and_every_active_state_can_finish() -> None:
                 frontier.append(target)
     assert reachable == set(State)
     assert all((s, State.FAILED) in edges for s in jobs.ACTIVE_STATES)
+    assert all((s, State.CANCELLED) in edges for s in jobs.ACTIVE_STATES)
     assert not [e for e in edges if e[0] in jobs.TERMINAL_STATES]  # nothing leaves the end
 
 
@@ -256,3 +258,95 @@ def test_no_other_module_writes_a_job_status_or_stage() -> None:
 def _called(call: ast.Call) -> str | None:
     func = call.func
     return func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+
+
+# ----------------------------------------------------------------------------- cancel
+@pytest.mark.parametrize("state", list(State), ids=[s.name for s in State])
+def test_cancel_stops_any_active_job_once(engine: object, session: Session, state: State) -> None:
+    job = _job_in(session, state)
+    if state in jobs.ACTIVE_STATES:
+        assert jobs.cancel(session, job) is True
+        session.commit()
+        assert _state_in_db(engine) == State.CANCELLED
+        assert job.result is None and job.finished_at is not None
+        assert jobs.cancel(session, job) is False  # again: nothing to do, no error
+    elif state == State.CANCELLED:
+        assert jobs.cancel(session, job) is False
+    else:  # succeeded or failed: a finished job is not cancelled after the fact
+        with pytest.raises(IllegalTransition, match="cancel"):
+            jobs.cancel(session, job)
+        session.rollback()
+        assert _state_in_db(engine) == state
+
+
+def test_a_cancelled_inference_sees_it_at_its_next_progress_write(
+    engine: object, session: Session
+) -> None:
+    _job_in(session, State.INFERENCE)
+    assert jobs.record_progress(session, "job-1", 2, 8) is True
+    session.commit()
+    with Session(engine) as other:  # type: ignore[arg-type]
+        job = jobs.load(other, "job-1")
+        assert job is not None and jobs.cancel(other, job)
+        other.commit()
+    assert jobs.record_progress(session, "job-1", 4, 8) is False
+    session.commit()
+    with Session(engine) as other:  # type: ignore[arg-type]
+        row = other.get(Job, "job-1")
+        assert row is not None and row.challenges_done == 2  # frozen where it was cancelled
+
+
+# ----------------------------------------------------------------------------- counting
+def _finished(kind: str, status: str, verdict: str = "none") -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"kind": kind, "status": status, "verdict": verdict}
+    return REGISTRY.get_sample_value("rev_jobs_finished_total", labels) or 0.0
+
+
+def test_every_finished_job_is_counted_once_when_its_move_commits(
+    engine: object, session: Session
+) -> None:
+    """Whoever finishes a job (a task, the reaper, the coordinator) counts it, here."""
+    from datetime import timedelta
+
+    from rev_tasks.db.tables import utcnow
+
+    before = {
+        "failed": _finished("verify", "failed"),
+        "cancelled": _finished("verify", "cancelled"),
+        "same": _finished("verify", "succeeded", "SAME"),
+        "identified": _finished("identify", "succeeded", "DIFFERENT"),
+    }
+    _job_in(session, State.INFERENCE, "reaped")
+    session.execute(update(Job).values(updated_at=utcnow() - timedelta(hours=2)))
+    session.commit()
+    assert jobs.fail_stale(session, utcnow() - timedelta(hours=1), "stale", "stopped") == 1
+    assert _finished("verify", "failed") == before["failed"]  # not before the commit
+    session.commit()
+    assert _finished("verify", "failed") == before["failed"] + 1
+    assert jobs.fail(session, "reaped", "stale", "again") is False
+    session.commit()
+    assert _finished("verify", "failed") == before["failed"] + 1  # a lost race counts nothing
+
+    job = _job_in(session, State.QUEUED, "cancelled")
+    jobs.cancel(session, job)
+    session.rollback()  # a cancel that did not commit is no cancel
+    assert _finished("verify", "cancelled") == before["cancelled"]
+    job = jobs.load(session, "cancelled")
+    assert job is not None
+    jobs.cancel(session, job)
+    session.commit()
+    assert _finished("verify", "cancelled") == before["cancelled"] + 1
+
+    job = _job_in(session, State.CONSENSUS, "published")
+    jobs.publish(session, job, {"verdict": "SAME"})
+    session.commit()
+    assert _finished("verify", "succeeded", "SAME") == before["same"] + 1
+
+    _job_in(session, State.INFERENCE, "identified")
+    session.execute(update(Job).where(Job.id == "identified").values(kind="identify"))
+    session.commit()
+    assert jobs.record_identification(session, "identified", {"verdict": "DIFFERENT"}, 4)
+    session.commit()
+    assert _finished("identify", "succeeded", "DIFFERENT") == before["identified"] + 1

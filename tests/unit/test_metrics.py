@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rev_tasks import metrics, queues
+from rev_tasks.ops.gpu import GPU_METRIC_NAMES
 
 REDIS_TEST_URL = os.environ.get("REV_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +97,8 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     )
     exposed = {name for name, _ in _samples(generate_latest(registry).decode())}
     ours = {n for n in exposed if not n.startswith(("process_", "python_"))}
-    assert ours == set(metrics.METRIC_NAMES)
+    # The GPU series need a GPU (or NVML's stand-in: tests/unit/test_gpu_metrics.py).
+    assert ours == set(metrics.METRIC_NAMES) - GPU_METRIC_NAMES
 
 
 class _BrokenSeries:
@@ -238,18 +240,31 @@ _WORKER_SCRIPT = textwrap.dedent(
     from rev_tasks import metrics, queues
     assert metrics.multiprocess_enabled()
     server, _ = metrics.start_worker_metrics_server(0, "127.0.0.1")
+    url = f"http://127.0.0.1:{server.server_port}/metrics"
+    before = urllib.request.urlopen(url).read().decode()
     pid = os.fork()
     if pid == 0:  # a pool child: records, then exits without any cleanup hook
         metrics.job_finished("verify", "succeeded", "DIFFERENT")
+        metrics.job_finished("verify", "failed", None)
+        metrics.consensus_round("no_quorum")
+        metrics.validator_vote("reject")
         metrics.observe_inference("gpt2", "cpu", 0.12)
         metrics.set_models_cached(3)
         os._exit(0)
     os.waitpid(pid, 0)
-    url = f"http://127.0.0.1:{server.server_port}/metrics"
-    print(json.dumps({"pid": pid, "text": urllib.request.urlopen(url).read().decode()}))
+    after = urllib.request.urlopen(url).read().decode()
+    print(json.dumps({"pid": pid, "before": before, "text": after}))
     server.shutdown()
     """
 )
+
+#: Series a worker exports at 0 from its start (closed label sets), so that the first
+#: event after a restart is an increase from 0 that rate() and increase() can see.
+FIRST_EVENTS = [
+    ("rev_jobs_finished_total", {"kind": "verify", "status": "failed", "verdict": "none"}),
+    ("consensus_rounds_total", {"outcome": "no_quorum"}),
+    ("consensus_validators_total", {"vote": "reject"}),
+]
 
 
 def test_worker_server_merges_children_and_forgets_dead_ones(tmp_path: Path) -> None:
@@ -272,6 +287,17 @@ def test_worker_server_merges_children_and_forgets_dead_ones(tmp_path: Path) -> 
     text = out["text"]
     labels = {"kind": "verify", "status": "succeeded", "verdict": "DIFFERENT"}
     assert _value(text, "rev_jobs_finished_total", **labels) == 1
+    # First events: present at 0 in the scrape before them, 1 in the scrape after.
+    before, after = _samples(out["before"]), _samples(text)
+    for name, first in FIRST_EVENTS:
+        assert before[(name, frozenset(first.items()))] == 0, (name, first)
+        assert after[(name, frozenset(first.items()))] == 1, (name, first)
+    every = {
+        frozenset({"kind": k, "status": s, "verdict": v}.items())
+        for k in metrics.KINDS
+        for s, v in metrics.FINISHED
+    }
+    assert every <= {labels for name, labels in before if name == "rev_jobs_finished_total"}
     assert (
         _value(text, "model_inference_duration_seconds_count", model_family="gpt2", device="cpu")
         == 1
@@ -279,6 +305,59 @@ def test_worker_server_merges_children_and_forgets_dead_ones(tmp_path: Path) -> 
     # the child died without mark_process_dead: its live gauge must not linger
     assert _value(text, "models_cached") == 0
     assert "worker_memory_bytes" in text
+
+
+_COORDINATOR_SCRIPT = textwrap.dedent(
+    """
+    import os
+    from rev_tasks.ops.multiproc import prepare_multiproc_dir
+    prepare_multiproc_dir(os.environ["TEST_PROM_DIR"])  # as gunicorn.conf.py does
+    from flask import Flask
+    from rev_tasks import metrics
+    app = Flask("coordinator")
+    metrics.init_app(app)
+    print(app.test_client().get("/metrics").get_data(as_text=True))
+    """
+)
+
+
+def test_the_coordinator_exports_its_own_series_only(tmp_path: Path) -> None:
+    """No worker series as zeros on the coordinator; its own counters at 0 from the start."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["TEST_PROM_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COORDINATOR_SCRIPT],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    samples = _samples(proc.stdout)
+    families = {f.name for f in text_string_to_metric_families(proc.stdout)}
+    assert not families & metrics.WORKER_ONLY, sorted(families & metrics.WORKER_ONLY)
+    for kind in metrics.KINDS:
+        assert samples[("rev_jobs_submitted_total", frozenset({("kind", kind)}))] == 0
+        cancelled = {"kind": kind, "status": "cancelled", "verdict": "none"}
+        assert samples[("rev_jobs_finished_total", frozenset(cancelled.items()))] == 0
+
+
+def test_closed_label_sets_match_the_lifecycle_and_the_api() -> None:
+    from typing import get_args
+
+    from rev_tasks import jobs
+    from web.schemas import IdentifyJobRequest, VerifyJobRequest
+
+    assert {s for s, _ in metrics.FINISHED} == jobs.TERMINAL
+    assert {v for _, v in metrics.FINISHED} <= metrics.VERDICTS
+    kinds = {
+        get_args(model.model_fields["kind"].annotation)[0]
+        for model in (VerifyJobRequest, IdentifyJobRequest)
+    }
+    assert kinds == set(metrics.KINDS)
+
+
+def test_backup_buckets_fit_a_20_ms_backup() -> None:
+    edges = metrics.BACKUP_DURATION._upper_bounds
+    assert edges[0] <= 0.01 and sum(e <= 1.0 for e in edges) >= 5, edges
+    assert edges[-2] >= 3600  # an hour-long PostgreSQL dump still lands in a bucket
 
 
 def test_prepare_multiproc_dir_refuses_when_too_late(monkeypatch) -> None:
@@ -340,3 +419,20 @@ def test_metrics_and_backups_do_not_import_each_other() -> None:
     assert "rev_tasks.ops.backup" not in imported(metrics)
     assert "rev_tasks.metrics" in imported(backup)
     assert not {"rev_tasks.metrics", "rev_tasks.ops.backup"} & imported(backup_files)
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_the_coordinator_reports_the_declared_queues_only(gpus: int) -> None:
+    """REV_GPU_COUNT decides the inference.cudaN series: none on a CPU-only farm."""
+    _need_redis()
+    import dataclasses
+
+    from rev_tasks.settings import Settings
+    from web import create_app
+
+    settings = dataclasses.replace(Settings.from_env(), gpu_count=gpus, redis_url=REDIS_TEST_URL)
+    app = create_app({"TESTING": True, "REV_SETTINGS": settings})
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    reported = {dict(labels)["queue"] for name, labels in _samples(text) if name == "queue_depth"}
+    assert reported == set(queues.declared_queues(gpus))
+    assert {q for q in reported if queues.is_gpu_queue(q)} == set(queues.gpu_queues(gpus))
