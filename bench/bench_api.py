@@ -251,18 +251,15 @@ def _roundtrips(farm: BenchFarm, root: Path, body: dict[str, Any]) -> dict[str, 
         REV_RT_TOKEN=farm.token or "",
         REV_RT_BODY=json.dumps(body),
     )
-    proc = subprocess.run(
-        [sys.executable, str(common.ROOT / "bench" / "roundtrips.py")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-800:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return common.run_json(
+            [sys.executable, str(common.ROOT / "bench" / "roundtrips.py")],
+            cwd=root,
+            env=env,
+            timeout=120,
+        )
+    except RuntimeError as exc:  # the figure is explanatory: the run goes on without it
+        return {"error": str(exc)[-800:]}
 
 
 def _measure_server(

@@ -38,7 +38,6 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -287,18 +286,12 @@ def _spawn(*argv: str, tuning: bool = True) -> dict[str, Any]:
         "REV_WORKER_MEMORY_TUNING": "1" if tuning else "0",
         "REV_METRICS_PORT": "0",
     }
-    proc = subprocess.run(
+    return common.run_json(
         [sys.executable, "-m", "bench.bench_memory", "--child", *argv],
         cwd=common.ROOT,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
-        check=False,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -426,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--malloc-rounds", type=int, default=2, help="0: no glibc what-if")
+    ap.add_argument("--malloc-rounds", type=int, default=1, help="0: no glibc what-if")
     ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     if args.child:
