@@ -460,7 +460,7 @@ def _document(
     rows = [
         common.row(
             f"POST /v1/jobs, half of a {head}",
-            f"{_pcts(post)}; {post.get('errors', '?')} errors of {post.get('n', 0)}",
+            f"{_pcts(post)}; {post.get('errors', '?')} errors of {post.get('n', 0)}{cause}",
             hz,
             common.GUIDE["api"],
             f"p99 <= {TARGET_P99_MS:g} ms",
@@ -468,7 +468,8 @@ def _document(
         ),
         common.row(
             "GET /v1/jobs/<id> (real ids), the other half, same run",
-            f"{_pcts(get)}; {get.get('errors', '?')} errors of {get.get('n', 0)}",
+            f"{_pcts(get)}; {get.get('errors', '?')} errors of {get.get('n', 0)}"
+            + (" (missed: as above)" if get.get("p99_ms", 1e9) > TARGET_P99_MS else ""),
             "(same baseline)",
             common.GUIDE["api"],
             f"p99 <= {TARGET_P99_MS:g} ms",
@@ -476,8 +477,7 @@ def _document(
         ),
         common.row(
             "whole mix: errors (non-2xx, socket errors, lost) and achieved rate",
-            f"{mix['errors']} errors; {mix['achieved_rps']:.0f}/s of {RATE}/s"
-            f"{cause if not met_p99 else ''}",
+            f"{mix['errors']} errors; {mix['achieved_rps']:.0f}/s of {RATE}/s",
             f"healthz: {after['healthz']['errors']} errors, "
             f"{after['healthz']['achieved_rps']:.0f}/s",
             "-",

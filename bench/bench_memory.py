@@ -313,45 +313,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs["before"].append(_spawn("worker", which, str(args.batches), tuning=False))
             runs["after"].append(_spawn("worker", which, str(args.batches), tuning=True))
         stages = _spawn("stages", which)
-        after, before = runs["after"][-1], runs["before"][-1]
-        t_after = statistics.median(x for r in runs["after"] for x in r["batch_s"])
-        t_before = statistics.median(x for r in runs["before"] for x in r["batch_s"])
-        results[which] = {"weights_mb": round(weights, 1), "after": runs["after"], "stages": stages}
-        baseline[which] = {"before": runs["before"]}
-        met[f"{which}_distinct_mb"] = after["distinct_mb"] <= limit
-        met[f"{which}_child_rss_mb"] = after["child"]["rss"] <= limit
+        after, before = runs["after"], runs["before"]
+        t_after = statistics.median(x for r in after for x in r["batch_s"])
+        t_before = statistics.median(x for r in before for x in r["batch_s"])
+        results[which] = {"weights_mb": round(weights, 1), "after": after, "stages": stages}
+        baseline[which] = {"before": before}
+        # judged on the worst round: memory that a limit must allow for
+        met[f"{which}_distinct_mb"] = _worst(after, "distinct_mb") <= limit
+        met[f"{which}_child_peak_rss_mb"] = _worst(after, "peak_rss_mb") <= limit
         ratios[f"{which}_batch_time_after_over_before"] = round(t_after / t_before, 3)
-        floor = after["parent_before_fork"]["rss"]
+        floor = after[-1]["parent_before_fork"]["rss"]
         cause = (
             ""
             if met[f"{which}_distinct_mb"]
-            else f" (missed: the main process alone, before any model, holds {floor:.0f} MB "
-            "- python, torch, transformers and its unconditional imports, Celery)"
+            else f" (missed: the main process alone, before any model, holds {floor:.0f} MB: "
+            "python, torch, transformers and what it imports unconditionally, Celery; see "
+            "the steps below)"
+        )
+        child_cause = (
+            ""
+            if met[f"{which}_child_peak_rss_mb"]
+            else " (missed: the child maps the parent's pages too, and RSS counts them)"
         )
         rows += [
             common.row(
                 f"{which} worker (-c 1, one child): distinct resident pages of parent + child, "
                 "MB (of which file pages)",
-                f"{after['distinct_mb']:.0f} ({after['distinct_file_mb']:.0f}) = weights "
-                f"{weights:.0f} + {after['distinct_mb'] - weights:.0f}{cause}",
-                f"as it was: {before['distinct_mb']:.0f} ({before['distinct_file_mb']:.0f})",
+                f"{_span(after, 'distinct_mb')} ({_span(after, 'distinct_file_mb')}); weights "
+                f"{weights:.0f}{cause}",
+                f"as it was: {_span(before, 'distinct_mb')} ({_span(before, 'distinct_file_mb')})",
                 common.GUIDE["memory"],
                 f"<= weights + {HEADROOM_MB:.0f} = {limit:.0f}",
                 met[f"{which}_distinct_mb"],
             ),
             common.row(
-                f"{which} pool child: RSS / PSS / private (USS), MB; the parent's pages it "
-                "copied on write",
-                f"{_rps(after['child'])}; {after['copied_on_write_mb']:.0f}",
-                f"as it was: {_rps(before['child'])}; {before['copied_on_write_mb']:.0f}",
+                f"{which} pool child: peak RSS; at rest RSS / PSS / private (USS); the parent's "
+                "pages it copied on write (MB)",
+                f"{_span(after, 'peak_rss_mb')}; {_rps(after)}; "
+                f"{_span(after, 'copied_on_write_mb')}{child_cause}",
+                f"as it was: {_span(before, 'peak_rss_mb')}; {_rps(before)}; "
+                f"{_span(before, 'copied_on_write_mb')}",
                 "-",
-                f"RSS <= {limit:.0f}",
-                met[f"{which}_child_rss_mb"],
+                f"peak RSS <= {limit:.0f}",
+                met[f"{which}_child_peak_rss_mb"],
             ),
             common.row(
                 f"{which}: what one more child adds (pages only it maps, MB)",
-                f"{after['child_only_mb']:.0f}",
-                f"as it was: {before['child_only_mb']:.0f}",
+                _span(after, "child_only_mb"),
+                f"as it was: {_span(before, 'child_only_mb')}",
             ),
             common.row(
                 f"{which}: batch of 8, median s ({args.rounds} x {args.batches} batches each)",
@@ -411,8 +420,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _rps(r: dict[str, float]) -> str:
-    return f"{r['rss']:.0f} / {r['pss']:.0f} / {r['uss']:.0f}"
+def _value(run: dict[str, Any], key: str) -> float:
+    return float(run["child"][key] if key in ("rss", "pss", "uss") else run[key])
+
+
+def _worst(runs: list[dict[str, Any]], key: str) -> float:
+    return max(_value(r, key) for r in runs)
+
+
+def _span(runs: list[dict[str, Any]], key: str) -> str:
+    """One figure per round: "479" or "479-486" (the rounds share the machine's load)."""
+    lo, hi = min(_value(r, key) for r in runs), _worst(runs, key)
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}"
+
+
+def _rps(runs: list[dict[str, Any]]) -> str:
+    return " / ".join(_span(runs, k) for k in ("rss", "pss", "uss"))
 
 
 def main(argv: list[str] | None = None) -> int:
