@@ -71,8 +71,11 @@ def _stats(lat_ms: list[float]) -> dict[str, Any]:
     }
 
 
-def parse_wrk_output(text: str, seconds: float) -> dict[str, Any]:
-    """The per-answer lines constant_rate.lua writes → percentiles, errors, achieved rate."""
+def parse_wrk_output(text: str, seconds: float, keep: bool = False) -> dict[str, Any]:
+    """The per-answer lines constant_rate.lua writes → percentiles, errors, achieved rate.
+
+    ``keep``: also every latency, by kind (``latencies_ms``).
+    """
     lat: dict[str, list[float]] = {}
     status: dict[str, dict[str, int]] = {}
     summary: dict[str, int] = {}
@@ -114,6 +117,8 @@ def parse_wrk_output(text: str, seconds: float) -> dict[str, Any]:
     out["achieved_rps"] = round(answered / seconds, 1) if seconds else None
     out["send_late_max_ms"] = round(late_max_us / 1e3, 1)
     out["wrk_uncorrected_ms"] = uncorrected
+    if keep:
+        out["latencies_ms"] = lat
     return out
 
 
@@ -127,13 +132,15 @@ def run_wrk(
     token: str | None = None,
     body: dict[str, Any] | None = None,
     ids: list[str] | None = None,
+    threads: int = THREADS,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """One constant-rate wrk run; the parsed figures plus the generator's own CPU."""
     out = workdir / f"wrk-{mode}-{time.monotonic_ns()}.txt"
     env = {
         **os.environ,
         "REV_WRK_RATE": str(rate),
-        "REV_WRK_THREADS": str(THREADS),
+        "REV_WRK_THREADS": str(threads),
         "REV_WRK_MODE": mode,
         "REV_WRK_OUT": str(out),
     }
@@ -146,7 +153,7 @@ def run_wrk(
             REV_WRK_IDS=str(workdir / "ids.txt"),
         )
     argv = [
-        "wrk", "-t", str(THREADS), "-c", str(THREADS), "-d", f"{seconds:g}s",
+        "wrk", "-t", str(threads), "-c", str(threads), "-d", f"{seconds:g}s",
         "--timeout", "10s", "-s", str(LUA), url,
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -156,7 +163,7 @@ def run_wrk(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    result = parse_wrk_output(out.read_text(), seconds)
+    result = parse_wrk_output(out.read_text(), seconds, keep)
     result["scheduled_rps"] = rate
     result["generator_cpu_s"] = round(
         (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2
