@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -118,6 +119,23 @@ def pct(values: Sequence[float] | Iterable[float], q: float) -> float | None:
     lo = int(k)
     hi = min(lo + 1, len(vals) - 1)
     return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def run_json(argv: Sequence[str], *, cwd: Path, env: dict[str, str], timeout: float) -> Any:
+    """Run a measuring subprocess whose last stdout line is JSON; that object.
+
+    Measurements that depend on a whole process (its memory, the code it imports) run in
+    one of their own. A non-zero exit raises RuntimeError with the ends of both streams.
+    """
+    proc = subprocess.run(
+        list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv[-3:])} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def row(

@@ -227,22 +227,35 @@ class BenchFarm:
         shutil.rmtree(self.var, ignore_errors=True)
 
     # ------------------------------------------------------------------ processes
-    def start_web(self, workers: int = 2, timeout: float = 60.0) -> str:
-        """The coordinator under gunicorn with deploy/gunicorn.conf.py, as ``make up`` runs it."""
+    def start_web(
+        self,
+        workers: int = 2,
+        timeout: float = 60.0,
+        root: Path = ROOT,
+        extra_args: tuple[str, ...] = (),
+    ) -> str:
+        """The coordinator under gunicorn with deploy/gunicorn.conf.py, as ``make up`` runs it.
+
+        ``root``: another checkout of the code to serve (the API benchmark's "before"
+        server: its ``web``, ``rev_tasks`` and gunicorn config instead of this tree's).
+        ``extra_args`` go to gunicorn after the config (e.g. another worker class).
+        """
         port = free_port()
         prom = self.var / "prom-web"
         prom.mkdir(exist_ok=True)
         argv = [
-            sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
-            "-b", f"127.0.0.1:{port}", "-w", str(workers), "--access-logfile", "/dev/null",
-            "web.wsgi:app",
+            sys.executable, "-m", "gunicorn", "-c", str(root / "deploy" / "gunicorn.conf.py"),
+            "--chdir", str(root), "-b", f"127.0.0.1:{port}", "-w", str(workers),
+            "--access-logfile", "/dev/null", *extra_args, "web.wsgi:app",
         ]  # fmt: skip
         env = self.process_env(
             GUNICORN_BIND=f"127.0.0.1:{port}",
             WEB_CONCURRENCY=str(workers),
             PROMETHEUS_MULTIPROC_DIR=str(prom),
         )
-        proc = GroupProcess("web", argv, env, self.var / "log" / "web.log")
+        if root != ROOT:
+            env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+        proc = GroupProcess("web", argv, env, self.var / "log" / "web.log", cwd=root)
         self.procs.append(proc)
         self.api = f"http://127.0.0.1:{port}"
         wait_http(f"{self.api}/healthz", timeout, proc)

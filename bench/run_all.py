@@ -21,10 +21,10 @@ from bench import common
 PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("hamming", "bench.bench_hamming", [], 5, 120),
     ("inference", "bench.bench_inference", [], 110, 300),
-    ("memory", "bench.bench_memory", [], 15, 120),
+    ("memory", "bench.bench_memory", [], 260, 480),
     ("consensus", "bench.bench_consensus", [], 120, 300),
     ("e2e", "bench.bench_e2e", [], 100, 300),
-    ("api", "bench.bench_api", [], 140, 300),
+    ("api", "bench.bench_api", [], 240, 420),
     ("scaling", "bench.bench_scaling", [], 170, 420),
     ("streaming", "bench.bench_streaming", [], 120, 600),
 ]

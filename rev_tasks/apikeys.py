@@ -15,6 +15,10 @@ import hashlib
 import os
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +98,62 @@ def lookup(session: Session, token: str) -> ApiKey | None:
     return row
 
 
+class KeyCache:
+    """Who presented a token, remembered for ``ttl`` seconds per process.
+
+    The coordinator authenticates every request; without this each costs a database
+    lookup. The price is the revocation bound: a process that authenticated a key just
+    before its revocation committed keeps accepting it for at most ``ttl`` seconds. Only
+    active keys are kept (an unknown or revoked token is looked up every time, so a flood
+    of made-up tokens cannot push real keys out), by the token's hash, never the token,
+    and at most ``max_entries`` of them (oldest out first). ``ttl <= 0`` turns it off.
+    """
+
+    def __init__(
+        self,
+        ttl: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = float(ttl)
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def get(self, token_hash: str) -> Principal | None:
+        """The cached principal, or None when absent or older than ``ttl``."""
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(token_hash)
+            if entry is None:
+                return None
+            if self._clock() >= entry[0]:
+                del self._entries[token_hash]
+                return None
+            return entry[1]
+
+    def put(self, token_hash: str, who: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            self._entries.pop(token_hash, None)
+            self._entries[token_hash] = (self._clock() + self.ttl, who)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 def revoke(session: Session, key_id: str) -> bool:
-    """Revoke a key by id; True when it was active. Revocation is immediate (no cache)."""
+    """Revoke a key by id; True when it was active.
+
+    Coordinators refuse it once their :class:`KeyCache` entry expires
+    (``REV_APIKEY_CACHE_SECONDS``, 1 s by default): at most that long after the commit.
+    """
     row = session.get(ApiKey, key_id)
     if row is None or row.revoked_at is not None:
         return False

@@ -79,9 +79,13 @@ class Settings:
     inspect_cache_seconds: float = 5.0
     max_attempts: int = 5
     visibility_timeout_override: int | None = None
+    # a pooled database connection idle this long is pinged before use (rev_tasks/db/session.py)
+    db_ping_idle_seconds: float = 5.0
     # --- security (docs/security.md)
     rate_limit_rps: float = 100.0
     rate_limit_burst: int = 200
+    # an authenticated key is cached this long per process: the bound on revocation
+    apikey_cache_seconds: float = 1.0
     max_body_bytes: int = 1 << 20
     max_model_bytes: int = 20_000_000_000
     max_model_files: int = 10_000
@@ -141,8 +145,10 @@ class Settings:
             inspect_cache_seconds=_float("REV_INSPECT_CACHE_SECONDS", 5.0),
             max_attempts=max(1, _int("REV_MAX_ATTEMPTS", 5)),
             visibility_timeout_override=_int("REV_VISIBILITY_TIMEOUT", 0) or None,
+            db_ping_idle_seconds=_float("REV_DB_PING_IDLE_SECONDS", 5.0),
             rate_limit_rps=max(0.0, _float("REV_RATE_LIMIT_RPS", 100.0)),
             rate_limit_burst=max(1, _int("REV_RATE_LIMIT_BURST", 200)),
+            apikey_cache_seconds=max(0.0, _float("REV_APIKEY_CACHE_SECONDS", 1.0)),
             max_body_bytes=max(1024, _int("REV_MAX_BODY_BYTES", 1 << 20)),
             max_model_bytes=max(1, _int("REV_MAX_MODEL_BYTES", 20_000_000_000)),
             max_model_files=max(1, _int("REV_MAX_MODEL_FILES", 10_000)),

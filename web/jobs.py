@@ -17,7 +17,7 @@ from sqlalchemy import and_, or_, select
 
 from rev_tasks import jobs, metrics, queues
 from rev_tasks.db import idempotency as idempotency_keys
-from rev_tasks.db.session import after_commit, session_scope
+from rev_tasks.db.session import after_commit, read_scope, session_scope
 from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_READY,
@@ -213,7 +213,7 @@ def page_of(stmt: Any, cursor: str | None, limit: int) -> tuple[list[dict[str, A
         stmt = stmt.where(
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
         )
-    with session_scope() as s:
+    with read_scope() as s:
         rows = list(s.scalars(stmt.limit(limit + 1)))
         page = rows[:limit]
         next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
@@ -223,7 +223,7 @@ def page_of(stmt: Any, cursor: str | None, limit: int) -> tuple[list[dict[str, A
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> ResponseReturnValue:
     check_query()
-    with session_scope() as s:
+    with read_scope() as s:
         return services.job_document(visible_job(s, job_id))
 
 
@@ -253,7 +253,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 def get_transcript(job_id: str) -> ResponseReturnValue:
     """The committed transcript (``rev audit`` accepts it as it is)."""
     check_query()
-    with session_scope() as s:
+    with read_scope() as s:
         job = visible_job(s, job_id)
         if job.kind != "verify":
             raise NotFound("identify jobs have no transcript", code="transcript_not_found")

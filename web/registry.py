@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from rev_tasks import queues
-from rev_tasks.db.session import session_scope
+from rev_tasks.db.session import read_scope, session_scope
 from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
 from rev_tasks.queues import Task
 from web import services
@@ -82,7 +82,7 @@ def list_models() -> ResponseReturnValue:
     if not principal().is_admin:
         models = models.where(ModelRecord.tenant == principal().tenant)
         fingerprints = fingerprints.where(ModelRecord.tenant == principal().tenant)
-    with session_scope() as s:
+    with read_scope() as s:
         recs = list(s.scalars(models))
         fps = {fp.model_id: fp for fp in s.scalars(fingerprints)}
         return {"models": [services.model_document(r, fps.get(r.id)) for r in recs]}
@@ -91,7 +91,7 @@ def list_models() -> ResponseReturnValue:
 @bp.get("/<model_id>")
 def get_model(model_id: str) -> ResponseReturnValue:
     check_query()
-    with session_scope() as s:
+    with read_scope() as s:
         rec = s.get(ModelRecord, model_id) if _MODEL_ID.fullmatch(model_id) else None
         if rec is None or not can_see(rec.tenant):
             raise NotFound(f"no model {model_id[:128]!r}", code="model_not_found")

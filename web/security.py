@@ -4,7 +4,8 @@ Every request except the public probes (``/healthz``, ``/readyz``, ``/openapi.js
 ``/metrics``) must carry ``Authorization: Bearer <token>``. The order of the checks is
 deliberate:
 
-1. **authenticate** (PostgreSQL): no or bad key → 401 with ``WWW-Authenticate``;
+1. **authenticate** (PostgreSQL, then a per-process cache of ``REV_APIKEY_CACHE_SECONDS``:
+   the bound on revocation): no or bad key → 401 with ``WWW-Authenticate``;
 2. **rate limit** (Redis, per key): over the bucket → 429 with ``Retry-After``. It runs
    before the scope check so that a key hammering a forbidden route is throttled too;
 3. **scope**: ``GET``/``HEAD`` need ``read``, ``POST`` needs ``submit``; ``admin`` implies
@@ -30,7 +31,7 @@ from sqlalchemy import update
 
 from rev_tasks import apikeys
 from rev_tasks.apikeys import Principal
-from rev_tasks.db.session import session_scope
+from rev_tasks.db.session import read_scope, session_scope
 from rev_tasks.db.tables import ApiKey, utcnow
 from web.errors import ApiError
 from web.ratelimit import RateLimiter
@@ -104,16 +105,22 @@ def authenticate() -> Principal:
             "the Authorization header must be 'Bearer <token>'",
             headers={"WWW-Authenticate": f'{REALM}, error="invalid_request"'},
         )
-    with session_scope() as s:
-        row = apikeys.lookup(s, token)
-        if row is None:
-            raise Unauthorized(
-                "invalid or revoked API key",
-                headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
-            )
-        who = Principal(key_id=row.id, tenant=row.tenant, scopes=row.scope_set)
-        if _due_for_touch(row.id):  # forensics for a stolen key, without a write per request
-            s.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=utcnow()))
+    cache: apikeys.KeyCache = current_app.extensions["rev_keycache"]
+    token_hash = apikeys.hash_token(token)
+    who = cache.get(token_hash)
+    if who is None:
+        with read_scope() as s:
+            row = apikeys.lookup(s, token)
+            if row is None:
+                raise Unauthorized(
+                    "invalid or revoked API key",
+                    headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
+                )
+            who = Principal(key_id=row.id, tenant=row.tenant, scopes=row.scope_set)
+        cache.put(token_hash, who)
+    if _due_for_touch(who.key_id):  # forensics for a stolen key, without a write per request
+        with session_scope() as s:
+            s.execute(update(ApiKey).where(ApiKey.id == who.key_id).values(last_used_at=utcnow()))
     return who
 
 
@@ -158,6 +165,7 @@ def init_app(app: Flask) -> None:
     from rev_tasks import redact
 
     settings = app.config["REV_SETTINGS"]
+    app.extensions["rev_keycache"] = apikeys.KeyCache(settings.apikey_cache_seconds)
     app.extensions["rev_ratelimit"] = app.config.get("REV_RATE_LIMITER") or RateLimiter(
         settings.redis_url, settings.rate_limit_rps, settings.rate_limit_burst
     )

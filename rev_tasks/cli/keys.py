@@ -102,7 +102,10 @@ def add_commands(subparsers: Any) -> None:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
 
-    r = sub.add_parser("revoke", help="revoke a key by id (effective on the next request)")
+    r = sub.add_parser(
+        "revoke",
+        help="revoke a key by id (coordinators refuse it within REV_APIKEY_CACHE_SECONDS, 1 s)",
+    )
     r.add_argument("key_id")
     r.set_defaults(func=cmd_revoke)
 

@@ -82,8 +82,10 @@ def _preload_inference_stack(**_: Any) -> None:
     A fresh pool child otherwise spends seconds importing transformers on its first model
     load, and a child replaces a killed one (OOM killer, ``worker_max_memory_per_child``)
     exactly when the farm is already in trouble. Imported here, the modules are inherited
-    through fork (copy-on-write). Importing touches no device: CUDA is still initialised
-    only inside a child. ``REV_WORKER_PRELOAD=0`` turns it off.
+    through fork (copy-on-write) and then frozen out of the garbage collector's reach so
+    that the children keep sharing them (:mod:`rev_tasks.ops.memory`). Importing touches no
+    device: CUDA is still initialised only inside a child. ``REV_WORKER_PRELOAD=0`` turns
+    it off.
     """
     if os.environ.get("REV_WORKER_PRELOAD", "1").strip() == "0":
         return
@@ -98,6 +100,9 @@ def _preload_inference_stack(**_: Any) -> None:
     except Exception:  # noqa: BLE001 - the children will import lazily instead
         log.warning("preloading the inference stack failed", exc_info=True)
         return
+    from rev_tasks.ops.memory import freeze_preloaded
+
+    freeze_preloaded()
     log.info("preloaded torch + transformers in %.1fs", time.perf_counter() - start)
 
 

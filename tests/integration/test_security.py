@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,19 +122,43 @@ def test_metrics_stays_open() -> None:
     assert resp.status_code != 401
 
 
-def test_revoked_key_is_refused_immediately(app: Any) -> None:
+def _new_key(tenant: str = "gamma") -> tuple[str, str]:
     from rev_tasks import apikeys
     from rev_tasks.db.session import session_scope
 
     with session_scope() as s:
-        row, token = apikeys.create_key(s, "gamma", "read")
-        key_id = row.id
-    client = authed_client(app, token)
-    assert client.get("/v1/jobs").status_code == 200
+        row, token = apikeys.create_key(s, tenant, "read")
+        return row.id, token
+
+
+def _revoke(key_id: str, token: str) -> None:
+    from rev_tasks import apikeys
+    from rev_tasks.db.session import session_scope
+
     with session_scope() as s:
         assert apikeys.revoke(s, key_id)
         stored = s.get(apikeys.ApiKey, key_id)
         assert stored is not None and stored.token_hash != token and token not in stored.token_hash
+
+
+def test_revoked_key_is_refused_within_the_cache_ttl() -> None:
+    """The key cache's bound, both sides of it: served from the cache just after the
+    revocation (so the cache is really used), refused once the entry is older than the TTL."""
+    key_id, token = _new_key()
+    client = authed_client(_app(apikey_cache_seconds=2.0), token)
+    assert client.get("/v1/jobs").status_code == 200
+    _revoke(key_id, token)
+    assert client.get("/v1/jobs").status_code == 200  # cached: within the stated bound
+    time.sleep(2.1)
+    _error(client.get("/v1/jobs"), 401, "unauthorized")
+    _error(client.get("/v1/jobs"), 401, "unauthorized")  # a refused key is never cached
+
+
+def test_without_the_cache_revocation_is_immediate() -> None:
+    key_id, token = _new_key()
+    client = authed_client(_app(apikey_cache_seconds=0.0), token)
+    assert client.get("/v1/jobs").status_code == 200
+    _revoke(key_id, token)
     _error(client.get("/v1/jobs"), 401, "unauthorized")
 
 

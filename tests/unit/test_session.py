@@ -67,3 +67,15 @@ def test_a_failing_callback_propagates_and_the_commit_stands(database: str) -> N
         s.execute(text("INSERT INTO rows VALUES ('d')"))
         db.after_commit(s, broker_down)
     assert _committed_rows(database) == ["d"]
+
+
+def test_read_scope_reads_committed_rows_and_refuses_writes(database: str) -> None:
+    with db.session_scope() as s:
+        s.execute(text("INSERT INTO rows VALUES ('r')"))
+    with db.read_scope() as s:
+        assert s.execute(text("SELECT name FROM rows")).scalars().all() == ["r"]
+    from rev_tasks.db.tables import ApiKey
+
+    with pytest.raises(RuntimeError, match="read_scope"), db.read_scope() as s:
+        s.add(ApiKey(id="x", tenant="t", scopes="read", token_hash="h"))
+        s.flush()
