@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,8 +93,13 @@ def test_check_workers_with_a_real_worker(celery_app) -> None:
     none = health.check_workers(celery_app, [INFERENCE_CPU], timeout=0.3)
     assert not none.ok and "no worker answered" in none.detail
     with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
-        up = health.check_workers(celery_app, [INFERENCE_CPU, CONSENSUS], timeout=1.0)
-        short = health.check_workers(celery_app, [INFERENCE_CPU, MAINTENANCE], timeout=1.0)
+        # The in-thread worker answers broadcasts only once its consumer is up: wait for its
+        # first answer (a loaded 2-core machine can take seconds), then check as /readyz does.
+        deadline = time.monotonic() + 30
+        while not celery_app.control.inspect(timeout=1.0).ping():
+            assert time.monotonic() < deadline, "the in-thread worker never answered a ping"
+        up = health.check_workers(celery_app, [INFERENCE_CPU, CONSENSUS], timeout=3.0)
+        short = health.check_workers(celery_app, [INFERENCE_CPU, MAINTENANCE], timeout=3.0)
     assert up.ok, up.detail
     assert f"{INFERENCE_CPU}×1" in up.detail
     assert not short.ok and "no worker consumes maintenance" in short.detail
