@@ -93,9 +93,29 @@ def farm_environment(
         "REV_VISIBILITY_TIMEOUT": "",
         **extra,
     }
+    empty_database(database_url)
     with applied_environment(env):
         purge(redis_url)
         yield env
+
+
+def empty_database(database_url: str) -> None:
+    """Every table emptied (the schema and its migration stamp kept).
+
+    The session shares one migrated database; each module starts from none of the rows an
+    earlier module left, so listings, key rings and counts see only their own.
+    """
+    import sqlalchemy as sa
+
+    from rev_tasks.db.tables import Base
+
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    finally:
+        engine.dispose()
 
 
 def purge(redis_url: str) -> None:
