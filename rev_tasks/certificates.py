@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,12 +129,38 @@ def weights_digest(folder: str | Path) -> str:
         raise CertificateError(f"no weight files in {root}")
     manifest = hashlib.sha256()
     for name in names:
-        h = hashlib.sha256()
-        with open(root / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        manifest.update(f"{h.hexdigest()}  {name}\n".encode())
+        manifest.update(f"{file_sha256(root / name)}  {name}\n".encode())
     return manifest.hexdigest()
+
+
+# A worker digests the same weights for every job (0.4 s for MiniLM, seconds for an LLM).
+# Entries are keyed by what any write changes (inode, size, mtime and ctime in ns) and kept
+# only for files whose times were at least _SETTLED_SECONDS old when hashing began: the
+# kernel's timestamps are coarse (a few ms), so a file rewritten at the same size within one
+# tick would otherwise keep its old digest (git's "racy clean" rule, for the same reason).
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+_DIGESTS_MAX = 256
+_SETTLED_SECONDS = 2.0
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of one file, remembered for as long as the file provably has not changed."""
+    started = time.time()
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        stamp = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _DIGESTS.get(stamp)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 < started - _SETTLED_SECONDS:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[stamp] = digest
+    return digest
 
 
 def model_subject(name: str, digest: str) -> dict[str, Any]:

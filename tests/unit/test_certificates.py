@@ -6,8 +6,10 @@ import base64
 import copy
 import hashlib
 import json
+import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +217,27 @@ def test_signing_key_file_is_private_and_never_overwritten(tmp_path: Path) -> No
     path.write_text("not a key")
     with pytest.raises(C.CertificateError, match="not a PEM private key"):
         C.load_signing_key(path)
+
+
+def test_weights_digest_is_remembered_only_while_the_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    first = C.weights_digest(tmp_path)
+    # Just written: its timestamps could still be shared by a same-size rewrite, not cached.
+    assert not any(k[0] == str(weights) for k in C._DIGESTS)
+
+    monkeypatch.setattr(C, "_SETTLED_SECONDS", -1e9)  # treat every file as settled
+    assert C.weights_digest(tmp_path) == first
+    (stamp,) = [k for k in C._DIGESTS if k[0] == str(weights)]
+    # The entry is what answers while the file is unchanged ...
+    monkeypatch.setitem(C._DIGESTS, stamp, "0" * 64)
+    assert C.file_sha256(weights) == "0" * 64
+    # ... and no longer once it is rewritten in place, same size, its mtime put back.
+    before = weights.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick: the rule above is switched off here
+    weights.write_bytes(b"b" * 4096)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert C.file_sha256(weights) == hashlib.sha256(b"b" * 4096).hexdigest()
+    assert C.weights_digest(tmp_path) != first
