@@ -65,7 +65,8 @@ GENERATED = (
     "bench/results/*",
     # The operator's copy of deploy/k8s/secret.example.yaml, holding real secrets.
     "deploy/k8s/secret.yaml",
-    # Secrets made by `make certs` / `rev certificate keygen` into the git-ignored folders.
+    # Keys and TLS certificates the operator makes (docs/operations.md, "Docker Compose";
+    # deploy/nginx/make-self-signed-cert.sh) in folders whose .gitignore keeps them out.
     "deploy/secrets/*",
     "deploy/nginx/certs/*",
     # The farm's run-time folders (logs, pids, keys, the stack's state, the CLI's API key).
@@ -80,8 +81,8 @@ NOT_PATHS = (
     "deploy/Dockerfile.dockerignore",
 )
 
-#: Not the project's text: version control, environments, caches, run-time output, and the
-#: committed third-party lock file of the KEDA schema check.
+#: Not the project's text: version control, environments, installed packages, caches and
+#: run-time output.
 PRUNED = {
     ".git",
     ".venv",
