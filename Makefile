@@ -69,7 +69,7 @@ calibrate: setup
 	$(BIN)/python -m bench.calibrate --challenges 64 --json bench/results/calibration.json
 
 # ---- benchmarks (bench/run_all.py): each figure beside a baseline from the same run and the
-# operations guide's table, rendered into docs/performance.md; budgeted to finish in under
+# reference figures of bench/common.py, rendered into docs/performance.md; budgeted to finish in under
 # 20 minutes on the 2-core development VM. The first line rebuilds the C popcount extension
 # if its source changed (the setup stamp only tracks pyproject.toml and the lock file).
 bench: setup

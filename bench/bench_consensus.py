@@ -19,7 +19,8 @@ result:
   queue, worker and backend, alternating with the real rounds so that load hits both alike.
 
 The first rounds warm each prefork child's model cache and are not counted.
-Target: real p50 <= 1.5 x trivial p50. The guide quotes 10-30 ms for "consensus time".
+Target: real p50 <= 1.5 x trivial p50. The reference figures (``GUIDE`` in bench/common.py)
+quote 10-30 ms for "consensus time".
 """
 
 from __future__ import annotations

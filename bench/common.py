@@ -4,7 +4,7 @@ Each ``bench/bench_*.py`` writes ``bench/results/<name>.json`` with the same top
 (``name, machine, command, results, baseline, ratios, targets, met, guide, rows, notes``) so
 that ``bench/report.py`` can render any of them without knowing the benchmark. ``rows`` is
 the table a reader sees: one line per figure with ours, the baseline measured in the same
-run, the operations guide's figure and the target, already formatted.
+run, the reference figure (:data:`GUIDE`) and the target, already formatted.
 
 The development machines are shared 2-core VMs: every document records the load average
 before and after the run, so a reader can tell a slow figure from a busy neighbour.
@@ -35,8 +35,8 @@ SHARED_NOTE = (
     "ratios are the comparable numbers"
 )
 
-# The operations guide's performance table ("Performance Baselines" and "Key Metrics to
-# Monitor"), quoted beside our figures.
+# The reference figures the farm was specified against ("the guide's figure" in
+# docs/performance.md), quoted beside ours; not measured here.
 GUIDE = {
     "hamming_10k": "0.05 ms (target < 0.1 ms)",
     "inference_p50": "50-100 ms",

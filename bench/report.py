@@ -1,7 +1,8 @@
 """Render bench/results/*.json into docs/performance.md (the last step of ``make bench``).
 
 Every benchmark document carries ready-made ``rows`` (figure, ours, baseline measured in the
-same run, the operations guide's figure, target, met), so this file only lays them out:
+same run, the reference figure of ``bench/common.py`` ``GUIDE``, target, met), so this file
+only lays them out:
 a summary of the targets, then one table per benchmark with the command that produced it,
 its notes and the machine's load while it ran. ``bench/findings.md`` (the profile findings,
 written by hand because they explain code changes) is appended as it is. Documents without
@@ -139,9 +140,9 @@ def render(results: Path, total_seconds: str | None = None) -> str:
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         + (f"; all benchmarks took {total_seconds} s" if total_seconds else "")
-        + ". Each figure sits beside a baseline measured in the same run and the operations "
-        'guide\'s figure (seed guide, "Performance Baselines" and "Key Metrics"); medians '
-        "unless a percentile is named.",
+        + ". Each figure sits beside a baseline measured in the same run and the guide's "
+        "figure (the reference figures the farm was specified against, quoted in "
+        "bench/common.py as GUIDE; not measured here); medians unless a percentile is named.",
         "",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
         f"{machine.get('mem_gib', '?')} GiB, Python {machine.get('python', '?')}. "

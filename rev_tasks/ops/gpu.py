@@ -1,9 +1,10 @@
 """GPU utilisation and memory of the GPUs a worker uses, read from NVML at scrape time.
 
-Why: the operations guide wants GPU workers between 15 and 80 % utilisation, and the
-worker's own series (inference latency, RSS) cannot show that. :class:`GpuCollector` reads
-NVML (``nvidia-ml-py``, the ``pynvml`` module) in the worker's main process when Prometheus
-scrapes, so it needs nothing from the pool children and nothing in multiprocess files.
+Why: GPU workers should run between 15 and 80 % utilisation (``GpuBusy`` in
+deploy/prometheus/alerts.yml), and the worker's own series (inference latency, RSS) cannot
+show that. :class:`GpuCollector` reads NVML (``nvidia-ml-py``, the ``pynvml`` module) in the
+worker's main process when Prometheus scrapes, so it needs nothing from the pool children
+and nothing in multiprocess files.
 
 On a machine without an NVIDIA driver (every CPU worker, the development machines) NVML's
 library does not load: the first scrape tries once, the collector disables itself for the
