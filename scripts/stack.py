@@ -299,10 +299,10 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
         "WEB_CONCURRENCY": "2",
         "PROMETHEUS_MULTIPROC_DIR": _prom_dir("web"),
     }
-    web = [PY, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "2", "--timeout", "60"]
-    if conf.is_file():
-        web += ["-c", str(conf)]
-    start("web", [*web, "web.wsgi:app"], web_env)
+    # Exactly the deployed settings (worker class, timeouts, limits): only the bind address
+    # and the worker count come from the environment the config file reads.
+    web = [PY, "-m", "gunicorn", "-c", str(conf), "web.wsgi:app"]
+    start("web", web, web_env)
     for name, role in (("worker-cpu", "cpu"), ("worker-consensus", "consensus")):
         argv, env = worker_command(role, environ=base)  # what `rev worker --cpu|--consensus` runs
         env["REV_METRICS_PORT"] = str(ports[name])
