@@ -66,6 +66,10 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
 
 
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
 class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
 
