@@ -87,6 +87,8 @@ class Settings:
     # requests without a valid key (probes, 401s, pages before login): one bucket per client IP
     anon_rate_limit_rps: float = 20.0
     anon_rate_limit_burst: int = 100
+    # peers whose X-Real-IP names the client (the reverse proxy): addresses or CIDR blocks
+    trusted_proxies: tuple[str, ...] = ()
     # an authenticated key is cached this long per process: the bound on revocation
     apikey_cache_seconds: float = 1.0
     max_body_bytes: int = 1 << 20
@@ -155,6 +157,7 @@ class Settings:
             rate_limit_burst=max(1, _int("REV_RATE_LIMIT_BURST", 200)),
             anon_rate_limit_rps=max(0.0, _float("REV_ANON_RATE_LIMIT_RPS", 20.0)),
             anon_rate_limit_burst=max(1, _int("REV_ANON_RATE_LIMIT_BURST", 100)),
+            trusted_proxies=tuple(_list(os.environ.get("REV_TRUSTED_PROXIES", ""))),
             apikey_cache_seconds=max(0.0, _float("REV_APIKEY_CACHE_SECONDS", 1.0)),
             max_body_bytes=max(1024, _int("REV_MAX_BODY_BYTES", 1 << 20)),
             max_model_bytes=max(1, _int("REV_MAX_MODEL_BYTES", 20_000_000_000)),

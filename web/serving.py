@@ -9,17 +9,20 @@ thread the same way until the client gave up.
 This worker changes two things and keeps the rest of gthread (keep-alive polling, graceful
 stop, the thread pool):
 
-* **Headers are read by the main loop, not by a thread.** A new (or kept-alive) connection
-  stays on the selector until its whole header block (``\\r\\n\\r\\n``) has arrived, in
-  non-blocking reads; only then does a thread take it, with those bytes handed to
-  gunicorn's parser. A header block that is not complete within ``REV_HEADER_TIMEOUT``
-  seconds is answered ``408`` and closed; one larger than ``REV_MAX_HEADER_BYTES`` gets
-  ``431``. At most ``REV_MAX_HEADER_CONNS`` connections per worker may be reading headers:
-  past that the oldest one is dropped, so a flood of idle connections cannot make the
-  worker stop accepting.
-* **Every socket read of a thread has a deadline.** From the moment a thread takes the
-  request, all of its reads (the body included) must finish within ``REV_BODY_TIMEOUT``
-  seconds; a read past it raises ``TimeoutError``, which the app answers ``408`` (see
+* **Requests are read by the main loop, not by a thread.** A new (or kept-alive)
+  connection stays on the selector until its whole header block (``\\r\\n\\r\\n``) has
+  arrived, in non-blocking reads, and then, for a ``Content-Length`` body of at most
+  ``REV_MAX_BUFFERED_BODY`` bytes (default ``REV_MAX_BODY_BYTES``), until the body has
+  too; only then does a thread take it, with those bytes handed to gunicorn's parser.
+  Headers not complete within ``REV_HEADER_TIMEOUT`` seconds, or a body not complete
+  within ``REV_BODY_TIMEOUT`` after them, are answered ``408`` and closed; a header block
+  larger than ``REV_MAX_HEADER_BYTES`` gets ``431``. At most ``REV_MAX_HEADER_CONNS``
+  connections per worker may be waiting so: past that the oldest one is dropped, so a
+  flood of idle connections cannot make the worker stop accepting.
+* **Every socket read of a thread has a deadline.** Chunked bodies, ``Expect:
+  100-continue`` and bodies too large to buffer are read by the thread: from the moment it
+  takes the request, all of its reads must finish within ``REV_BODY_TIMEOUT`` seconds; a
+  read past it raises ``TimeoutError``, which the app answers ``408`` (see
   :mod:`web.errors`) and the connection is closed. Each send has the same bound.
 
 TLS and HTTP/2 prior knowledge need the socket before any byte can be read as HTTP, so
@@ -111,10 +114,13 @@ class BoundedThreadWorker(ThreadWorker):
         self.header_timeout = _env_float("REV_HEADER_TIMEOUT", 10.0)
         self.body_timeout = _env_float("REV_BODY_TIMEOUT", 20.0)
         self.max_header_bytes = _env_int("REV_MAX_HEADER_BYTES", 64 * 1024)
+        self.max_buffered_body = _env_int(
+            "REV_MAX_BUFFERED_BODY", _env_int("REV_MAX_BODY_BYTES", 1 << 20)
+        )
         self.max_header_conns = _env_int(
             "REV_MAX_HEADER_CONNS", max(1, self.cfg.worker_connections // 2)
         )
-        # conn -> header deadline, oldest first (insertion order is deadline order)
+        # conn -> deadline of its header block (or body), in the order they arrived
         self.reading: OrderedDict[TConn, float] = OrderedDict()
 
     # -------------------------------------------------------------- header phase (main loop)
@@ -144,6 +150,7 @@ class BoundedThreadWorker(ThreadWorker):
             oldest = next(iter(self.reading))
             self._drop(oldest, None)
         conn.rev_head = bytearray()
+        conn.rev_need = None
         conn.sock.setblocking(False)
         self.reading[conn] = time.monotonic() + self.header_timeout
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
@@ -159,24 +166,58 @@ class BoundedThreadWorker(ThreadWorker):
             self._drop(conn, None)
             return
         head: bytearray = conn.rev_head
+        seen = max(0, len(head) - len(HEADER_END) + 1)  # already searched: a drip stays linear
         head += data
-        if HEADER_END in head or head.startswith(b"PRI * HTTP/2"):
+        need = getattr(conn, "rev_need", None)
+        if need is None:
+            end = head.find(HEADER_END, seen)
+            if end >= 0:
+                body = self._body_to_buffer(bytes(head[:end]))
+                need = conn.rev_need = end + len(HEADER_END) + body
+                if body:  # the body is read here too, within its own deadline
+                    self.reading[conn] = time.monotonic() + self.body_timeout
+                    self.reading.move_to_end(conn)
+            elif head.startswith(b"PRI * HTTP/2"):
+                need = conn.rev_need = 0
+            elif len(head) > self.max_header_bytes:
+                self._drop(
+                    conn,
+                    raw_error(
+                        431,
+                        "Request Header Fields Too Large",
+                        "headers_too_large",
+                        f"request headers are larger than {self.max_header_bytes} bytes",
+                    ),
+                )
+                return
+        if need is not None and len(head) >= need:
             self.poller.unregister(conn.sock)
             del self.reading[conn]
             conn.rev_head = None
+            conn.rev_need = None
             conn.rev_pending = bytes(head)
             conn.data_ready = True
             self.enqueue_req(conn)
-        elif len(head) > self.max_header_bytes:
-            self._drop(
-                conn,
-                raw_error(
-                    431,
-                    "Request Header Fields Too Large",
-                    "headers_too_large",
-                    f"request headers are larger than {self.max_header_bytes} bytes",
-                ),
-            )
+
+    def _body_to_buffer(self, head: bytes) -> int:
+        """How many body bytes to wait for on the selector: a plain ``Content-Length`` body
+        up to ``REV_MAX_BUFFERED_BODY``; 0 (hand over at once) for chunked bodies, ``Expect:
+        100-continue`` (the client waits for the server), larger or ambiguous lengths, which
+        the parser and the app refuse or read under the thread's deadline."""
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name in (b"transfer-encoding", b"expect"):
+                return 0
+            if name == b"content-length":
+                value = value.strip()
+                if length is not None or not value.isdigit():
+                    return 0
+                length = int(value)
+        if length is None or length > self.max_buffered_body:
+            return 0
+        return length
 
     def _drop(self, conn: TConn, answer: bytes | None) -> None:
         """Stop reading ``conn``: best-effort ``answer`` (never blocking), then close."""
@@ -192,17 +233,18 @@ class BoundedThreadWorker(ThreadWorker):
     def murder_keepalived(self, force: bool = False) -> None:
         super().murder_keepalived(force)
         now = time.monotonic()
-        while self.reading:
-            conn, deadline = next(iter(self.reading.items()))
+        # Not sorted by deadline (a body's deadline is set later): at most a few hundred.
+        for conn, deadline in list(self.reading.items()):
             if deadline > now and not force:
-                break
+                continue
             self._drop(
                 conn,
                 raw_error(
                     408,
                     "Request Timeout",
                     "request_timeout",
-                    f"request headers not complete within {self.header_timeout:g}s",
+                    "request not complete within "
+                    f"{self.body_timeout if conn.rev_need else self.header_timeout:g}s",
                 ),
             )
 
