@@ -8,7 +8,8 @@ deliberate:
    the bound on revocation): no or bad key → 401 with ``WWW-Authenticate``;
 2. **rate limit** (Redis, per key): over the bucket → 429 with ``Retry-After``. It runs
    before the scope check so that a key hammering a forbidden route is throttled too;
-   requests that bring no valid key yet (the public probes, the browser pages, and every
+   requests that bring no valid key yet (the public probes but ``/healthz``, the browser
+   pages, and every
    token not already in the key cache, *before* its database lookup) draw from a bucket
    per client IP instead (``REV_ANON_RATE_LIMIT_RPS``/``_BURST``), so a flood of made-up
    tokens or probe calls is refused in Redis, not served by PostgreSQL;
@@ -166,7 +167,10 @@ def _before() -> Any:
     from web import certificates, reports  # imported here: both import web.jobs, which imports us
 
     if request.path in PUBLIC_PATHS or request.path in certificates.PUBLIC_PATHS:
-        limit_anonymous()
+        # /healthz answers from memory: a bucket check (a Redis round trip) would cost
+        # more than the answer, and the liveness probe must not depend on Redis.
+        if request.path != "/healthz":
+            limit_anonymous()
         return None
     if reports.is_browser_path(request.path):  # the pages: a session cookie, not a bearer key
         limit_anonymous()
