@@ -234,8 +234,12 @@ class BoundedThreadWorker(ThreadWorker):
         super().murder_keepalived(force)
         now = time.monotonic()
         # Not sorted by deadline (a body's deadline is set later): at most a few hundred.
+        # A stopping worker drops them at once: none has reached the app yet.
         for conn, deadline in list(self.reading.items()):
-            if deadline > now and not force:
+            if not self.alive or force:
+                self._drop(conn, None)
+                continue
+            if deadline > now:
                 continue
             self._drop(
                 conn,

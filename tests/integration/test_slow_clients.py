@@ -35,9 +35,7 @@ BODY_TIMEOUT = 3.0
 THREADS = 2 * 4  # every thread of the server, many times over, is what the clients below try
 
 
-@pytest.fixture(scope="module")
-def server(farm_env: dict[str, str], tmp_path_factory: Any) -> Iterator[str]:
-    logs = tmp_path_factory.mktemp("slow-clients")
+def _start_server(farm_env: dict[str, str], logs: Path) -> tuple[GroupProcess, str]:
     port = free_port()
     prom = logs / "prom"
     prom.mkdir()
@@ -56,6 +54,16 @@ def server(farm_env: dict[str, str], tmp_path_factory: Any) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz", proc=svc, ok=lambda status: status < 500)
+    except BaseException:
+        svc.stop(15)
+        raise
+    return svc, url
+
+
+@pytest.fixture(scope="module")
+def server(farm_env: dict[str, str], tmp_path_factory: Any) -> Iterator[str]:
+    svc, url = _start_server(farm_env, tmp_path_factory.mktemp("slow-clients"))
+    try:
         yield url
     finally:
         svc.stop(15)
@@ -177,6 +185,30 @@ def test_a_body_that_never_arrives_is_a_408_and_holds_no_thread(server: str, tok
         assert _json_error(body)["code"] == "request_timeout"
         assert closed
     assert time.monotonic() - started < BODY_TIMEOUT + 6
+
+
+def test_held_connections_do_not_delay_a_graceful_stop(
+    farm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGTERM with 30 unfinished requests open: the server exits in seconds, not after
+    their deadlines (none of them has reached the app)."""
+    svc, url = _start_server(farm_env, tmp_path)
+    slow = []
+    try:
+        for _ in range(30):
+            s = socket.create_connection(_addr(url))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        time.sleep(0.5)
+        started = time.monotonic()
+        svc.stop(HEADER_TIMEOUT + 10)
+        took = time.monotonic() - started
+    finally:
+        for s in slow:
+            s.close()
+        svc.stop(5)
+    assert svc.returncode is not None
+    assert took < HEADER_TIMEOUT - 1, took
 
 
 def test_oversized_header_block_is_431(server: str) -> None:
