@@ -112,6 +112,7 @@ def _read_response(sock: socket.socket, timeout: float) -> tuple[int | None, byt
                 break
             body += chunk
         status = int(head.split(b" ", 2)[1])
+        sock.settimeout(1.0)  # closed right after the answer, or kept (keep-alive is 5 s)
         try:
             closed = sock.recv(1) == b""
         except (TimeoutError, OSError):
@@ -185,6 +186,39 @@ def test_a_body_that_never_arrives_is_a_408_and_holds_no_thread(server: str, tok
         assert _json_error(body)["code"] == "request_timeout"
         assert closed
     assert time.monotonic() - started < BODY_TIMEOUT + 6
+
+
+def test_kept_alive_connections_are_read_by_the_loop_too(server: str) -> None:
+    """A fast first request, then a second that stalls mid-headers, on 3 x threads kept-alive
+    connections: polls still answer; two pipelined requests both get their answers."""
+    held = []
+    for _ in range(3 * THREADS):
+        s = socket.create_connection(_addr(server))
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _body, closed = _read_response(s, 5)
+        assert status == 200 and not closed
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # ... and nothing more
+        held.append(s)
+    try:
+        latencies = _poll_healthz(server, 2.0)
+        assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    finally:
+        for s in held:
+            s.close()
+    s = socket.create_connection(_addr(server))
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        s.settimeout(5)
+        data = b""
+        deadline = time.monotonic() + 5
+        while data.count(b'{"status":"ok"}') < 2 and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 2, data
 
 
 def test_held_connections_do_not_delay_a_graceful_stop(
