@@ -1,7 +1,12 @@
 """gunicorn settings for the coordinator: ``gunicorn -c deploy/gunicorn.conf.py 'web:create_app()'``.
 
-Why these: sync workers because the coordinator only does short database work and never
-waits on a task; ``forwarded_allow_ips`` because TLS ends at the reverse proxy on the
+Why these: ``web.serving.BoundedThreadWorker`` (gunicorn's threaded worker with header
+reading on the selector and a deadline on every read, see that module) because sync
+workers, and plain gthread threads, are held by any client that sends slowly: three
+unfinished header blocks made ``/healthz`` time out. Threads per worker stay within the
+database pool (5 + 5 overflow per process). ``REV_HEADER_TIMEOUT`` (10 s) and
+``REV_BODY_TIMEOUT`` (20 s) bound how long a request may take to arrive; the ``limit_*``
+settings bound its request line and headers. ``forwarded_allow_ips`` because TLS ends at the reverse proxy on the
 internal network (Flask must see ``https`` in ``X-Forwarded-Proto``); the two hooks keep
 prometheus_client's multiprocess files honest across worker restarts.
 """
@@ -10,10 +15,15 @@ import os
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
-worker_class = "sync"
+worker_class = "web.serving.BoundedThreadWorker"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+worker_connections = 1000  # per worker: kept-alive plus header-reading connections
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 30
 keepalive = 5
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
 max_requests = 10000  # recycle slowly growing workers; jitter avoids a thundering restart
 max_requests_jitter = 1000
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "*")

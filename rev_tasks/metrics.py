@@ -74,6 +74,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
+#: The methods labelled by name on ``rev_http_requests_total``; any other is ``other``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: Address the worker metrics server binds unless ``REV_METRICS_ADDR`` says otherwise.
+DEFAULT_WORKER_METRICS_ADDR = "127.0.0.1"
 #: Port the worker metrics server listens on unless told otherwise (``REV_METRICS_PORT``).
 DEFAULT_WORKER_METRICS_PORT = 9808
 
@@ -543,7 +547,7 @@ def mark_process_dead(pid: int | None = None, path: str | None = None) -> None:
 
 def start_worker_metrics_server(
     port: int | None = None,
-    addr: str = "0.0.0.0",
+    addr: str | None = None,
     *,
     backup_dir: str | os.PathLike[str] | None = None,
     extra_collectors: Iterable[Collector] = (),
@@ -553,6 +557,8 @@ def start_worker_metrics_server(
     Runs in the main process (a daemon thread), so it lives as long as the worker and does
     not fork with the pool. ``port`` None reads ``REV_METRICS_PORT`` (default 9808; ``0``
     or ``off`` there disables); an explicit ``port=0`` binds an ephemeral port (tests).
+    ``addr`` None reads ``REV_METRICS_ADDR``, default loopback: the image sets ``0.0.0.0``
+    (Prometheus scrapes from another container), a bare host exposes nothing unasked.
     ``backup_dir`` defaults to ``REV_BACKUP_DIR`` when that is set: the worker that runs
     backups then exports their age. A CUDA worker (``REV_WORKER_DEVICE=cuda``, as
     ``rev worker --gpu N`` sets it) also exports its GPUs' utilisation and memory
@@ -565,6 +571,8 @@ def start_worker_metrics_server(
         if raw.lower() in {"", "0", "off", "false", "no"}:
             return None
         port = int(raw)
+    if addr is None:
+        addr = os.environ.get("REV_METRICS_ADDR", "").strip() or DEFAULT_WORKER_METRICS_ADDR
     if not multiprocess_enabled():
         log.warning(
             "PROMETHEUS_MULTIPROC_DIR was not set before prometheus_client was imported: "
@@ -598,7 +606,8 @@ def init_app(
     """Instrument a Flask app and add ``GET /metrics``; call once in ``create_app``.
 
     Requests are labelled by URL rule (``/v1/jobs/<job_id>``), never by raw path, so
-    cardinality stays bounded; unmatched paths share ``<unmatched>``. Scrapes of ``path``
+    cardinality stays bounded; unmatched paths share ``<unmatched>``, and methods outside
+    :data:`HTTP_METHODS` (any token is a valid method) share ``other``. Scrapes of ``path``
     are not counted (they would dominate the request rate). With ``redis_url`` the route
     also reports ``queue_depth`` for ``queues`` (``create_app`` passes the declared ones,
     so ``REV_GPU_COUNT`` decides how many ``inference.cudaN`` there are). The exposition
@@ -619,8 +628,9 @@ def init_app(
         if start is None or request.path == path:
             return response
         endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        method = request.method if request.method in HTTP_METHODS else "other"
         HTTP_REQUESTS.labels(
-            endpoint=endpoint, method=request.method, status=str(response.status_code)
+            endpoint=endpoint, method=method, status=str(response.status_code)
         ).inc()
         HTTP_REQUEST_DURATION.labels(endpoint=endpoint).observe(time.perf_counter() - start)
         return response

@@ -84,11 +84,18 @@ class Settings:
     # --- security (docs/security.md)
     rate_limit_rps: float = 100.0
     rate_limit_burst: int = 200
+    # requests without a valid key (probes, 401s, pages before login): one bucket per client IP
+    anon_rate_limit_rps: float = 20.0
+    anon_rate_limit_burst: int = 100
+    # peers whose X-Real-IP names the client (the reverse proxy): addresses or CIDR blocks
+    trusted_proxies: tuple[str, ...] = ()
     # an authenticated key is cached this long per process: the bound on revocation
     apikey_cache_seconds: float = 1.0
     max_body_bytes: int = 1 << 20
     max_model_bytes: int = 20_000_000_000
     max_model_files: int = 10_000
+    # config.json / generation_config.json of a model: read by the coordinator, so capped
+    max_config_bytes: int = 4 << 20
     allow_pickle: bool = False
     hsts: bool = False
     # --- certificates and browser sessions (docs/certificates.md); None: under var_dir
@@ -148,10 +155,14 @@ class Settings:
             db_ping_idle_seconds=_float("REV_DB_PING_IDLE_SECONDS", 5.0),
             rate_limit_rps=max(0.0, _float("REV_RATE_LIMIT_RPS", 100.0)),
             rate_limit_burst=max(1, _int("REV_RATE_LIMIT_BURST", 200)),
+            anon_rate_limit_rps=max(0.0, _float("REV_ANON_RATE_LIMIT_RPS", 20.0)),
+            anon_rate_limit_burst=max(1, _int("REV_ANON_RATE_LIMIT_BURST", 100)),
+            trusted_proxies=tuple(_list(os.environ.get("REV_TRUSTED_PROXIES", ""))),
             apikey_cache_seconds=max(0.0, _float("REV_APIKEY_CACHE_SECONDS", 1.0)),
             max_body_bytes=max(1024, _int("REV_MAX_BODY_BYTES", 1 << 20)),
             max_model_bytes=max(1, _int("REV_MAX_MODEL_BYTES", 20_000_000_000)),
             max_model_files=max(1, _int("REV_MAX_MODEL_FILES", 10_000)),
+            max_config_bytes=max(1024, _int("REV_MAX_CONFIG_BYTES", 4 << 20)),
             allow_pickle=os.environ.get("REV_ALLOW_PICKLE", "").strip() == "1",
             hsts=_flag("REV_HSTS"),
             cert_key_file=_path_or_none("REV_CERT_KEY_FILE") or var_dir / "certificate.key",

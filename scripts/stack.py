@@ -49,6 +49,7 @@ from rev_tasks.testing.harness import (
 VAR = Path(os.environ.get("REV_VAR_DIR") or ROOT / "var").resolve()
 RUN, LOG = VAR / "run", VAR / "log"
 STATE = VAR / "stack.json"
+FLOWER_AUTH = ROOT / ".rev" / "flower-auth"
 PY = sys.executable
 # Stopped in reverse order: redis last, so workers can ack what they finish.
 ORDER = ("redis", "web", "worker-cpu", "worker-consensus", "beat", "flower")
@@ -91,6 +92,41 @@ def ensure_secret_key(path: Path) -> Path:
             fh.write(secrets.token_bytes(32))
         log(f"created secret key {path}")
     return path
+
+
+def ensure_flower_auth(path: Path) -> str:
+    """``user:password`` for Flower's basic auth, created once (O_EXCL, 0600) and kept.
+
+    Flower's API can revoke tasks and shut workers down: the local one is not open either.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"rev:{secrets.token_urlsafe(24)}\n")
+            log(f"created Flower credentials {_shown(path)}")
+    return path.read_text().strip()
+
+
+def make_private(var: Path) -> None:
+    """Owner-only modes for what the stack writes: umask 077 for this process and every
+    member it starts (rev.db, logs, Redis files, pid files), and 0700/0600 on what an
+    earlier run left with looser ones."""
+    os.umask(0o077)
+    if not var.exists():
+        return
+    var.chmod(0o700)
+    for sub in ("run", "log", "redis", "prometheus", "backups"):
+        path = var / sub
+        if path.is_dir():
+            path.chmod(0o700)
+            for child in path.rglob("*"):
+                if not child.is_symlink():
+                    child.chmod(0o700 if child.is_dir() else 0o600)
+    for child in var.iterdir():
+        if child.is_file() and not child.is_symlink():
+            child.chmod(0o600)  # rev.db (and -wal, -shm), stack.json, keys
 
 
 def ensure_certificate_key(path: Path) -> Path:
@@ -169,9 +205,15 @@ def wait_ready(api: str, timeout: float) -> dict[str, Any]:
     raise RuntimeError(f"/readyz not 200 after {timeout:.0f}s: {last}")
 
 
-def wait_flower(url: str, timeout: float) -> None:
-    """Flower answers its health check and, unauthenticated, its API (local stack only)."""
-    wait_http(f"{url}/api/workers", timeout)
+def wait_flower(url: str, timeout: float, auth: str) -> None:
+    """Flower answers its health check, and its API with the credentials (only with them)."""
+    import requests
+
+    wait_http(f"{url}/healthcheck", timeout)
+    user, _, password = auth.partition(":")
+    resp = requests.get(f"{url}/api/workers", auth=(user, password), timeout=10)
+    if resp.status_code != 200:
+        raise RuntimeError(f"Flower's API refused its own credentials: {resp.status_code}")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -181,6 +223,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             log("a stack is already running (make down first); checking it is ready")
             print(json.dumps(wait_ready(state["api"], 30), indent=2))
             return 0
+    make_private(VAR)
     VAR.mkdir(parents=True, exist_ok=True)
     (VAR / "models").mkdir(exist_ok=True)
     port = int(os.environ.get("REV_PORT", "8000"))
@@ -238,7 +281,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _start_services(state, port, flower_port)
         log("waiting for /readyz …")
         ready = wait_ready(state["api"], args.timeout)
-        wait_flower(state["flower"], 60)
+        wait_flower(state["flower"], 60, ensure_flower_auth(FLOWER_AUTH))
     except BaseException as exc:
         log(f"up failed: {exc}; stopping what was started")
         _tail_logs()
@@ -254,6 +297,7 @@ def banner(state: dict[str, Any]) -> list[str]:
     """What ``up`` prints once the stack is ready: where everything is, and how to reach it."""
     return [
         f"coordinator {state['api']}  Flower {state['flower']}  Redis {state['env']['REDIS_URL']}",
+        f"Flower basic auth: user:password in {_shown(FLOWER_AUTH)}, API key in .rev/api-key",
         "metrics " + "  ".join(f"{k} {v}" for k, v in state.get("metrics", {}).items()),
         f"logs in {_shown(LOG)}, pid files in {_shown(RUN)}",
         f"rev commands in another shell: export REV_API_URL={state['api']}",
@@ -299,13 +343,14 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
         "WEB_CONCURRENCY": "2",
         "PROMETHEUS_MULTIPROC_DIR": _prom_dir("web"),
     }
-    web = [PY, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "2", "--timeout", "60"]
-    if conf.is_file():
-        web += ["-c", str(conf)]
-    start("web", [*web, "web.wsgi:app"], web_env)
+    # Exactly the deployed settings (worker class, timeouts, limits): only the bind address
+    # and the worker count come from the environment the config file reads.
+    web = [PY, "-m", "gunicorn", "-c", str(conf), "web.wsgi:app"]
+    start("web", web, web_env)
     for name, role in (("worker-cpu", "cpu"), ("worker-consensus", "consensus")):
         argv, env = worker_command(role, environ=base)  # what `rev worker --cpu|--consensus` runs
         env["REV_METRICS_PORT"] = str(ports[name])
+        env["REV_METRICS_ADDR"] = "127.0.0.1"  # like every other member: loopback only
         env["PROMETHEUS_MULTIPROC_DIR"] = _prom_dir(name)
         start(name, argv, env)
     celery = [PY, "-m", "celery", "-A", "rev_tasks"]
@@ -326,7 +371,7 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
     start(
         "flower",
         [*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"],
-        {**base, "FLOWER_UNAUTHENTICATED_API": "1"},
+        {**base, "FLOWER_BASIC_AUTH": ensure_flower_auth(FLOWER_AUTH)},  # env: not in `ps`
     )
 
 

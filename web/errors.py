@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
 
 
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
 class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
 
@@ -88,6 +92,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        if isinstance(exc, ClientDisconnected) and isinstance(exc.__context__, TimeoutError):
+            # The body did not arrive within the server's read deadline (web/serving.py):
+            # the client is slow, not gone, so it is told so; the server closes after this.
+            body = {"error": {"code": "request_timeout", "message": "the request body did not "
+                              "arrive in time"}}  # fmt: skip
+            return jsonify(body), 408
         status = exc.code or 500
         code = _HTTP_CODES.get(status) or (exc.name or "error").lower().replace(" ", "_")
         headers = {"Allow": exc.valid_methods} if getattr(exc, "valid_methods", None) else {}

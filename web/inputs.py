@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from pydantic import ValidationError
 
-from web.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from rev_tasks import boundedjson
+from web.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
+#: Request bodies are flat documents (a job nests 3 levels): deeper is refused unparsed.
+MAX_DEPTH = 32
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -28,17 +31,35 @@ def _no_constants(name: str) -> Any:
 def json_body() -> Any:
     """The request's JSON, or a 400/413/415 in the API's error shape.
 
-    Strict JSON: no duplicate keys, no ``NaN``/``Infinity``; deep nesting is a 400, not a
-    RecursionError. The body size is capped by ``MAX_CONTENT_LENGTH`` (413) before parsing.
+    Strict JSON: no duplicate keys, no ``NaN``/``Infinity``; nesting deeper than
+    :data:`MAX_DEPTH` is a 400 (:mod:`rev_tasks.boundedjson`), never a RecursionError. The
+    body size is capped by ``MAX_CONTENT_LENGTH``: a declared length over it is a 413
+    before anything is read, and so is a chunked body that runs past it (werkzeug stops
+    reading there and would hand back the truncated prefix).
     """
     if not request.is_json:
         raise UnsupportedMediaType("send a JSON body with Content-Type: application/json")
     raw = request.get_data(cache=True)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    streamed = request.content_length is None  # chunked: no length to refuse up front
+    # A streamed body that filled the cap: one more byte from the server's own stream
+    # (werkzeug's stops at the cap) means it is larger.
+    if (
+        streamed
+        and limit is not None
+        and len(raw) >= limit
+        and request.environ["wsgi.input"].read(1)
+    ):
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        message = str(exc)[:200] if not isinstance(exc, RecursionError) else "nested too deeply"
-        raise BadRequest(f"malformed JSON: {message}", code="malformed_json") from exc
+        return boundedjson.loads(
+            raw,
+            max_depth=MAX_DEPTH,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_no_constants,
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {str(exc)[:200]}", code="malformed_json") from exc
 
 
 def check_query(*allowed: str) -> None:

@@ -61,11 +61,13 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "not found (or owned by another tenant)",
         409: "conflict with the current state (model not ready, no GPU worker, duplicate id, "
         "a finished job)",
-        413: "the body is larger than REV_MAX_BODY_BYTES",
+        408: "the body did not arrive within REV_BODY_TIMEOUT; the connection is closed",
+        413: "the body is larger than REV_MAX_BODY_BYTES (declared or sent chunked)",
         415: "the body is not JSON",
         422: "validation failed (unknown fields, out-of-range values, bad paths, unknown models, "
         "an Idempotency-Key reused for another body)",
-        429: "rate limit exceeded for this key; Retry-After says when to retry",
+        429: "rate limit exceeded for this key (for the client IP while no key is known); "
+        "Retry-After says when to retry",
         503: "database or broker unavailable; retry later",
     }
     out = {}
@@ -120,7 +122,7 @@ def build_spec() -> dict[str, Any]:
                 },
                 "responses": {
                     "202": _ok("JobAccepted", "accepted; poll the url"),
-                    **_errors(400, 409, 413, 415, 422),
+                    **_errors(400, 408, 409, 413, 415, 422),
                 },
             },
             "get": {
@@ -190,7 +192,7 @@ def build_spec() -> dict[str, Any]:
                 },
                 "responses": {
                     "202": _ok("ModelDocument", "registered; status pending"),
-                    **_errors(400, 409, 413, 415, 422),
+                    **_errors(400, 408, 409, 413, 415, 422),
                 },
             },
             "get": {
@@ -222,6 +224,10 @@ def build_spec() -> dict[str, Any]:
                 "security": _PUBLIC,
                 "responses": {
                     "200": _json("Health", "ready"),
+                    "429": {
+                        **_json("ErrorResponse", "too many requests from this client IP"),
+                        "headers": _headers("Retry-After"),
+                    },
                     "503": _json("Health", "not ready; reason says why"),
                 },
             }

@@ -8,6 +8,11 @@ deliberate:
    the bound on revocation): no or bad key → 401 with ``WWW-Authenticate``;
 2. **rate limit** (Redis, per key): over the bucket → 429 with ``Retry-After``. It runs
    before the scope check so that a key hammering a forbidden route is throttled too;
+   requests that bring no valid key yet (the public probes but ``/healthz``, the browser
+   pages, and every
+   token not already in the key cache, *before* its database lookup) draw from a bucket
+   per client IP instead (``REV_ANON_RATE_LIMIT_RPS``/``_BURST``), so a flood of made-up
+   tokens or probe calls is refused in Redis, not served by PostgreSQL;
 3. **scope**: ``GET``/``HEAD`` need ``read``, ``POST`` needs ``submit``; ``admin`` implies
    both → 403 with ``error="insufficient_scope"``.
 
@@ -21,6 +26,7 @@ the RateLimit headers.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -90,24 +96,57 @@ def _due_for_touch(key_id: str) -> bool:
         return True
 
 
+def client_ip() -> str:
+    """The caller's address: the peer's, or ``X-Real-IP`` when the peer is a trusted proxy."""
+    peer = request.remote_addr or "unknown"
+    nets = current_app.extensions.get("rev_trusted_proxies") or ()
+    if nets:
+        try:
+            trusted = any(ipaddress.ip_address(peer) in net for net in nets)
+        except ValueError:
+            trusted = False
+        forwarded = request.headers.get("X-Real-IP", "").strip()
+        if trusted and forwarded:
+            try:
+                return str(ipaddress.ip_address(forwarded))
+            except ValueError:
+                pass
+    return peer
+
+
+def limit_anonymous() -> None:
+    """Take one token from the client IP's bucket; a 429 when it is empty (fails open)."""
+    limiter: RateLimiter = current_app.extensions["rev_anon_ratelimit"]
+    ip = client_ip()
+    decision = limiter.hit("ip:" + ip)
+    if decision is not None and not decision.allowed:
+        raise TooManyRequests(
+            f"too many requests without an API key from {ip}; retry after {decision.retry_after}s",
+            headers=decision.headers(),
+        )
+
+
 def authenticate() -> Principal:
     """The caller's key from ``Authorization: Bearer``, or a 401 (DB errors become 503)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
+    bearer = bool(header) and scheme.lower() == "bearer" and bool(token)
+    cache: apikeys.KeyCache = current_app.extensions["rev_keycache"]
+    token_hash = apikeys.hash_token(token) if bearer else ""
+    who = cache.get(token_hash) if bearer else None
+    if who is None:  # not known yet: the 401 or the database lookup is paid from the IP's bucket
+        limit_anonymous()
     if not header:
         raise Unauthorized(
             "send an API key: Authorization: Bearer <token>",
             headers={"WWW-Authenticate": REALM},
         )
-    if scheme.lower() != "bearer" or not token:
+    if not bearer:
         raise Unauthorized(
             "the Authorization header must be 'Bearer <token>'",
             headers={"WWW-Authenticate": f'{REALM}, error="invalid_request"'},
         )
-    cache: apikeys.KeyCache = current_app.extensions["rev_keycache"]
-    token_hash = apikeys.hash_token(token)
-    who = cache.get(token_hash)
     if who is None:
         with read_scope() as s:
             row = apikeys.lookup(s, token)
@@ -128,8 +167,13 @@ def _before() -> Any:
     from web import certificates, reports  # imported here: both import web.jobs, which imports us
 
     if request.path in PUBLIC_PATHS or request.path in certificates.PUBLIC_PATHS:
+        # /healthz answers from memory: a bucket check (a Redis round trip) would cost
+        # more than the answer, and the liveness probe must not depend on Redis.
+        if request.path != "/healthz":
+            limit_anonymous()
         return None
     if reports.is_browser_path(request.path):  # the pages: a session cookie, not a bearer key
+        limit_anonymous()
         return reports.gate()
     who = authenticate()
     g.rev_principal = who
@@ -168,6 +212,12 @@ def init_app(app: Flask) -> None:
     app.extensions["rev_keycache"] = apikeys.KeyCache(settings.apikey_cache_seconds)
     app.extensions["rev_ratelimit"] = app.config.get("REV_RATE_LIMITER") or RateLimiter(
         settings.redis_url, settings.rate_limit_rps, settings.rate_limit_burst
+    )
+    app.extensions["rev_anon_ratelimit"] = app.config.get("REV_ANON_RATE_LIMITER") or RateLimiter(
+        settings.redis_url, settings.anon_rate_limit_rps, settings.anon_rate_limit_burst
+    )
+    app.extensions["rev_trusted_proxies"] = tuple(
+        ipaddress.ip_network(net, strict=False) for net in settings.trusted_proxies
     )
     app.before_request(_before)
     app.after_request(_after)

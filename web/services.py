@@ -50,7 +50,13 @@ def confine(raw: str, roots: tuple[Path, ...]) -> Path:
     """
     if "\x00" in raw:
         raise Unprocessable("path contains a NUL byte", code="path_not_found")
-    base = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
+    try:
+        base = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        # ~nosuchuser (RuntimeError: no such home), an unencodable user name (ValueError)
+        raise Unprocessable(
+            f"path {raw[:200]!r} names no home folder", code="path_not_found"
+        ) from exc
     candidates = [base] if base.is_absolute() else [root / raw for root in roots]
     for cand in candidates:
         real = _resolve(cand)
@@ -86,8 +92,13 @@ def check_model_folder(path: Path, settings: Settings) -> None:
         # say) is refused before anything walks it.
         _check(path, allow_pickle=settings.allow_pickle)
         inspect_folder(
-            path, settings.model_roots, settings.max_model_bytes, settings.max_model_files
+            path,
+            settings.model_roots,
+            settings.max_model_bytes,
+            settings.max_model_files,
+            settings.max_config_bytes,
         )
+        read_model_config(path, settings)
     except PathOutsideRoots as exc:
         raise Unprocessable(str(exc), code="path_outside_roots") from exc
     except ModelTooLarge as exc:
@@ -96,6 +107,29 @@ def check_model_folder(path: Path, settings: Settings) -> None:
         raise Unprocessable(str(exc), code="unsafe_weights") from exc
     except ModelLoadError as exc:
         raise Unprocessable(str(exc), code="not_a_model") from exc
+
+
+def read_model_config(path: Path, settings: Settings) -> dict[str, Any]:
+    """The folder's ``config.json``, read through the size and depth caps (a 422 otherwise).
+
+    The only model file the coordinator parses: a sparse 1 GiB file or a 200,000-deep one
+    is refused here (``invalid_config``) instead of taking a worker's memory or stack.
+    """
+    from rev_tasks import boundedjson
+
+    try:
+        config = boundedjson.load_file(path / "config.json", max_bytes=settings.max_config_bytes)
+    except OSError as exc:
+        raise Unprocessable(
+            f"cannot read config.json in {path}: {exc.strerror}", code="invalid_config"
+        ) from exc
+    except ValueError as exc:  # JSONLimitError, malformed JSON, bad UTF-8
+        raise Unprocessable(
+            f"invalid config.json in {path}: {str(exc)[:200]}", code="invalid_config"
+        ) from exc
+    if not isinstance(config, dict):
+        raise Unprocessable(f"invalid config.json in {path}: not an object", code="invalid_config")
+    return config
 
 
 def check_streamable(paths: list[str]) -> None:

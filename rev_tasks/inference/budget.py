@@ -9,10 +9,11 @@ should pay for a torch import to do so. The streaming engine itself
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
+from rev_tasks import boundedjson
 
 ENV_BUDGET = "REV_MEMORY_BUDGET_MB"
 MB = 1 << 20
@@ -81,8 +82,8 @@ def streaming_refusal(folder: str | os.PathLike[str]) -> str | None:
     memory budget on, say, a T5 model. The worker's own load repeats the full checks.
     """
     try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = boundedjson.load_file(Path(folder) / "config.json")
+    except (OSError, ValueError):  # too large or too deep included (JSONLimitError)
         return None  # the folder checks report an unreadable config in their own words
     if not isinstance(config, dict):
         return None

@@ -11,6 +11,9 @@ check is the one that protects it). They only ``lstat``/``stat`` and never open 
   or feed the loader.
 * The folder's total size is capped (``REV_MAX_MODEL_BYTES``) and so is its entry count,
   so that one request cannot make a worker read terabytes or walk millions of files.
+* The small JSON files every reader parses whole (``config.json``,
+  ``generation_config.json``) are capped on their own (``REV_MAX_CONFIG_BYTES``): a sparse
+  1 GiB ``config.json`` fits the total but would be read into memory in one piece.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from rev_tasks.boundedjson import DEFAULT_MAX_CONFIG_BYTES
 from rev_tasks.inference.loader import ModelLoadError
+
+#: Files parsed whole as JSON by the coordinator and the loaders: capped one by one.
+CONFIG_FILES = frozenset({"config.json", "generation_config.json"})
 
 
 class PathOutsideRoots(ModelLoadError):
@@ -52,6 +59,7 @@ def inspect_folder(
     roots: Sequence[Path] | None,
     max_bytes: int,
     max_files: int = 10_000,
+    max_config_bytes: int = DEFAULT_MAX_CONFIG_BYTES,
 ) -> int:
     """Walk the model folder; return its total size in bytes or raise a ModelLoadError.
 
@@ -110,6 +118,11 @@ def inspect_folder(
             if stat.S_ISDIR(st.st_mode):
                 stack.append(target)
             elif stat.S_ISREG(st.st_mode):
+                if entry.name in CONFIG_FILES and st.st_size > max_config_bytes:
+                    raise ModelTooLarge(
+                        f"{_name(entry_path, real)} in {folder} is larger than "
+                        f"REV_MAX_CONFIG_BYTES={max_config_bytes}"
+                    )
                 total += st.st_size
                 if total > max_bytes:
                     raise ModelTooLarge(

@@ -116,7 +116,13 @@ def check_folder(path: str) -> None:
     from rev_tasks.inference.guard import inspect_folder
 
     settings = get_settings()
-    inspect_folder(path, settings.model_roots, settings.max_model_bytes, settings.max_model_files)
+    inspect_folder(
+        path,
+        settings.model_roots,
+        settings.max_model_bytes,
+        settings.max_model_files,
+        settings.max_config_bytes,
+    )
 
 
 def memory_budget(request: dict[str, Any] | None, path: str) -> int | None:

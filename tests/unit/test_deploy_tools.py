@@ -517,3 +517,45 @@ def test_install_tools_without_apt_reports_what_is_missing(tmp_path: Path) -> No
     assert "MISSING under CI" in run.stderr, run.stderr
     assert "promtool (Debian prometheus)" in run.stderr
     assert "amtool (Debian prometheus-alertmanager)" in run.stderr
+
+
+def test_nginx_limits_each_client_with_a_json_429(tmp_path: Path) -> None:
+    """The shipped limit_req/limit_conn zones, with the rate turned down to make it visible:
+    past the burst a client gets nginx's 429 in the API's JSON error shape."""
+    nginx = _nginx_131()
+    http_port, tls_port, app_port = _free_port(), _free_port(), _free_port()
+    conf = NGINX_CONF.read_text()
+    for old, new in (
+        ("listen 80;", f"listen 127.0.0.1:{http_port};"),
+        ("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;"),
+        ("server coordinator:8000 resolve;", f"server 127.0.0.1:{app_port};"),
+        ("zone=rev_req:10m rate=50r/s;", "zone=rev_req:10m rate=1r/m;"),
+        ("limit_req zone=rev_req burst=200 nodelay;", "limit_req zone=rev_req burst=2 nodelay;"),
+    ):
+        assert conf.count(old) == 1, old
+        conf = conf.replace(old, new)
+    assert "limit_conn rev_conn 64;" in conf
+    prefix = _prefix(tmp_path, conf)
+    env = dict(os.environ, REV_VAR_DIR=str(tmp_path / "var"), PYTHONPATH=str(ROOT))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    app = [sys.executable, "-c", _COORDINATOR, str(app_port)]
+    proxy = [nginx, *_nginx_args(prefix, "-g", f"daemon off; pid {prefix}/nginx.pid;")]
+    with (
+        _running(app, app_port, tmp_path / "app.log", cwd=ROOT, env=env),
+        _running(proxy, tls_port, tmp_path / "nginx.log"),
+    ):
+        statuses = [
+            _request(tls_port, "/healthz", "rev.example", tls=True).status for _ in range(3)
+        ]
+        assert statuses == [200, 200, 200]
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=30, context=context)
+        conn.request("GET", "/healthz", headers={"Host": "rev.example"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+        assert r.status == 429 and r.headers["Content-Type"] == "application/json"
+        assert body["error"]["code"] == "rate_limited"
+        assert r.headers["Retry-After"] == "1"

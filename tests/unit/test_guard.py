@@ -147,3 +147,19 @@ def test_pickle_only_folder(tmp_path: Path) -> None:
     with pytest.raises(UnsafeWeightsError, match="REV_ALLOW_PICKLE"):
         check_model_folder(folder)
     check_model_folder(folder, allow_pickle=True)  # an operator's explicit choice
+
+
+def test_config_json_has_its_own_cap(roots: tuple[Path, Path]) -> None:
+    """A sparse 1 GiB config.json fits a 20 GB total but must never be read whole."""
+    root, _ = roots
+    folder = _model(root / "m")
+    with open(folder / "config.json", "wb") as fh:
+        fh.truncate(1 << 30)
+    with pytest.raises(ModelTooLarge, match="config.json .*REV_MAX_CONFIG_BYTES"):
+        inspect_folder(folder, [root], max_bytes=20_000_000_000)
+    (folder / "config.json").write_text("{}")
+    (folder / "generation_config.json").write_text("x" * 5000)
+    with pytest.raises(ModelTooLarge, match="generation_config.json"):
+        inspect_folder(folder, [root], max_bytes=10_000, max_config_bytes=4096)
+    (folder / "generation_config.json").write_text("{}")
+    assert inspect_folder(folder, [root], max_bytes=10_000, max_config_bytes=4096) == 106

@@ -9,7 +9,6 @@ The per-architecture block code (``arch_*``) says what a block is; :mod:`.weight
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rev_tasks import boundedjson
 from rev_tasks.inference.budget import MB, SUPPORTED, budget_from_env
 from rev_tasks.inference.loader import (
     DTYPES,
@@ -227,7 +227,7 @@ def load_streamed(
     folder = Path(path).expanduser()
     check_model_folder(folder, allow_pickle=True)
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = boundedjson.load_file(folder / "config.json")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"invalid config.json in {folder}: {exc}") from exc
     if not isinstance(config, dict):
