@@ -80,6 +80,8 @@ NOT_PATHS = (
     # Named by tests/unit/test_image_context.py as a file that must NOT exist.
     "deploy/Dockerfile.dockerignore",
 )
+#: File names inside a user's model folder (what transformers reads), never repository files.
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 #: Not the project's text: version control, environments, installed packages, caches and
 #: run-time output.
@@ -381,6 +383,8 @@ def problems(items: Iterable[tuple[str, int, str]] | None = None) -> list[str]:
             name = m.group(1)
             if name.split("/")[0] in TOP_DIRS or "/" not in name and name in TOP_FILES:
                 continue  # checked from the root above
+            if name in MODEL_FILES:
+                continue
             if not suffix_exists(name):
                 found.append(f"{at}: no file ends with {name!r}")
         for m in DOTTED_RE.finditer(text):
