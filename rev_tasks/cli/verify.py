@@ -16,7 +16,7 @@ from typing import Any
 
 from rev_tasks.cli.common import UserError, positive_int
 from rev_tasks.core.keys import load_key
-from rev_tasks.core.transcript import audit
+from rev_tasks.core.transcript import audit, audit_challenges
 from rev_tasks.engine import (
     Verification,
     VerifyParams,
@@ -129,6 +129,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"transcript is not JSON: {args.transcript}: {exc}") from exc
     problems = audit(doc)
+    if args.key_file:  # with the farm key: the committed set is the one the job derives
+        problems += audit_challenges(doc, _read_key(args.key_file))
     if args.json:
         print(json.dumps({"valid": not problems, "problems": problems}))
     elif problems:
@@ -178,4 +180,8 @@ def add_commands(sub: Any) -> None:
     a = sub.add_parser("audit", help="check a transcript: root, proofs, distances, decision")
     a.add_argument("transcript")
     a.add_argument("--json", action="store_true")
+    a.add_argument(
+        "--key-file",
+        help="the farm key: also re-derive the job's challenges and its committed root",
+    )
     a.set_defaults(func=cmd_audit)
