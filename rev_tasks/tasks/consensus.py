@@ -1,7 +1,8 @@
 """Consensus: five independent validators re-check a decided job; a quorum of four publishes.
 
 Each ``validate`` audits the stored transcript (root, inclusion proofs, recomputed distances
-and decision), checks it against the commitment made at ``prepare``, re-executes two
+and decision), checks it against the commitment made at ``prepare`` (re-deriving, with the
+farm key, the job's challenge set from its nonce or pool draw), re-executes two
 records drawn from the operating system's randomness once the transcript is stored (so the
 inference worker cannot know them in advance; the draw is stored with the vote), and
 votes. ``tally`` (the chord callback) reads the votes from the database and publishes the
