@@ -72,7 +72,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         reference = _load_side(args.reference, args, budget_mb)
     candidate = _load_side(args.candidate, args, budget_mb)
     show = _progress_printer(not args.json and sys.stderr.isatty(), "verifying")
-    outcome = Verification(reference, candidate, key, params).run(show)
+    outcome = Verification(reference, candidate, key, params, nonce=_nonce(args.nonce)).run(show)
     if show:
         sys.stderr.write("\n")
     if args.transcript:
@@ -96,6 +96,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for note in result["notes"]:
             print(f"note:        {note}")
     return 0
+
+
+def _nonce(text: str | None) -> bytes | None:
+    """``--nonce``: a farm job's challenge nonce (its transcript's ``challenge_nonce``)."""
+    from rev_tasks.core.challenges import NONCE_BYTES
+
+    if text is None:
+        return None
+    try:
+        nonce = bytes.fromhex(text)
+    except ValueError:
+        nonce = b""
+    if len(nonce) != NONCE_BYTES:
+        raise UserError(f"--nonce must be {2 * NONCE_BYTES} hex digits")
+    return nonce
 
 
 def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> Any:
@@ -166,6 +181,10 @@ def add_commands(sub: Any) -> None:
         "--memory-budget", type=memory_budget_arg, help="stream layers within e.g. 512MB"
     )
     v.add_argument("--transcript", help="write the auditable transcript here")
+    v.add_argument(
+        "--nonce",
+        help="challenge nonce (hex) of a farm job: re-run the job's own challenges",
+    )
     v.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _model_options(v)
     v.set_defaults(func=cmd_verify)

@@ -18,7 +18,7 @@ import pytest
 
 from rev_tasks.core.challenges import job_challenges
 from rev_tasks.core.keys import load_key
-from tests.integration.farm import register, submit, wait_job
+from tests.integration.farm import register, rev_verify, submit, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -97,8 +97,21 @@ def test_two_tenants_on_one_pair_share_no_challenge(
     # The whole committed sets, re-derived with the key, are disjoint as well.
     assert not _committed_prompts(a, farm_key) & _committed_prompts(b, farm_key)
 
-    # `rev audit` passes, offline and with the farm key; tampering fails it.
+    # Anyone with the farm key re-runs the job in-process on its own challenges: the same
+    # transcript, bit for bit.
     key_file = farm_env["REV_SECRET_KEY_FILE"]
+    local = rev_verify(
+        model_dirs["gpt2-a"],
+        model_dirs["gpt2-a-copy"],
+        key_file,
+        max_challenges=32,
+        batch_size=8,
+        nonce=a["challenge_nonce"],
+    )
+    assert local["transcript_root"] == a["root"] == docs["alpha"]["result"]["transcript_root"]
+    assert local["committed_root"] == a["committed_root"]
+
+    # `rev audit` passes, offline and with the farm key; tampering fails it.
     good = tmp_path / "a.json"
     good.write_text(json.dumps(a))
     for kf in (None, key_file):
