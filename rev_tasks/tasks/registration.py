@@ -126,11 +126,9 @@ def _top_up(model_id: str) -> str:
     except DB_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - the jobs keep waiting, then fail with a reason
+        # topup_requested_at stays: the waiting jobs ask again only after TOPUP_RESEND_S,
+        # instead of a failing top-up every few seconds.
         log.error("model %s: pool top-up failed: %s", model_id, exc)
-        with session_scope() as s:
-            fp = s.get(Fingerprint, model_id)
-            if fp is not None:
-                fp.topup_requested_at = None  # the next waiting job asks again
         return "failed"
     with session_scope() as s:
         fp = s.get(Fingerprint, model_id, with_for_update=True)

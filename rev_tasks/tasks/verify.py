@@ -82,17 +82,21 @@ class _LeftInference(Exception):
 
 
 @app.task(name=Task.PREPARE, ignore_result=True, throws=(JobFailed,), **DB_RETRY)
-def prepare(job_id: str) -> str:
-    """Commit the job's challenge set (root stored on the job), then enqueue inference."""
+def prepare(job_id: str, waiting_since: float | None = None) -> str:
+    """Commit the job's challenge set (root stored on the job), then enqueue inference.
+
+    ``waiting_since``: when this job began to wait for its reference's pool top-up (the
+    prepare it sends itself while it waits carries it).
+    """
     try:
-        return _prepare(job_id)
+        return _prepare(job_id, waiting_since)
     except FarmError as exc:
         return _fail(job_id, exc.code, exc.message)
     except jobs.IllegalTransition:  # the inference of a duplicate message overtook it
         return "already running"
 
 
-def _prepare(job_id: str) -> str:
+def _prepare(job_id: str, waiting_since: float | None) -> str:
     from rev_tasks.core.keys import key_id
 
     key = farm_key()
@@ -102,13 +106,14 @@ def _prepare(job_id: str) -> str:
             return "skipped"
         if not jobs.allows(job, jobs.PREPARE):  # a redelivered prepare: inference has it
             return "already running"
-        challenge_set = _challenge_set(s, job, key)
+        since = time.time() if waiting_since is None else waiting_since
+        challenge_set = _challenge_set(s, job, key, since)
         if challenge_set is _WAIT:
             # The reference's pool cannot serve this job yet: a top-up is on its way, and
             # prepare runs again in a few seconds (the job stays queued meanwhile).
             again = partial(
                 prepare.apply_async,
-                (job_id,),
+                (job_id, since),
                 countdown=POOL_RETRY_S,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
@@ -139,7 +144,9 @@ TOPUP_RESEND_S = 600
 _WAIT = "wait"
 
 
-def _challenge_set(session: Any, job: Job, key: bytes) -> dict[str, Any] | str:
+def _challenge_set(
+    session: Any, job: Job, key: bytes, waiting_since: float
+) -> dict[str, Any] | str:
     """The values :func:`jobs.mark_prepared` stores for a verify job's challenge set.
 
     Two model folders: a fresh secret nonce (32 bytes from :mod:`secrets`) and the
@@ -171,8 +178,7 @@ def _challenge_set(session: Any, job: Job, key: bytes) -> dict[str, Any] | str:
     available = repo.available_indices(session, fp, job.id)
     if len(available) < need:
         _request_topup(session, fp, job.queue)
-        waited = (utcnow() - _aware(job.created_at)).total_seconds()
-        if waited > POOL_WAIT_S:
+        if time.time() - waiting_since > POOL_WAIT_S:
             raise FarmError(
                 "challenge_pool_exhausted",
                 f"the reference's challenge pool had {len(available)} unused challenges, the "
