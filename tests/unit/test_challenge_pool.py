@@ -21,6 +21,7 @@ from rev_tasks.core.keys import key_id
 from rev_tasks.db import repo
 from rev_tasks.db.session import _AFTER_COMMIT, make_engine
 from rev_tasks.db.tables import Base, Fingerprint, ModelRecord, pack_json
+from rev_tasks.queues import INFERENCE_CPU
 from rev_tasks.tasks import verify
 from rev_tasks.tasks.common import FarmError
 
@@ -50,7 +51,7 @@ def session(tmp_path: Path) -> Iterator[Session]:
 def _job(s: Session, job_id: str, reference: str | None = "m", budget: int = 5) -> object:
     job = jobs.new_job(
         id=job_id, kind="verify", request={"max_challenges": budget}, device="cpu",
-        queue="inference.cpu", reference_model_id=reference,
+        queue=INFERENCE_CPU, reference_model_id=reference,
         reference_path=None if reference else "/r", candidate_path="/c",
     )  # fmt: skip
     s.add(job)
@@ -111,9 +112,9 @@ def test_a_job_waits_for_the_top_up_then_fails_after_the_bound(session: Session)
 def test_a_top_up_request_is_not_repeated_while_pending(session: Session) -> None:
     fp = session.get(Fingerprint, "m")
     assert fp is not None
-    verify._request_topup(session, fp, "inference.cpu")
+    verify._request_topup(session, fp, INFERENCE_CPU)
     first = fp.topup_requested_at
-    verify._request_topup(session, fp, "inference.cpu")
+    verify._request_topup(session, fp, INFERENCE_CPU)
     assert fp.topup_requested_at == first
     assert len(session.info[_AFTER_COMMIT]) == 1  # one send, after the commit
 
