@@ -17,11 +17,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rev_tasks.core.challenges import Challenge, commitment, generate_challenges
+from rev_tasks.core.challenges import (
+    Challenge,
+    challenge_for,
+    challenges_at,
+    commitment,
+    generate_challenges,
+    job_challenges,
+)
 from rev_tasks.core.compat import incompatibility
 from rev_tasks.core.decision import TOLERANCES, Decision, SequentialTest, decide
 from rev_tasks.core.hamming import hamming
 from rev_tasks.core.keys import key_id
+from rev_tasks.core.merkle import merkle_root
 from rev_tasks.core.transcript import Record, build_transcript
 from rev_tasks.inference.loader import LoadedModel, default_sites
 from rev_tasks.inference.signatures import DEFAULT_BITS, site_signatures
@@ -164,26 +172,39 @@ class Verification:
         candidate: LoadedModel | Side,
         key: bytes,
         params: VerifyParams | None = None,
+        *,
+        nonce: bytes | None = None,
+        indices: Sequence[int] | None = None,
     ) -> None:
+        """``nonce``: the job's own challenge sequence; ``indices``: its draw from the pool.
+
+        Neither: the farm key's challenges 0..n-1 (the in-process ``rev verify``).
+        """
         self.key = key
         self.params = params or VerifyParams()
         self.reference = as_side(reference, key)
         self.candidate = as_side(candidate, key)
         self.notes: list[str] = []
+        self.nonce = nonce
+        self.indices = list(indices) if indices is not None else None
         budget = self.params.max_challenges
+        if self.indices is not None and len(self.indices) < budget:
+            budget = len(self.indices)
         if isinstance(self.reference, FingerprintSide) and self.reference.size < budget:
             self.notes.append(
                 f"challenge budget capped at the fingerprint's {self.reference.size} challenges"
             )
             budget = self.reference.size
         self.budget = budget
+        if self.indices is not None:
+            self.indices = self.indices[:budget]
         self.sites = (
             self.reference.sites
             if isinstance(self.reference, FingerprintSide)
             else default_sites(int(self.reference.descriptor["num_layers"]))
         )
         # The whole challenge set is fixed, and its root computed, before any model runs.
-        self.challenges = generate_challenges(key, budget)
+        self.challenges = job_challenges(key, budget, nonce=nonce, indices=self.indices)
         self.committed_root = commitment(self.challenges).hex()
 
     def run(self, progress: Progress | None = None) -> Outcome:
@@ -254,6 +275,11 @@ class Verification:
             decision=decision,
         )
         transcript["committed_root"] = self.committed_root
+        # How to re-derive the committed set with the farm key (rev audit --key-file).
+        if self.indices is not None:
+            transcript["challenge_indices"] = list(self.indices)
+        elif self.nonce is not None:
+            transcript["challenge_nonce"] = self.nonce.hex()
         if incompatible:
             transcript["incompatible"] = True
         result = {
@@ -295,11 +321,16 @@ def fingerprint_model(
     bits: int = DEFAULT_BITS,
     batch_size: int = 8,
     progress: Progress | None = None,
+    start: int = 0,
 ) -> dict[str, Any]:
-    """The reference's signatures for its first ``n`` committed challenges, as a JSON document."""
+    """The reference's signatures for the key's challenges ``start .. start+n-1``.
+
+    ``start`` > 0 tops up a registered model's pool with fresh challenges
+    (:func:`extend_fingerprint` merges the two documents).
+    """
     if not 1 <= n <= 4096:
         raise ValueError("a fingerprint needs 1..4096 challenges")
-    challenges = generate_challenges(key, n)
+    challenges = generate_challenges(key, n, start=start)
     sites = model.sites
     side = ModelSide(model)
     entries = []
@@ -324,6 +355,26 @@ def fingerprint_model(
         "challenge_commitment": commitment(challenges).hex(),
         "signatures": entries,
     }
+
+
+def extend_fingerprint(doc: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with the signatures of ``more`` added (a pool top-up); indices already in it stay.
+
+    Both must be one model's, under one key, sites and signature size.
+    """
+    for k in ("key_id", "sites", "bits"):
+        if doc[k] != more[k]:
+            raise ValueError(f"the top-up has another {k} than the fingerprint")
+    have = {int(e["index"]) for e in doc["signatures"]}
+    entries = list(doc["signatures"]) + [
+        e for e in more["signatures"] if int(e["index"]) not in have
+    ]
+    out = dict(doc)
+    out["signatures"] = entries
+    out["challenge_commitment"] = merkle_root(
+        [bytes.fromhex(e["challenge_hash"]) for e in entries]
+    ).hex()
+    return out
 
 
 def check_fingerprint(doc: Any) -> list[str]:
@@ -390,13 +441,16 @@ def reexecute_sample(
     bits = int(transcript.get("parameters", {}).get("bits_per_site", DEFAULT_BITS))
     allowed = TOLERANCES["exact"].delta
     ref_side, cand_side = as_side(reference, key), as_side(candidate, key)
+    nonce = (
+        bytes.fromhex(transcript["challenge_nonce"]) if "challenge_nonce" in transcript else None
+    )
     checked: list[tuple[int, dict[str, Any], Challenge]] = []
     for pos in indices:
         if not 0 <= pos < len(records):
             problems.append(f"record {pos} does not exist")
             continue
         rec = records[pos]
-        (challenge,) = generate_challenges(key, 1, start=int(rec["index"]))
+        challenge = challenge_for(key, int(rec["index"]), nonce)
         if challenge.digest().hex() != rec.get("challenge_hash"):
             problems.append(f"record {pos}: challenge hash does not match the key")
             continue
@@ -421,36 +475,41 @@ def identify(
     fingerprints: dict[str, dict[str, Any]],
     key: bytes,
     params: VerifyParams | None = None,
+    pools: dict[str, Sequence[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rank registered fingerprints by mean distance to the candidate, best first.
 
-    The candidate's signatures are computed once per distinct (sites, bits, size) and reused
-    for every compatible fingerprint. Each entry carries the sequential test's verdict on the
-    same distances, so the top match says SAME only when the test supports it.
+    ``pools`` names, per model, the challenge indices to compare on (its unretired pool;
+    the farm passes it); a model without one uses its first challenges. The candidate's
+    signature for one challenge is computed once per (sites, bits) and reused for every
+    compatible fingerprint. Each entry carries the sequential test's verdict on the same
+    distances, so the top match says SAME only when the test supports it.
     """
     p = params or VerifyParams()
     cand = ModelSide(candidate)
-    cache: dict[tuple[tuple[int, ...], int, int], list[SiteSigs]] = {}
+    cache: dict[tuple[tuple[int, ...], int], dict[int, SiteSigs]] = {}
     ranked = []
     for model_id, doc in fingerprints.items():
         ref = FingerprintSide(doc, key)
         if incompatibility(ref.descriptor, cand.descriptor) is not None:
             continue
-        n = min(ref.size, p.max_challenges)
-        challenges = generate_challenges(key, n)
-        cache_key = (tuple(ref.sites), ref.bits, n)
-        if cache_key not in cache:
-            sigs: list[SiteSigs] = []
-            for start in range(0, n, p.batch_size):
-                sigs += cand.signatures(
-                    challenges[start : start + p.batch_size], ref.sites, key, ref.bits
-                )
-            cache[cache_key] = sigs
+        pool = (pools or {}).get(model_id)
+        wanted = list(pool) if pool is not None else sorted(ref._by_index)
+        n = min(len(wanted), p.max_challenges)
+        if n == 0:
+            continue
+        challenges = challenges_at(key, wanted[:n])
+        known = cache.setdefault((tuple(ref.sites), ref.bits), {})
+        missing = [c for c in challenges if c.index not in known]
+        for start in range(0, len(missing), p.batch_size):
+            batch = missing[start : start + p.batch_size]
+            sigs = cand.signatures(batch, ref.sites, key, ref.bits)
+            known.update({c.index: sig for c, sig in zip(batch, sigs, strict=True)})
         ref_sigs = ref.signatures(challenges, ref.sites, key, ref.bits)
         total = ref.bits * len(ref.sites)
         dists = [
-            differing_bits(r, c, ref.sites) / total
-            for r, c in zip(ref_sigs, cache[cache_key], strict=True)
+            differing_bits(r, known[c.index], ref.sites) / total
+            for r, c in zip(ref_sigs, challenges, strict=True)
         ]
         decision = decide(dists, p.tolerance, p.alpha, n)
         ranked.append(

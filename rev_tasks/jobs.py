@@ -149,6 +149,8 @@ class JobSpec:
     candidate_path: str
     commitment: str | None
     attempts: int
+    challenge_nonce: str | None = None
+    challenge_indices: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------- moves
@@ -252,11 +254,15 @@ def mark_prepared(
     key_id: str,
     commitment: str | None = None,
     challenges_max: int | None = None,
+    **challenges: Any,
 ) -> None:
-    """The challenge set is committed (a verify job's root; identify jobs have none)."""
+    """The challenge set is committed (a verify job's root; identify jobs have none).
+
+    ``challenges``: how the set was derived (``challenge_nonce`` or ``challenge_indices``).
+    """
     values: dict[str, Any] = {"key_id": key_id}
     if commitment is not None:
-        values.update(commitment=commitment, challenges_max=challenges_max)
+        values.update(commitment=commitment, challenges_max=challenges_max, **challenges)
     apply(session, job, PREPARE, **values)
 
 
@@ -285,6 +291,8 @@ def mark_running(session: Session, job: Job, *, new_attempt: bool) -> JobSpec:
         candidate_path=job.candidate_path,
         commitment=job.commitment,
         attempts=attempts,
+        challenge_nonce=job.challenge_nonce,
+        challenge_indices=list(job.challenge_indices) if job.challenge_indices else None,
     )
 
 

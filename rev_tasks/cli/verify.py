@@ -16,7 +16,7 @@ from typing import Any
 
 from rev_tasks.cli.common import UserError, positive_int
 from rev_tasks.core.keys import load_key
-from rev_tasks.core.transcript import audit
+from rev_tasks.core.transcript import audit, audit_challenges
 from rev_tasks.engine import (
     Verification,
     VerifyParams,
@@ -72,7 +72,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         reference = _load_side(args.reference, args, budget_mb)
     candidate = _load_side(args.candidate, args, budget_mb)
     show = _progress_printer(not args.json and sys.stderr.isatty(), "verifying")
-    outcome = Verification(reference, candidate, key, params).run(show)
+    outcome = Verification(reference, candidate, key, params, nonce=_nonce(args.nonce)).run(show)
     if show:
         sys.stderr.write("\n")
     if args.transcript:
@@ -96,6 +96,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for note in result["notes"]:
             print(f"note:        {note}")
     return 0
+
+
+def _nonce(text: str | None) -> bytes | None:
+    """``--nonce``: a farm job's challenge nonce (its transcript's ``challenge_nonce``)."""
+    from rev_tasks.core.challenges import NONCE_BYTES
+
+    if text is None:
+        return None
+    try:
+        nonce = bytes.fromhex(text)
+    except ValueError:
+        nonce = b""
+    if len(nonce) != NONCE_BYTES:
+        raise UserError(f"--nonce must be {2 * NONCE_BYTES} hex digits")
+    return nonce
 
 
 def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> Any:
@@ -129,6 +144,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"transcript is not JSON: {args.transcript}: {exc}") from exc
     problems = audit(doc)
+    if args.key_file:  # with the farm key: the committed set is the one the job derives
+        problems += audit_challenges(doc, _read_key(args.key_file))
     if args.json:
         print(json.dumps({"valid": not problems, "problems": problems}))
     elif problems:
@@ -164,6 +181,10 @@ def add_commands(sub: Any) -> None:
         "--memory-budget", type=memory_budget_arg, help="stream layers within e.g. 512MB"
     )
     v.add_argument("--transcript", help="write the auditable transcript here")
+    v.add_argument(
+        "--nonce",
+        help="challenge nonce (hex) of a farm job: re-run the job's own challenges",
+    )
     v.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _model_options(v)
     v.set_defaults(func=cmd_verify)
@@ -178,4 +199,8 @@ def add_commands(sub: Any) -> None:
     a = sub.add_parser("audit", help="check a transcript: root, proofs, distances, decision")
     a.add_argument("transcript")
     a.add_argument("--json", action="store_true")
+    a.add_argument(
+        "--key-file",
+        help="the farm key: also re-derive the job's challenges and its committed root",
+    )
     a.set_defaults(func=cmd_audit)

@@ -1,15 +1,17 @@
 """Keyed, deterministic challenge prompts and their commitment.
 
-Challenge ``i`` is a pure function of ``derive(key, "challenge", i)``: the 32-byte HMAC output,
-read as one 256-bit big-endian integer, is decomposed in mixed radix: first the template
-(``x mod len(TEMPLATES)``), then each slot in the template's declared order
-(``x //= radix; value = x mod len(vocabulary)``). Nothing else (no ``hash()``, no dict or set
+Challenge ``i`` of the farm key's sequence is a pure function of ``derive(key, "challenge",
+i)``; challenge ``i`` of a job with nonce ``N`` is the same function of ``derive(key,
+"job-challenge/<hex N>", i)``. The 32-byte HMAC output, read as one 256-bit big-endian
+integer, is decomposed in mixed radix: first the template (``x mod len(TEMPLATES)``), then
+each slot in the template's declared order (``x //= radix; value = x mod len(vocabulary)``),
+then the four frame parts (opener, format, closer, sign-off). Nothing else (no ``hash()``, no dict or set
 order, no RNG state) enters, so the prompts are byte-identical across processes, machines
 and Python versions, and challenge ``i`` does not depend on how many challenges are drawn.
 
 Bias: a modulus m applied to a uniform 256-bit integer is off from uniform by at most
 m / 2**256 in total variation. The product of all radices used for one challenge is below
-2**40 here, so the whole draw is within 2**-216 of uniform: far below anything measurable,
+2**48 here, so the whole draw is within 2**-208 of uniform: far below anything measurable,
 hence no rejection sampling (which would need more than the one HMAC block per index).
 
 Because the key is secret and each challenge is an independent function of its index, the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,11 +33,19 @@ from rev_tasks.core.merkle import merkle_root
 
 __all__ = [
     "DOMAINS",
+    "FRAMES",
+    "NONCE_BYTES",
     "TEMPLATES",
     "Challenge",
     "Template",
+    "challenge_for",
+    "challenges_at",
     "commitment",
+    "distinct_prompts",
+    "entropy_bits",
     "generate_challenges",
+    "job_challenges",
+    "nonce_challenges",
     "render",
 ]
 
@@ -534,24 +545,201 @@ def render(template: Template, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template.text)
 
 
-def _challenge_at(key: bytes, index: int) -> Challenge:
-    x = int.from_bytes(derive(key, "challenge", index), "big")
+# Every challenge is framed: an opener before the template's text and three closing
+# parts after it, drawn after the template's slots. The frames multiply the number of
+# distinct prompts by 16**4 (16 bits), so that the catalogue is not a list one could learn
+# (``bench/challenge_entropy.py`` measures it); the frames are part of the protocol like
+# the templates, and their order is fixed.
+FRAME_OPENERS: tuple[str, ...] = (
+    "",
+    "Quick question. ",
+    "Please help me with this. ",
+    "I am preparing notes for a class. ",
+    "A friend asked me this and I was not sure. ",
+    "Out of curiosity: ",
+    "For a quiz I am writing: ",
+    "This came up at work today. ",
+    "Hello! ",
+    "Here is a small task for you. ",
+    "I would like a careful answer. ",
+    "Take your time with this one. ",
+    "My teacher gave us this exercise. ",
+    "Settle a debate for us. ",
+    "I am testing my own understanding. ",
+    "Answer as a helpful assistant. ",
+)
+FRAME_FORMATS: tuple[str, ...] = (
+    "",
+    " Keep it short.",
+    " Be precise.",
+    " Use plain language.",
+    " Answer in a single paragraph.",
+    " Use a numbered list if it helps.",
+    " Avoid jargon.",
+    " Give the answer first, then the explanation.",
+    " Do not use more than five sentences.",
+    " Include one example.",
+    " Mention any assumption you make.",
+    " Write it so a beginner can follow.",
+    " Be brief but complete.",
+    " End with a one-line summary.",
+    " Do not repeat the question.",
+    " Use bold for the key point.",
+)
+FRAME_CLOSERS: tuple[str, ...] = (
+    "",
+    " Thanks!",
+    " Thank you.",
+    " Much appreciated.",
+    " I need this for tomorrow.",
+    " Cheers.",
+    " No need to be formal.",
+    " Please double-check your answer.",
+    " If unsure, say so.",
+    " This is for a newsletter.",
+    " It is for my study group.",
+    " Think it through before answering.",
+    " I will compare it with a textbook.",
+    " Many thanks in advance.",
+    " Keep the tone friendly.",
+    " Be honest about any uncertainty.",
+)
+FRAME_SIGNOFFS: tuple[str, ...] = (
+    "",
+    " (Sent from my phone.)",
+    " (Second attempt at asking this.)",
+    " (Asking for a colleague.)",
+    " (No rush.)",
+    " (Short on time here.)",
+    " (Curious to see your take.)",
+    " (English is my second language.)",
+    " (Context: homework help.)",
+    " (Context: a pub quiz.)",
+    " (Context: a work presentation.)",
+    " (Context: a blog post.)",
+    " (Context: a family argument.)",
+    " (Context: interview practice.)",
+    " (Context: a podcast episode.)",
+    " (Context: a board game night.)",
+)
+#: The frame parts in decoding order (opener, format, closer, sign-off).
+FRAMES = (FRAME_OPENERS, FRAME_FORMATS, FRAME_CLOSERS, FRAME_SIGNOFFS)
+for _frame in FRAMES:
+    if len(set(_frame)) != len(_frame):
+        raise ValueError("frame values must be distinct")
+
+#: Bytes of a job's challenge nonce (``secrets.token_bytes``).
+NONCE_BYTES = 32
+
+
+def _decode(x: int, index: int) -> Challenge:
+    """Mixed-radix decoding of one 256-bit draw: template, its slots, then the frames."""
     x, t_idx = divmod(x, len(TEMPLATES))
     template = TEMPLATES[t_idx]
     values: dict[str, str] = {}
     for name, vocab in template.slots:
         x, v_idx = divmod(x, len(vocab))
         values[name] = vocab[v_idx]
-    return Challenge(index, template.id, template.domain, render(template, values))
+    frame: list[str] = []
+    for vocab in FRAMES:
+        x, f_idx = divmod(x, len(vocab))
+        frame.append(vocab[f_idx])
+    opener, fmt, closer, signoff = frame
+    body = render(template, values)
+    tail = fmt + closer + signoff
+    if tail and "\n" in body:  # after a code block: on a paragraph of its own
+        tail = "\n\n" + tail.lstrip()
+    prompt = opener + body + tail
+    return Challenge(index, template.id, template.domain, prompt)
+
+
+def _challenge_at(key: bytes, index: int) -> Challenge:
+    return _decode(int.from_bytes(derive(key, "challenge", index), "big"), index)
+
+
+def _check_index(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
 
 
 def generate_challenges(key: bytes, n: int, start: int = 0) -> list[Challenge]:
-    """Challenges ``start .. start+n-1``; challenge i depends only on derive(key, "challenge", i)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be a non-negative int, got {start!r}")
+    """Challenges ``start .. start+n-1`` of the farm key's sequence (fingerprint pools).
+
+    Challenge i depends only on derive(key, "challenge", i).
+    """
+    _check_index("n", n)
+    _check_index("start", start)
     return [_challenge_at(key, i) for i in range(start, start + n)]
+
+
+def challenges_at(key: bytes, indices: Sequence[int]) -> list[Challenge]:
+    """The farm key's challenges at ``indices``, in that order (a job's draw from a pool)."""
+    return [_challenge_at(key, _check_index("index", i)) for i in indices]
+
+
+def _nonce_label(nonce: bytes) -> str:
+    if not isinstance(nonce, bytes | bytearray) or len(nonce) != NONCE_BYTES:
+        raise ValueError(f"a challenge nonce is {NONCE_BYTES} bytes")
+    return "job-challenge/" + bytes(nonce).hex()
+
+
+def nonce_challenges(key: bytes, nonce: bytes, n: int, start: int = 0) -> list[Challenge]:
+    """A job's own challenges ``start .. start+n-1``: derive(key, "job-challenge/<nonce>", i).
+
+    Another nonce gives an independent sequence under the same key, so two jobs on one
+    pair share a prompt only when the generator repeats one by chance.
+    """
+    label = _nonce_label(nonce)
+    _check_index("n", n)
+    _check_index("start", start)
+    return [
+        _decode(int.from_bytes(derive(key, label, i), "big"), i) for i in range(start, start + n)
+    ]
+
+
+def job_challenges(
+    key: bytes, n: int, nonce: bytes | None = None, indices: Sequence[int] | None = None
+) -> list[Challenge]:
+    """A job's committed challenge set: a pool draw (``indices``), a nonce's, or the key's.
+
+    ``indices`` (a registered reference's pool) wins and gives at most ``n`` challenges;
+    else ``nonce`` (a job with two model folders); neither is the farm key's sequence
+    0..n-1 (the in-process ``rev verify``).
+    """
+    if indices is not None:
+        return challenges_at(key, list(indices)[:n])
+    if nonce is not None:
+        return nonce_challenges(key, nonce, n)
+    return generate_challenges(key, n)
+
+
+def challenge_for(key: bytes, index: int, nonce: bytes | None = None) -> Challenge:
+    """The one challenge a transcript record names (its index, under its job's nonce)."""
+    if nonce is not None:
+        (c,) = nonce_challenges(key, nonce, 1, start=index)
+        return c
+    return _challenge_at(key, _check_index("index", index))
+
+
+def distinct_prompts(template: Template) -> int:
+    """How many different prompts ``template`` renders to, frames included."""
+    count = math.prod(len(v) for _, v in template.slots)
+    return count * math.prod(len(f) for f in FRAMES)
+
+
+def entropy_bits() -> dict[str, float]:
+    """Shannon entropy (bits) of one challenge and log2 of the catalogue's distinct prompts.
+
+    Templates are drawn uniformly and every slot uniformly (to within 2**-208), so one
+    challenge carries log2(#templates) + mean over templates of log2(its prompts) bits.
+    """
+    per = [math.log2(distinct_prompts(t)) for t in TEMPLATES]
+    return {
+        "shannon_bits": math.log2(len(TEMPLATES)) + sum(per) / len(per),
+        "log2_distinct": math.log2(sum(distinct_prompts(t) for t in TEMPLATES)),
+        "min_template_bits": min(per),
+    }
 
 
 def commitment(challenges: Sequence[Challenge]) -> bytes:

@@ -11,6 +11,13 @@ with :func:`rev_tasks.core.decision.decide`. Document layout (``format`` = rev-t
                   total_bits, proof}], "root", "decision"}
 
 Leaf data of record i is :meth:`Record.leaf_bytes` (canonical JSON without the proof).
+
+A farm job's transcript also says how its challenge set was derived, so that anyone with
+the farm key can re-derive it and the ``committed_root`` made before inference
+(:func:`audit_challenges`): ``challenge_nonce`` (hex, a job with two model folders; record
+indices are then 0, 1, 2 …) or ``challenge_indices`` (the job's draw from a registered
+model's pool, in order; the records are its first entries). A transcript with neither uses
+the key's challenges 0..n-1 (``rev verify``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from rev_tasks.core.challenges import Challenge
+from rev_tasks.core.challenges import NONCE_BYTES, Challenge, commitment, job_challenges
 from rev_tasks.core.compat import incompatibility
 from rev_tasks.core.decision import (
     MAX_CHALLENGES_LIMIT,
@@ -37,7 +44,14 @@ from rev_tasks.core.decision import (
 from rev_tasks.core.hamming import hamming
 from rev_tasks.core.merkle import all_inclusion_proofs, merkle_root, verify_inclusion
 
-__all__ = ["FORMAT", "Record", "audit", "build_transcript", "canonical_json"]
+__all__ = [
+    "FORMAT",
+    "Record",
+    "audit",
+    "audit_challenges",
+    "build_transcript",
+    "canonical_json",
+]
 
 FORMAT = "rev-transcript/1"
 _HEX = frozenset("0123456789abcdef")
@@ -432,6 +446,65 @@ def _audit_record(
     return Record(index, ch_hash, ref, cand, db, tb), ch_hash, recount / total
 
 
+def _audit_derivation(
+    doc: dict[str, Any], budget: int | None, problems: list[str]
+) -> list[int] | None:
+    """The pool draw of the transcript (None without one); problems for malformed fields."""
+    if "challenge_nonce" in doc and "challenge_indices" in doc:
+        problems.append("challenges: a transcript has a nonce or a pool draw, not both")
+    nonce = doc.get("challenge_nonce")
+    if "challenge_nonce" in doc and not (
+        isinstance(nonce, str) and len(nonce) == 2 * NONCE_BYTES and set(nonce) <= _HEX
+    ):
+        problems.append(f"challenge_nonce: expected {2 * NONCE_BYTES} lowercase hex digits")
+    if "challenge_indices" not in doc:
+        return None
+    drawn = doc["challenge_indices"]
+    if (
+        not isinstance(drawn, list)
+        or not all(_is_int(i) and i >= 0 for i in drawn)
+        or len(set(drawn)) != len(drawn)
+    ):
+        problems.append("challenge_indices: expected a list of distinct non-negative integers")
+        return []
+    if budget is not None and len(drawn) != budget:
+        problems.append(
+            f"challenge_indices: {len(drawn)} drawn but parameters.max_challenges is {budget}"
+        )
+    return drawn
+
+
+def audit_challenges(transcript: Any, key: bytes) -> list[str]:
+    """With the farm key: re-derive the job's committed challenge set and check it.
+
+    The committed root (fixed before inference) must be the commitment of the set the
+    transcript's nonce or pool draw names, and every record's challenge must be that set's
+    challenge at its position. Malformed input gives problem lines, never an exception.
+    """
+    problems: list[str] = []
+    try:
+        doc = transcript
+        budget = int(doc["parameters"]["max_challenges"])
+        nonce = doc.get("challenge_nonce")
+        drawn = doc.get("challenge_indices")
+        derived = job_challenges(
+            key,
+            budget,
+            nonce=bytes.fromhex(nonce) if nonce is not None else None,
+            indices=drawn,
+        )
+        if doc.get("committed_root") != commitment(derived).hex():
+            problems.append(
+                "committed_root: not the commitment of the challenge set the key derives"
+            )
+        for pos, rec in enumerate(doc.get("records") or []):
+            if pos >= len(derived) or Challenge(**rec["challenge"]) != derived[pos]:
+                problems.append(f"record {pos}: its challenge is not the one the key derives")
+    except Exception as e:  # noqa: BLE001 - report, never raise
+        problems.append(f"challenges: malformed transcript ({type(e).__name__}: {e})")
+    return problems
+
+
 def audit(transcript: Any, *, check_constants: bool = True) -> list[str]:
     """Re-check a transcript offline; return one line per problem (empty list = valid).
 
@@ -503,6 +576,7 @@ def _audit(doc: Any, problems: list[str], check_constants: bool) -> None:
         return
     size = len(records)
 
+    drawn = _audit_derivation(doc, params[2] if params else None, problems)
     parsed: list[tuple[Record, bytes, float] | None] = []
     prev_index: int | None = None
     for pos, rec in enumerate(records):
@@ -512,7 +586,15 @@ def _audit(doc: Any, problems: list[str], check_constants: bool) -> None:
             prev_index = None
             continue
         record = item[0]
-        if prev_index is not None and record.index != prev_index + 1:
+        if drawn is not None:
+            if pos >= len(drawn) or record.index != drawn[pos]:
+                problems.append(
+                    f"record {pos} (index {record.index}): not the job's challenge at position "
+                    f"{pos} of challenge_indices"
+                )
+        elif pos == 0 and "challenge_nonce" in doc and record.index != 0:
+            problems.append(f"record 0 (index {record.index}): a nonce job's records start at 0")
+        elif prev_index is not None and record.index != prev_index + 1:
             problems.append(
                 f"record {pos} (index {record.index}): records are not in consecutive "
                 f"index order (previous index {prev_index})"

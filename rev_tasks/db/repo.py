@@ -18,12 +18,17 @@ from sqlalchemy.orm import Session
 from rev_tasks.db.tables import (
     MODEL_READY,
     Fingerprint,
+    Job,
     ModelRecord,
+    RetiredChallenge,
     Transcript,
     Vote,
     pack_json,
     utcnow,
 )
+
+# Job statuses that still hold their pool draw (a job in consensus may yet be re-run).
+_HOLDING = ("queued", "running")
 
 
 def _insert(session: Session, model: type[Any]) -> Any:
@@ -150,3 +155,64 @@ def ready_fingerprints(
 def fingerprint_doc(session: Session, model_id: str) -> dict[str, Any] | None:
     fp = session.get(Fingerprint, model_id)
     return fp.document() if fp is not None else None
+
+
+# ----------------------------------------------------------------------------- challenge pools
+def pool_indices(doc: dict[str, Any]) -> list[int]:
+    """Every challenge index a fingerprint document has signatures for, ascending."""
+    return sorted(int(e["index"]) for e in doc["signatures"])
+
+
+def retired_indices(session: Session, model_ids: Sequence[str]) -> dict[str, set[int]]:
+    """The retired pool challenges of each model (shown by a stored transcript)."""
+    out: dict[str, set[int]] = {m: set() for m in model_ids}
+    if not model_ids:
+        return out
+    rows = session.execute(
+        select(RetiredChallenge.model_id, RetiredChallenge.challenge_index).where(
+            RetiredChallenge.model_id.in_(list(model_ids))
+        )
+    )
+    for model_id, index in rows:
+        out[model_id].add(int(index))
+    return out
+
+
+def reserved_indices(session: Session, model_id: str, except_job: str) -> set[int]:
+    """Pool challenges drawn by the model's other unfinished jobs (not to be drawn twice)."""
+    rows = session.scalars(
+        select(Job.challenge_indices).where(
+            Job.reference_model_id == model_id,
+            Job.status.in_(_HOLDING),
+            Job.id != except_job,
+            Job.challenge_indices.is_not(None),
+        )
+    )
+    return {int(i) for drawn in rows if drawn for i in drawn}
+
+
+def available_indices(session: Session, fp: Fingerprint, except_job: str) -> list[int]:
+    """The model's pool challenges no stored transcript showed and no other job holds."""
+    taken = retired_indices(session, [fp.model_id])[fp.model_id]
+    taken |= reserved_indices(session, fp.model_id, except_job)
+    return [i for i in pool_indices(fp.document()) if i not in taken]
+
+
+def retire_challenges(
+    session: Session, model_id: str, indices: Sequence[int], job_id: str | None
+) -> None:
+    """Retire pool challenges a stored transcript shows (a no-op for retired ones)."""
+    if session.get(Fingerprint, model_id) is None:  # the model was deleted meanwhile
+        return
+    for index in indices:
+        upsert(
+            session,
+            RetiredChallenge,
+            {
+                "model_id": model_id,
+                "challenge_index": int(index),
+                "job_id": job_id,
+                "retired_at": utcnow(),
+            },
+            keys=["model_id", "challenge_index"],
+        )

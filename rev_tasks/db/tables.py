@@ -98,9 +98,28 @@ class Fingerprint(Base):
     commitment: Mapped[str | None] = mapped_column(String(64), default=None)
     doc: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A pool top-up (fresh challenges) was enqueued then; cleared when it is stored.
+    topup_requested_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), default=None
+    )
 
     def document(self) -> dict[str, Any]:
         return unpack_json(self.doc)
+
+
+class RetiredChallenge(Base):
+    """A pool challenge a stored transcript has shown: no later job of the model draws it."""
+
+    __tablename__ = "retired_challenges"
+
+    model_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("fingerprints.model_id", ondelete="CASCADE"), primary_key=True
+    )
+    challenge_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="SET NULL"), default=None
+    )
+    retired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Job(Base):
@@ -133,6 +152,10 @@ class Job(Base):
     candidate_path: Mapped[str] = mapped_column(Text)
     key_id: Mapped[str | None] = mapped_column(String(64), default=None)
     commitment: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The job's secret challenge nonce (hex; two model folders) or its draw from the
+    # reference's pool (a registered model), fixed at prepare with the commitment.
+    challenge_nonce: Mapped[str | None] = mapped_column(String(64), default=None)
+    challenge_indices: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
     challenges_done: Mapped[int] = mapped_column(Integer, default=0)
     challenges_max: Mapped[int] = mapped_column(Integer, default=0)
     # Deliveries that started the inference: a poison job is failed after REV_MAX_ATTEMPTS.

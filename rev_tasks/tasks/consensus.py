@@ -1,7 +1,8 @@
 """Consensus: five independent validators re-check a decided job; a quorum of four publishes.
 
 Each ``validate`` audits the stored transcript (root, inclusion proofs, recomputed distances
-and decision), checks it against the commitment made at ``prepare``, re-executes two
+and decision), checks it against the commitment made at ``prepare`` (re-deriving, with the
+farm key, the job's challenge set from its nonce or pool draw), re-executes two
 records drawn from the operating system's randomness once the transcript is stored (so the
 inference worker cannot know them in advance; the draw is stored with the vote), and
 votes. ``tally`` (the chord callback) reads the votes from the database and publishes the
@@ -68,7 +69,7 @@ def draw_sample(n_records: int, k: int = REEXEC_SAMPLE) -> list[int]:
 
 def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]:
     """(recorded verdict, root, problems, re-executed positions) for one validator's check."""
-    from rev_tasks.core.transcript import audit
+    from rev_tasks.core.transcript import audit, audit_challenges
     from rev_tasks.engine import reexecute_sample
 
     with session_scope() as s:
@@ -79,6 +80,7 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
         doc = tr.document()
         recorded, root = tr.verdict, tr.root
         commitment = job.commitment
+        nonce, drawn = job.challenge_nonce, job.challenge_indices
         ref_fp = repo.fingerprint_doc(s, job.reference_model_id) if job.reference_model_id else None
         ref_path, cand_path = job.reference_path, job.candidate_path
         # The validator runs the models as the inference did: a job that asked for a memory
@@ -90,6 +92,12 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
         problems.append("stored transcript root differs from the document's root")
     if commitment is not None and doc.get("committed_root") != commitment:
         problems.append("transcript's challenge commitment differs from the one made at prepare")
+    if doc.get("challenge_nonce") != nonce or doc.get("challenge_indices") != drawn:
+        problems.append("transcript's challenge derivation differs from the job's")
+    try:  # with the key: the committed root is that of the set the job derives
+        problems += [f"challenges: {p}" for p in audit_challenges(doc, farm_key())]
+    except FarmError as exc:
+        problems.append(f"challenges not re-derived: {exc.message}")
     records = doc.get("records") or []
     indices = draw_sample(len(records))
     if indices:

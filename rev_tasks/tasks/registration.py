@@ -1,4 +1,9 @@
-"""Fingerprint a registered reference model (its status: pending → ready | failed)."""
+"""Fingerprint a registered reference model (its status: pending → ready | failed).
+
+The same task tops up a ready model's challenge pool: it signs the next fresh challenges
+of the farm key's sequence and adds them to the fingerprint, when the jobs' draws and the
+retired challenges leave too few (``prepare`` asks for it).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
-from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, MODEL_READY, ModelRecord
+from rev_tasks.db.tables import (
+    MODEL_FAILED,
+    MODEL_PENDING,
+    MODEL_READY,
+    Fingerprint,
+    ModelRecord,
+    pack_json,
+)
 from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
@@ -34,11 +46,16 @@ def _mark_failed(model_id: str, code: str, message: str) -> None:
 
 
 @app.task(name=Task.FINGERPRINT, ignore_result=True, **DB_RETRY)
-def fingerprint(model_id: str) -> str:
-    """Compute the model's signatures under the farm key and store them as its fingerprint."""
+def fingerprint(model_id: str, top_up: bool = False) -> str:
+    """Compute the model's signatures under the farm key and store them as its fingerprint.
+
+    ``top_up``: add fresh challenges to a ready model's pool instead.
+    """
     from rev_tasks.engine import fingerprint_model
     from rev_tasks.inference import ModelLoadError
 
+    if top_up:
+        return _top_up(model_id)
     with session_scope() as s:
         rec = s.get(ModelRecord, model_id)
         if rec is None or rec.status != MODEL_PENDING:
@@ -78,3 +95,49 @@ def fingerprint(model_id: str) -> str:
         rec.descriptor = doc["descriptor"]
         rec.error = None
     return "ready"
+
+
+def _top_up(model_id: str) -> str:
+    """Sign ``REV_FINGERPRINT_CHALLENGES`` fresh challenges past the pool's last index."""
+    from rev_tasks.core.keys import key_id
+    from rev_tasks.engine import extend_fingerprint, fingerprint_model
+
+    with session_scope() as s:
+        rec = s.get(ModelRecord, model_id)
+        fp = s.get(Fingerprint, model_id)
+        if rec is None or fp is None or rec.status != MODEL_READY:
+            return "skipped"
+        path, bits, start = rec.path, fp.bits, max(repo.pool_indices(fp.document())) + 1
+        fp_key = fp.key_id
+    settings = get_settings()
+    try:
+        key = farm_key()
+        if key_id(key) != fp_key:  # its jobs fail with key_mismatch; nothing to add
+            return "skipped"
+        model = load_cached(path, memory_budget(None, path))
+        more = fingerprint_model(
+            model,
+            key,
+            n=settings.fingerprint_challenges,
+            bits=bits,
+            batch_size=settings.default_batch_size,
+            start=start,
+        )
+    except DB_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the jobs keep waiting, then fail with a reason
+        # topup_requested_at stays: the waiting jobs ask again only after TOPUP_RESEND_S,
+        # instead of a failing top-up every few seconds.
+        log.error("model %s: pool top-up failed: %s", model_id, exc)
+        return "failed"
+    with session_scope() as s:
+        fp = s.get(Fingerprint, model_id, with_for_update=True)
+        if fp is None:
+            return "deleted"
+        doc = extend_fingerprint(fp.document(), more)
+        fp.doc = pack_json(doc)
+        fp.n_challenges = len(doc["signatures"])
+        fp.commitment = doc["challenge_commitment"]
+        fp.topup_requested_at = None
+    log.info("model %s: pool topped up to %d challenges", model_id, len(doc["signatures"]))
+    return "topped up"

@@ -17,7 +17,10 @@ after each batch finds the row no longer in inference.
 from __future__ import annotations
 
 import logging
+import random
+import secrets
 import time
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -27,7 +30,7 @@ from rev_tasks import attest, jobs, metrics
 from rev_tasks.celery import app
 from rev_tasks.db import repo
 from rev_tasks.db.session import after_commit, session_scope
-from rev_tasks.db.tables import Fingerprint, Job, Transcript
+from rev_tasks.db.tables import Fingerprint, Job, Transcript, utcnow
 from rev_tasks.queues import Task, inference_task_id
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
@@ -79,17 +82,21 @@ class _LeftInference(Exception):
 
 
 @app.task(name=Task.PREPARE, ignore_result=True, throws=(JobFailed,), **DB_RETRY)
-def prepare(job_id: str) -> str:
-    """Commit the job's challenge set (root stored on the job), then enqueue inference."""
+def prepare(job_id: str, waiting_since: float | None = None) -> str:
+    """Commit the job's challenge set (root stored on the job), then enqueue inference.
+
+    ``waiting_since``: when this job began to wait for its reference's pool top-up (the
+    prepare it sends itself while it waits carries it).
+    """
     try:
-        return _prepare(job_id)
+        return _prepare(job_id, waiting_since)
     except FarmError as exc:
         return _fail(job_id, exc.code, exc.message)
     except jobs.IllegalTransition:  # the inference of a duplicate message overtook it
         return "already running"
 
 
-def _prepare(job_id: str) -> str:
+def _prepare(job_id: str, waiting_since: float | None) -> str:
     from rev_tasks.core.keys import key_id
 
     key = farm_key()
@@ -99,8 +106,22 @@ def _prepare(job_id: str) -> str:
             return "skipped"
         if not jobs.allows(job, jobs.PREPARE):  # a redelivered prepare: inference has it
             return "already running"
-        commitment, budget = _commitment(s, job, key)
-        jobs.mark_prepared(s, job, key_id(key), commitment, budget)
+        since = time.time() if waiting_since is None else waiting_since
+        challenge_set = _challenge_set(s, job, key, since)
+        if challenge_set is _WAIT:
+            # The reference's pool cannot serve this job yet: a top-up is on its way, and
+            # prepare runs again in a few seconds (the job stays queued meanwhile).
+            again = partial(
+                prepare.apply_async,
+                (job_id, since),
+                countdown=POOL_RETRY_S,
+                retry=True,
+                retry_policy=PUBLISH_RETRY,
+            )
+            after_commit(s, again)
+            return "waiting for the challenge pool"
+        assert not isinstance(challenge_set, str)
+        jobs.mark_prepared(s, job, key_id(key), **challenge_set)
         # Sent after the commit, so the inference task always sees the commitment.
         send = partial(
             run_inference.apply_async,
@@ -114,26 +135,86 @@ def _prepare(job_id: str) -> str:
     return "prepared"
 
 
-def _commitment(session: Any, job: Job, key: bytes) -> tuple[str | None, int | None]:
-    """(root, size) of a verify job's challenge set, once; (None, None) when it has one."""
-    from rev_tasks.core.challenges import commitment, generate_challenges
+#: Seconds between two prepares of a job that waits for its reference's pool top-up.
+POOL_RETRY_S = 3
+#: A job that waited this long for a top-up fails with ``challenge_pool_exhausted``.
+POOL_WAIT_S = 900
+#: A top-up enqueued this long ago and not stored yet is taken as lost and sent again.
+TOPUP_RESEND_S = 600
+_WAIT = "wait"
+
+
+def _challenge_set(
+    session: Any, job: Job, key: bytes, waiting_since: float
+) -> dict[str, Any] | str:
+    """The values :func:`jobs.mark_prepared` stores for a verify job's challenge set.
+
+    Two model folders: a fresh secret nonce (32 bytes from :mod:`secrets`) and the
+    commitment of its challenges. A registered reference: a random draw from the model's
+    pool among the challenges no stored transcript has shown and no other unfinished job
+    holds; when fewer are left than the job needs, :data:`_WAIT` (a top-up is enqueued).
+    Empty for identify jobs and for a job that already has its commitment.
+    """
+    from rev_tasks.core.challenges import NONCE_BYTES, commitment, job_challenges
     from rev_tasks.core.keys import key_id
 
     if job.commitment is not None or job.kind != "verify":
-        return None, None
+        return {}
     budget = int(job.request.get("max_challenges", 64))
-    if job.reference_model_id is not None:
-        fp = session.get(Fingerprint, job.reference_model_id)
-        if fp is None:
-            raise FarmError("model_not_ready", "the reference has no fingerprint")
-        if fp.key_id != key_id(key):
+    if job.reference_model_id is None:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        root = commitment(job_challenges(key, budget, nonce=nonce)).hex()
+        return {"commitment": root, "challenges_max": budget, "challenge_nonce": nonce.hex()}
+    # Locked: two jobs of one model draw one after the other, never the same challenge.
+    fp = session.get(Fingerprint, job.reference_model_id, with_for_update=True)
+    if fp is None:
+        raise FarmError("model_not_ready", "the reference has no fingerprint")
+    if fp.key_id != key_id(key):
+        raise FarmError(
+            "key_mismatch",
+            "the reference fingerprint was made with another farm key; register the model again",
+        )
+    need = min(budget, get_settings().fingerprint_challenges)
+    available = repo.available_indices(session, fp, job.id)
+    if len(available) < need:
+        _request_topup(session, fp, job.queue)
+        if time.time() - waiting_since > POOL_WAIT_S:
             raise FarmError(
-                "key_mismatch",
-                "the reference fingerprint was made with another farm key; "
-                "register the model again",
+                "challenge_pool_exhausted",
+                f"the reference's challenge pool had {len(available)} unused challenges, the "
+                f"job needs {need}, and no top-up arrived within {POOL_WAIT_S} s",
             )
-        budget = min(budget, fp.n_challenges)
-    return commitment(generate_challenges(key, budget)).hex(), budget
+        log.info("job %s waits for a pool top-up of %s", job.id, fp.model_id)
+        return _WAIT
+    drawn = random.SystemRandom().sample(available, need)
+    if len(available) - need < need:  # the next such job would wait: top up now
+        _request_topup(session, fp, job.queue)
+    root = commitment(job_challenges(key, need, indices=drawn)).hex()
+    return {"commitment": root, "challenges_max": need, "challenge_indices": drawn}
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def _request_topup(session: Any, fp: Fingerprint, queue: str) -> None:
+    """Enqueue one pool top-up for the model (after the commit), unless one is pending."""
+    now = utcnow()
+    pending = fp.topup_requested_at
+    if pending is not None and (now - _aware(pending)).total_seconds() < TOPUP_RESEND_S:
+        return
+    fp.topup_requested_at = now
+    model_id = fp.model_id
+    send = partial(
+        app.send_task,
+        Task.FINGERPRINT,
+        (model_id, True),
+        queue=queue,
+        retry=True,
+        retry_policy=PUBLISH_RETRY,
+    )
+    after_commit(session, send)
+    log.info("challenge pool of %s runs low: top-up enqueued on %s", model_id, queue)
 
 
 # Results are kept (unlike the other pipeline steps) so that the PROGRESS state written
@@ -279,7 +360,14 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     candidate = _load(spec.candidate_path, "candidate", spec.request)
     computed = faults.computed_candidate(spec.candidate_path, reference, candidate)
     try:
-        verification = Verification(reference, computed, key, params)
+        verification = Verification(
+            reference,
+            computed,
+            key,
+            params,
+            nonce=bytes.fromhex(spec.challenge_nonce) if spec.challenge_nonce else None,
+            indices=spec.challenge_indices,
+        )
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     if spec.commitment is not None and verification.committed_root != spec.commitment:
@@ -299,6 +387,11 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     result.update(attest.weights_digests(spec.candidate_path, spec.reference_path))
     with session_scope() as s:
         decided = jobs.record_decision(s, spec.id, result, outcome.transcript)
+        if decided and spec.reference_model_id is not None:
+            # The stored transcript can be downloaded from now on: the pool challenges it
+            # shows are never drawn again (the rest of the draw returns to the pool).
+            shown = [int(r["index"]) for r in outcome.transcript["records"]]
+            repo.retire_challenges(s, spec.reference_model_id, shown, spec.id)
     if not decided:  # the first delivery to finish wins; a cancelled job keeps no result
         log.info("job %s: decided by another delivery, or finished; result discarded", spec.id)
         return "already decided"
@@ -330,9 +423,15 @@ def _identify(spec: jobs.JobSpec) -> str:
         # Only the job's own tenant's models are candidates: identify never reveals (or
         # compares against) another tenant's registry.
         fingerprints = repo.ready_fingerprints(s, key_id=key_id(key), tenant=spec.tenant)
+        retired = repo.retired_indices(s, list(fingerprints))
+    # Compared on challenges no released transcript has shown (a ranking shows none).
+    pools = {
+        m: [i for i in repo.pool_indices(doc) if i not in retired[m]]
+        for m, doc in fingerprints.items()
+    }
     candidate = _load(spec.candidate_path, "candidate", spec.request)
     try:
-        ranking = identify(candidate, fingerprints, key, params)
+        ranking = identify(candidate, fingerprints, key, params, pools=pools)
     except ModelLoadError as exc:
         raise _load_error("candidate", exc) from exc
     except ValueError as exc:

@@ -298,6 +298,8 @@ def rev_verify(
         "--max-challenges", str(params.get("max_challenges", 64)),
         "--batch-size", str(params.get("batch_size") or 8),
     ]  # fmt: skip
+    if params.get("nonce"):  # a farm job's own challenges (its transcript's challenge_nonce)
+        cmd += ["--nonce", str(params["nonce"])]
     proc = subprocess.run(
         cmd,
         cwd=ROOT,

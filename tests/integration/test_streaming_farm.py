@@ -200,8 +200,10 @@ def test_streamed_job_succeeds_on_a_worker_smaller_than_the_model(
         f"validators; {result['challenges_used']} challenges"
     )
 
-    # The in-memory engine, unlimited, in its own process: the same transcript root, so the
-    # streamed signatures the farm committed are the full load's, bit for bit.
+    # The in-memory engine, unlimited, in its own process, on the job's own challenges: the
+    # same transcript root, so the streamed signatures the farm committed are the full
+    # load's, bit for bit.
+    nonce = client.get(f"/v1/jobs/{job_id}/transcript").get_json()["challenge_nonce"]
     expected = rev_verify(
         big_model,
         big_model,
@@ -209,6 +211,7 @@ def test_streamed_job_succeeds_on_a_worker_smaller_than_the_model(
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         max_challenges=16,
         batch_size=8,
+        nonce=nonce,
     )
     assert expected["verdict"] == "SAME"
     assert expected["transcript_root"] == result["transcript_root"]

@@ -16,10 +16,18 @@ import pytest
 
 from rev_tasks.core.challenges import (
     DOMAINS,
+    FRAMES,
+    NONCE_BYTES,
     TEMPLATES,
     Challenge,
+    challenge_for,
+    challenges_at,
     commitment,
+    distinct_prompts,
+    entropy_bits,
     generate_challenges,
+    job_challenges,
+    nonce_challenges,
     render,
 )
 from rev_tasks.core.keys import DEMO_KEY, derive, key_id, load_key
@@ -123,8 +131,11 @@ def test_template_catalogue() -> None:
     assert {"CYRILLIC", "CJK"} & scripts, scripts  # at least one non-Latin script
     for t in TEMPLATES:
         assert all(len(vs) >= 3 for _, vs in t.slots), t.id
-    # Bias bound claimed in the module docstring: every draw uses < 2**40 of the 2**256 range.
-    assert max(len(TEMPLATES) * math.prod(len(v) for _, v in t.slots) for t in TEMPLATES) < 2**40
+    # Bias bound claimed in the module docstring: every draw uses < 2**48 of the 2**256 range.
+    assert max(len(TEMPLATES) * distinct_prompts(t) for t in TEMPLATES) < 2**48
+    assert distinct_prompts(TEMPLATES[0]) == math.prod(
+        len(v) for _, v in TEMPLATES[0].slots
+    ) * math.prod(len(f) for f in FRAMES)
 
 
 def test_render_keeps_other_braces() -> None:
@@ -160,8 +171,17 @@ def test_challenge_is_the_documented_function_of_the_hmac() -> None:
         for name, vocab in tmpl.slots:
             x, v = divmod(x, len(vocab))
             values[name] = vocab[v]
+        parts = []
+        for vocab in FRAMES:
+            x, f = divmod(x, len(vocab))
+            parts.append(vocab[f])
+        body = render(tmpl, values)
+        tail = "".join(parts[1:])
+        if tail and "\n" in body:
+            tail = "\n\n" + tail.lstrip()
         (c,) = generate_challenges(KEY_A, 1, start=i)
-        assert c == Challenge(i, tmpl.id, tmpl.domain, render(tmpl, values))
+        assert c == Challenge(i, tmpl.id, tmpl.domain, parts[0] + body + tail)
+        assert challenge_for(KEY_A, i) == c == challenges_at(KEY_A, [i])[0]
 
 
 def test_all_domains_appear_in_200() -> None:
@@ -226,8 +246,65 @@ def test_deterministic_across_processes_and_hash_seeds() -> None:
 
 def test_golden_commitment() -> None:
     # TEMPLATES and the decoding rule are part of the protocol: any change re-keys every
-    # challenge set and orphans stored fingerprints. Update this value only on purpose.
+    # challenge set and orphans stored fingerprints. Update this value only on purpose
+    # (last: the prompt frames that took the catalogue from 10 to 26 bits).
     cs = generate_challenges(DEMO_KEY, 64)
     assert (
-        commitment(cs).hex() == "af25798f5bf0f85a9ed64d1770bf83d4958e1bef873869a8682b90eae7875783"
+        commitment(cs).hex() == "26a822cdcb75c43356bbcaf0e25c545b2be90c2f6ff8a8ecc1ddd900429d1c17"
+    )
+
+
+# ------------------------------------------------------------------ per-job challenges
+
+NONCE_1, NONCE_2 = b"\x01" * NONCE_BYTES, hashlib.sha256(b"nonce 2").digest()
+
+
+def test_nonce_challenges_are_the_documented_function_of_the_hmac() -> None:
+    label = "job-challenge/" + NONCE_1.hex()
+    for i in (0, 5, 63):
+        x = int.from_bytes(derive(KEY_A, label, i), "big")
+        assert (
+            TEMPLATES[x % len(TEMPLATES)].id
+            == nonce_challenges(KEY_A, NONCE_1, 1, i)[0].template_id
+        )
+    cs = nonce_challenges(KEY_A, NONCE_1, 64)
+    assert [c.index for c in cs] == list(range(64))
+    assert nonce_challenges(KEY_A, NONCE_1, 10, start=20) == cs[20:30]
+    assert challenge_for(KEY_A, 17, NONCE_1) == cs[17]
+    assert job_challenges(KEY_A, 64, nonce=NONCE_1) == cs
+
+
+def test_two_nonces_share_no_prompt() -> None:
+    """Two jobs on one pair under one key: disjoint prompts, different commitments."""
+    a = nonce_challenges(KEY_A, NONCE_1, 256)
+    b = nonce_challenges(KEY_A, NONCE_2, 256)
+    key_seq = generate_challenges(KEY_A, 256)
+    assert commitment(a[:64]) != commitment(b[:64]) != commitment(key_seq[:64])
+    assert not {c.prompt for c in a} & {c.prompt for c in b}
+    assert not {c.prompt for c in a} & {c.prompt for c in key_seq}
+    assert len({c.prompt for c in a}) == 256  # no repeat within a job either
+    assert {c.domain for c in a} == set(DOMAINS)
+
+
+def test_nonce_is_checked() -> None:
+    for bad in (b"", b"x" * 31, b"x" * 33, "ab" * 32):
+        with pytest.raises(ValueError, match="nonce"):
+            nonce_challenges(KEY_A, bad, 1)  # type: ignore[arg-type]
+
+
+def test_pool_draw_is_the_key_sequence_at_those_indices() -> None:
+    full = generate_challenges(KEY_A, 100)
+    drawn = [57, 3, 99, 12]
+    assert challenges_at(KEY_A, drawn) == [full[i] for i in drawn]
+    assert job_challenges(KEY_A, 3, indices=drawn) == [full[57], full[3], full[99]]
+    assert job_challenges(KEY_A, 5) == full[:5]
+    with pytest.raises(ValueError):
+        challenges_at(KEY_A, [-1])
+
+
+def test_catalogue_entropy_is_above_twenty_bits() -> None:
+    e = entropy_bits()
+    assert e["shannon_bits"] > 24 and e["log2_distinct"] > 25 and e["min_template_bits"] >= 18
+    assert e["log2_distinct"] == pytest.approx(
+        math.log2(sum(distinct_prompts(t) for t in TEMPLATES))
     )
