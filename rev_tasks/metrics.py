@@ -155,6 +155,13 @@ CONSENSUS_ROUNDS = Counter(
     ["outcome"],
 )
 
+# --------------------------------------------------------------------------- watchdog
+WATCHDOG_ACTIONS = Counter(
+    "rev_watchdog_actions",
+    "Jobs the watchdog found lost, by action (resumed, failed) and the state they were in.",
+    ["action", "state"],
+)
+
 # --------------------------------------------------------------------------- backups
 BACKUP_FAILURES = Counter("rev_backup_failures", "Database backups that failed.")
 BACKUP_DURATION = Histogram(
@@ -165,6 +172,9 @@ BACKUP_DURATION = Histogram(
 
 #: Values the ``vote`` label may take; anything else is recorded as ``other``.
 VOTES = frozenset({"accept", "reject", "error"})
+#: Values the labels of ``rev_watchdog_actions_total`` may take.
+WATCHDOG_ACTION_NAMES = frozenset({"resumed", "failed"})
+WATCHDOG_STATES = frozenset({"queued", "prepared", "inference", "consensus"})
 #: Values the ``outcome`` label of ``consensus_rounds_total`` may take.
 CONSENSUS_OUTCOMES = frozenset({"published", "no_quorum", "failed"})
 #: Verdicts a finished job may carry (``none`` when it failed before deciding).
@@ -185,6 +195,7 @@ _COUNTERS = (
     JOBS_FINISHED,
     CONSENSUS_VALIDATORS,
     CONSENSUS_ROUNDS,
+    WATCHDOG_ACTIONS,
     BACKUP_FAILURES,
 )
 _HISTOGRAMS = (
@@ -208,6 +219,7 @@ WORKER_ONLY = frozenset(
         CONSENSUS_VALIDATORS_ACTIVE,
         CONSENSUS_VALIDATORS,
         CONSENSUS_ROUNDS,
+        WATCHDOG_ACTIONS,
         BACKUP_FAILURES,
         BACKUP_DURATION,
     )
@@ -335,6 +347,14 @@ def consensus_round(outcome: str, duration_s: float | None = None) -> None:
 
 
 @_never_fails
+def watchdog_action(action: str, state: str) -> None:
+    """Count a lost job the watchdog resumed or failed (``state``: where it was lost)."""
+    WATCHDOG_ACTIONS.labels(
+        action=_label(action, WATCHDOG_ACTION_NAMES), state=_label(state, WATCHDOG_STATES)
+    ).inc()
+
+
+@_never_fails
 def record_backup_success(duration_s: float) -> None:
     """Observe a successful backup's duration (its time shows through the files)."""
     BACKUP_DURATION.observe(duration_s)
@@ -365,6 +385,10 @@ def preinitialise_worker() -> None:
     _at_zero(JOBS_FINISHED, ((k, s, v) for k in KINDS for s, v in FINISHED))
     _at_zero(CONSENSUS_ROUNDS, ((o,) for o in sorted(CONSENSUS_OUTCOMES)))
     _at_zero(CONSENSUS_VALIDATORS, ((v,) for v in sorted(VOTES)))
+    _at_zero(
+        WATCHDOG_ACTIONS,
+        ((a, s) for a in sorted(WATCHDOG_ACTION_NAMES) for s in sorted(WATCHDOG_STATES)),
+    )
 
 
 @_never_fails

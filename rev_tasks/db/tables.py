@@ -137,6 +137,8 @@ class Job(Base):
     challenges_max: Mapped[int] = mapped_column(Integer, default=0)
     # Deliveries that started the inference: a poison job is failed after REV_MAX_ATTEMPTS.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Times the watchdog re-dispatched the job after its work was lost (rev_tasks/ops/watchdog.py).
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -149,6 +151,8 @@ class Job(Base):
         DateTime(timezone=True), default=None
     )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Written by the worker that runs the job (inference or consensus) while it runs.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class Transcript(Base):
