@@ -211,7 +211,7 @@ def _count_when_committed(session: Session, kind: str, target: State, values: An
     """Count a job in ``rev_jobs_finished_total`` once the move that finished it commits.
 
     Every move into a terminal state comes through :func:`_compare_and_set`, whoever makes
-    it (a task, the reaper, the coordinator when the broker refuses a job, a cancel), so
+    it (a task, the watchdog, the coordinator when the broker refuses a job, a cancel), so
     this is the one place a finished job is counted. A rolled-back move counts nothing.
     """
     verdict = (values.get("result") or {}).get("verdict")

@@ -19,7 +19,7 @@ Who records what
   process-tree RSS (``worker_memory_bytes``), the age of the newest backup on disk and,
   on CUDA workers, the GPUs' utilisation and memory.
 - Finished jobs: :mod:`rev_tasks.jobs` calls :func:`job_finished` when a move into a
-  terminal state commits, in whichever process made it (a worker, the reaper, the
+  terminal state commits, in whichever process made it (a worker, the watchdog, the
   coordinator for a cancel or a job the broker refused).
 - Backups: :mod:`rev_tasks.ops.backup` records duration and failures itself.
 

@@ -251,7 +251,7 @@ class IdempotencyKey(Base):
     (tenant, key) is the primary key: of two concurrent requests with one key, the second
     insert waits for the first transaction and then fails, so only one of them creates a
     job and the other answers with it. ``request_hash`` is the SHA-256 of the validated
-    request: the same key with another body is refused. The reaper prunes expired keys.
+    request: the same key with another body is refused. The beat watchdog prunes expired keys.
     """
 
     __tablename__ = "idempotency_keys"

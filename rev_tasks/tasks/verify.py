@@ -76,7 +76,7 @@ def _fail(job_id: str, code: str, message: str) -> str:
 
 
 class _LeftInference(Exception):
-    """The job's row left the inference while its batches ran (cancelled, reaped, decided)."""
+    """The job's row left the inference while its batches ran (cancelled, resumed, lost, decided)."""
 
 
 @app.task(name=Task.PREPARE, ignore_result=True, throws=(JobFailed,), **DB_RETRY)
