@@ -192,4 +192,12 @@ def _bound(
     queue: str,
     transition: jobs.Transition,
 ) -> Callable[[], None]:
-    return lambda: dispatch(job_id, queue, transition)
+    def send() -> None:
+        # One job's failed send (the broker went away again) must not keep the others'
+        # messages from going out; that job is resumed again by a later round.
+        try:
+            dispatch(job_id, queue, transition)
+        except Exception:  # noqa: BLE001
+            log.exception("watchdog: job %s resumed but its message could not be sent", job_id)
+
+    return send

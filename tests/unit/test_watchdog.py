@@ -158,3 +158,19 @@ def test_the_broker_names_the_jobs_of_waiting_messages() -> None:
         r.zrem("unacked_index", "tag-1")
     with pytest.raises(watchdog.BrokerUnreadable):
         watchdog.broker_names("redis://127.0.0.1:1/0", [queue], young_seconds=60)
+
+
+def test_a_send_that_fails_does_not_keep_the_others_from_going_out(database: str) -> None:
+    _job("first", State.QUEUED, silent_for=600)
+    _job("second", State.QUEUED, silent_for=600)
+    sent: list[str] = []
+
+    def dispatch(job_id: str, _queue: str, _transition: jobs.Transition) -> None:
+        if job_id == "first":
+            raise ConnectionError("the broker went away again")
+        sent.append(job_id)
+
+    with db.session_scope() as s:
+        watchdog.sweep(s, set(), THRESHOLDS, dispatch)
+    assert sent == ["second"]
+    assert _state("first")[:2] == (State.QUEUED, 1)  # resumed: a later round sends it again
