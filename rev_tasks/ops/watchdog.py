@@ -67,7 +67,8 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Action:
-    """What the watchdog did to one job: ``resumed`` (with the transition) or ``failed``."""
+    """What the watchdog did to one job: ``resumed`` (with the transition) or ``failed``;
+    ``resumes``: the job's count of resumes after this action."""
 
     job_id: str
     state: str
@@ -175,14 +176,22 @@ def sweep(
         after_commit(session, _bound(dispatch, job.id, job.queue, transition))
         actions.append(Action(job.id, state, "resumed", transition.name, job.resumes))
     for a in actions:
-        log.warning(
-            "watchdog: job %s (%s) %s%s after %d resume(s)",
-            a.job_id,
-            a.state,
-            a.action,
-            f" by {a.transition}" if a.transition else " as lost",
-            a.resumes,
-        )
+        if a.transition is not None:
+            log.warning(
+                "watchdog: job %s (%s) resumed by %s (resume %d of %d)",
+                a.job_id,
+                a.state,
+                a.transition,
+                a.resumes,
+                thresholds.max_resumes,
+            )
+        else:
+            log.warning(
+                "watchdog: job %s (%s) failed as lost after %d resume(s)",
+                a.job_id,
+                a.state,
+                a.resumes,
+            )
     return actions
 
 

@@ -180,7 +180,10 @@ def test_a_killed_broker_loses_no_job(
     broker.appendonly = appendonly
     broker.restart(down_for=2.0)
     after = redis.Redis.from_url(broker.url).llen(INFERENCE_CPU)
-    assert after == (queued if appendonly else 0), (queued, after)
+    if appendonly:  # the AOF kept them (one may have been taken just before the kill)
+        assert queued - 1 <= after <= queued and after >= 1, (queued, after)
+    else:
+        assert after == 0, (queued, after)
     check_outcomes(client, expected, stable, timeout=240)
     resumes = _resumes(list(expected))
     if not appendonly:  # the queued jobs' messages were lost: resumed, not waited for
@@ -194,3 +197,86 @@ def test_a_killed_broker_loses_no_job(
         "wall_s": round(time.monotonic() - started, 1),
     }
     victim.stop()
+
+
+def test_a_killed_consensus_worker_s_round_is_sent_again_with_no_sixth_vote(
+    client: Any,
+    start_worker: Any,
+    stable: Any,
+    beat: GroupProcess,
+    broker: RedisServer,
+    model_dirs: dict[str, Path],
+) -> None:
+    """SIGKILL of the whole consensus worker while a job has some votes but not five and the
+    worker holds one of its validators (unacked for two hours): its chord never completes. The worker comes back, the watchdog sends the round again, the
+    validators that voted return their votes, and the job publishes once with five.
+
+    Last in the module: it replaces the module's stable worker."""
+    from tests.integration.chaos import votes
+
+    started = time.monotonic()
+    stable.stop()  # in its place, one whose validators take a second: a kill lands in one
+    slow = start_worker(
+        queues=",".join(CONSENSUS_WORKER_QUEUES),
+        name="stable-slow",
+        REV_ENABLE_FAULT_INJECTION="1",
+        REV_TEST_SLOW_VALIDATION_SECONDS="1",
+    )
+    victim = start_worker(queues=INFERENCE_CPU, name="victim-consensus", **VICTIM_ENV)
+    expected: dict[str, str] = {}
+    caught = None
+    deadline = time.monotonic() + 180
+    while caught is None:
+        assert time.monotonic() < deadline, rows(list(expected))
+        found = rows(list(expected))
+        if all(status in ("succeeded", "failed") for status, _, _ in found.values()):
+            for body, verdict in bodies(model_dirs, 2):  # (again) two jobs to catch
+                expected[submit(client, body)] = verdict
+            continue
+        for job_id, (_, stage, _) in found.items():
+            held = _held_for(broker, job_id)
+            # Delivered 0.2-0.7 s ago: the validator sleeps in its check and has not voted.
+            if stage == "consensus" and 1 <= len(votes(job_id)) <= 4 and 0.2 < held < 0.7:
+                caught = job_id
+                break
+        time.sleep(0.02)
+    slow.kill()
+    cast_before = len(votes(caught))
+    again = start_worker(queues=",".join(CONSENSUS_WORKER_QUEUES), name="stable-again")
+    logs = _Logs(stable, slow, again)
+    check_outcomes(client, expected, logs, timeout=240)
+    assert _resumes([caught])[caught] >= 1
+    assert "resumed by resume_consensus" in again.log_tail(10_000_000)
+    FIGURES["consensus_worker_sigkill"] = {
+        "jobs": len(expected),
+        "votes_when_killed": cast_before,
+        "outcome": "the round was sent again; published once, 5 distinct votes",
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    victim.stop()
+
+
+class _Logs:
+    """The logs of the consensus workers one after the other (check_outcomes reads them)."""
+
+    def __init__(self, *workers: Any) -> None:
+        self.workers = workers
+
+    def log_tail(self, n: int) -> str:
+        return "".join(w.log_tail(n) for w in self.workers)
+
+
+def _held_for(broker: RedisServer, job_id: str) -> float:
+    """Seconds since a worker was delivered (and has not acked) a message naming the job;
+    infinity when none is held."""
+    import redis
+
+    from rev_tasks.ops.watchdog import _named
+
+    r = redis.Redis.from_url(broker.url)
+    ages = [
+        time.time() - score
+        for tag, score in r.zrange("unacked_index", 0, -1, withscores=True)
+        if job_id in _named(r.hget("unacked", tag) or b"")
+    ]
+    return min(ages, default=float("inf"))
