@@ -94,10 +94,11 @@ include = [
 # The database backup runs on REV_BACKUP_SCHEDULE (crontab "0 3 * * *" UTC by default, or
 # seconds); a malformed value fails here, at start, not silently at 03:00.
 beat_schedule = {
-    "reap-stale-jobs": {
-        "task": Task.REAP_STALE_JOBS,
-        "schedule": 300.0,
-        "options": {"expires": 240, "queue": queues.MAINTENANCE},
+    # Lost jobs are resumed within REV_WATCHDOG_STALE_SECONDS + one interval (docs/operations.md).
+    "watchdog": {
+        "task": Task.WATCHDOG,
+        "schedule": _settings.watchdog_interval,
+        "options": {"expires": 0.8 * _settings.watchdog_interval, "queue": queues.MAINTENANCE},
     },
     BACKUP_BEAT_NAME: beat_schedule_entry(),
 }

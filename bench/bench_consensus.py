@@ -9,7 +9,7 @@ UNDECIDED with 64 records), for a tiny GPT-2 and for MiniLM. Then, round after r
 consensus worker (``-c 2``, as ``make up`` runs it), it times from dispatch to the callback's
 result:
 
-* the real chord, built exactly as ``rev_tasks.tasks.verify._dispatch_consensus`` builds it
+* the real chord, built exactly as ``rev_tasks.tasks.verify.dispatch_consensus`` builds it
   (five ``validate.si(job, i)`` into ``tally.si`` with the ``consensus_failed`` errback; the
   tally's result is stored for this call so that the bench can wait on it). Before
   each round the job's votes are deleted and the job is set back to ``running`` so that every

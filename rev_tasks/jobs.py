@@ -5,14 +5,17 @@ the pipeline a job is. The states and the allowed transitions are data (:class:`
 :data:`TRANSITIONS`), and every write of a job's status or stage goes through this module,
 from the coordinator (:func:`new_job`, :func:`fail` when the broker refuses the job,
 :func:`cancel`) and from the tasks (prepare → start → decide → publish or reject; identify;
-fail; the reaper). Each move into a terminal state is counted in ``rev_jobs_finished_total``
+fail; the watchdog's resume and its ``lost`` failure). Each move into a terminal state is counted in ``rev_jobs_finished_total``
 when it commits.
 
 A transition is a compare-and-set on the row: it applies only if the row is still in the
 state it was read in, so a move that the data does not allow, or one that a concurrent
 delivery overtook, raises :class:`IllegalTransition` instead of overwriting the row.
-:func:`fail` is the one that is expected to lose races (a redelivered errback, the reaper,
-a late failure of a job another delivery finished): it returns False instead of raising.
+:func:`fail` is the one that is expected to lose races (a redelivered errback, the
+watchdog, a late failure of a job another delivery finished): it returns False instead of
+raising. The same compare-and-set settles a job that two deliveries run at once after a
+resume: progress and heartbeats carry the attempt they belong to, and a delivery whose
+attempt is no longer the row's stops at its next batch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import event, select, tuple_, update
+from sqlalchemy import event, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -101,6 +104,18 @@ REJECT = Transition("reject", frozenset({State.CONSENSUS}), State.FAILED)
 FAIL = Transition("fail", ACTIVE_STATES, State.FAILED)
 #: Cancelling stops a job wherever it is; the tasks still queued for it find it finished.
 CANCEL = Transition("cancel", ACTIVE_STATES, State.CANCELLED)
+# The watchdog's moves: a job whose work is no longer anywhere (its message lost with the
+# broker, its worker killed) goes back to the state its stored data can be sent again from.
+# Never from a finished state: a cancelled job is not resumed.
+#: The ``prepare`` message was lost: send it again.
+RESUME_PREPARE = Transition("resume_prepare", frozenset({State.QUEUED}), State.QUEUED)
+#: The inference message or its worker was lost: the job waits for a new delivery.
+RESUME_INFERENCE = Transition(
+    "resume_inference", frozenset({State.PREPARED, State.INFERENCE}), State.PREPARED
+)
+#: The validators' chord was lost (its messages or its counter): send it again.
+RESUME_CONSENSUS = Transition("resume_consensus", frozenset({State.CONSENSUS}), State.CONSENSUS)
+RESUMES: tuple[Transition, ...] = (RESUME_PREPARE, RESUME_INFERENCE, RESUME_CONSENSUS)
 TRANSITIONS: tuple[Transition, ...] = (
     PREPARE,
     START,
@@ -110,7 +125,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     REJECT,
     FAIL,
     CANCEL,
+    *RESUMES,
 )
+#: States in which a worker is working on the job and heartbeats.
+WORKING_STATES = frozenset({State.INFERENCE, State.CONSENSUS})
 
 
 class LifecycleError(Exception):
@@ -151,6 +169,7 @@ class JobSpec:
     attempts: int
     challenge_nonce: str | None = None
     challenge_indices: list[int] | None = None
+    resumes: int = 0
 
 
 # ----------------------------------------------------------------------------- moves
@@ -194,7 +213,7 @@ def _count_when_committed(session: Session, kind: str, target: State, values: An
     """Count a job in ``rev_jobs_finished_total`` once the move that finished it commits.
 
     Every move into a terminal state comes through :func:`_compare_and_set`, whoever makes
-    it (a task, the reaper, the coordinator when the broker refuses a job, a cancel), so
+    it (a task, the watchdog, the coordinator when the broker refuses a job, a cancel), so
     this is the one place a finished job is counted. A rolled-back move counts nothing.
     """
     verdict = (values.get("result") or {}).get("verdict")
@@ -273,13 +292,15 @@ def mark_running(session: Session, job: Job, *, new_attempt: bool) -> JobSpec:
     outage), which is not another attempt at the job.
     """
     attempts = (job.attempts or 0) + (1 if new_attempt else 0)
+    now = utcnow()
     apply(
         session,
         job,
         START,
-        started_at=job.started_at or utcnow(),
+        started_at=job.started_at or now,
         challenges_done=0,
         attempts=attempts,
+        heartbeat_at=now,
     )
     return JobSpec(
         id=job.id,
@@ -293,19 +314,47 @@ def mark_running(session: Session, job: Job, *, new_attempt: bool) -> JobSpec:
         attempts=attempts,
         challenge_nonce=job.challenge_nonce,
         challenge_indices=list(job.challenge_indices) if job.challenge_indices else None,
+        resumes=job.resumes or 0,
     )
 
 
-def record_progress(session: Session, job_id: str, done: int, maximum: int) -> bool:
+def record_progress(
+    session: Session, job_id: str, done: int, maximum: int, attempt: int | None = None
+) -> bool:
     """Challenges done so far, while the inference runs (a no-op in any other state).
 
-    False when the job is no longer in inference (cancelled, reaped, or decided by another
-    delivery): the caller stops its batches, at no cost beyond the write it makes anyway.
+    False when the job is no longer in inference (cancelled, failed as lost, resumed, or
+    decided by another delivery) or, with ``attempt``, when a later delivery started it
+    again: the caller stops its batches, at no cost beyond the write it makes anyway.
+    The write is also the job's heartbeat.
     """
+    now = utcnow()
+    where = [Job.id == job_id, _states([State.INFERENCE])]
+    if attempt is not None:
+        where.append(Job.attempts == attempt)
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, _states([State.INFERENCE]))
-        .values(challenges_done=done, challenges_max=maximum, updated_at=utcnow())
+        .where(*where)
+        .values(challenges_done=done, challenges_max=maximum, updated_at=now, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount)
+
+
+def heartbeat(session: Session, job_id: str, attempt: int | None = None) -> bool:
+    """The worker running the job is alive: ``heartbeat_at`` = now, in a working state only.
+
+    False when the job left inference and consensus (finished, resumed) or, with
+    ``attempt``, when another delivery started its inference since. ``updated_at`` is not
+    touched: it still says when the job last changed.
+    """
+    where = [Job.id == job_id, _states(WORKING_STATES)]
+    if attempt is not None:
+        where.append(Job.attempts == attempt)
+    res = session.execute(
+        update(Job)
+        .where(*where)
+        .values(heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return bool(res.rowcount)
@@ -330,6 +379,7 @@ def record_decision(
         challenges_done=int(result["challenges_used"]),
         challenges_max=int(result.get("challenges_max", job.challenges_max)),
         decided_at=utcnow(),
+        heartbeat_at=utcnow(),
     )
     repo.store_transcript(session, job_id, result, transcript)
     return True
@@ -359,7 +409,7 @@ def record_consensus_dispatched(session: Session, job_id: str) -> None:
     """The validators' chord was sent (a redelivered inference sends it only if not)."""
     job = session.get(Job, job_id)
     if job is not None and job.consensus_dispatched_at is None:
-        job.consensus_dispatched_at = utcnow()
+        job.consensus_dispatched_at = job.heartbeat_at = utcnow()
 
 
 def publish(session: Session, job: Job, result: dict[str, Any]) -> None:
@@ -394,9 +444,47 @@ def cancel(session: Session, job: Job) -> bool:
     return True
 
 
-def fail_stale(session: Session, cutoff: datetime, code: str, message: str) -> int:
-    """Fail running jobs whose row has not changed since ``cutoff``; how many were failed."""
-    stale = session.scalars(
-        select(Job.id).where(Job.status == RUNNING, Job.updated_at < cutoff)
-    ).all()
-    return sum(fail(session, job_id, code, message) for job_id in stale)
+def silent(
+    session: Session, queued_before: datetime, working_before: datetime, lock: bool = False
+) -> list[Job]:
+    """Active jobs nothing has been heard of: the watchdog's candidates.
+
+    Queued or prepared jobs whose row has not changed since ``queued_before`` (their
+    message should have been taken by now), and running jobs whose last heartbeat (or
+    change, before the first heartbeat) is older than ``working_before``. With ``lock``,
+    the rows are locked for the caller's transaction, skipping rows another one holds (a
+    task that holds a job's row is working on it).
+    """
+    waiting = [State.QUEUED, State.PREPARED]
+    last = func.coalesce(Job.heartbeat_at, Job.updated_at)
+    stmt = (
+        select(Job)
+        .where(
+            or_(
+                _states(waiting) & (Job.updated_at < queued_before),
+                _states(WORKING_STATES) & (last < working_before),
+            )
+        )
+        .order_by(Job.created_at, Job.id)
+    )
+    if lock:
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(session.scalars(stmt))
+
+
+def resume(session: Session, job: Job) -> Transition:
+    """Send ``job`` back to where its stored state can be dispatched again; one more resume.
+
+    Returns the transition made (what to send: ``prepare``, the inference, or the
+    validators' chord). Raises :class:`IllegalTransition` for a finished job, or one that
+    moved since it was read (a late delivery got to it first: nothing to resume).
+    """
+    state = State.of(job)
+    transition = next((t for t in RESUMES if state in t.sources), None)
+    if transition is None:
+        raise IllegalTransition(job.id, state, RESUME_PREPARE)
+    values: dict[str, Any] = {"resumes": (job.resumes or 0) + 1, "heartbeat_at": utcnow()}
+    if transition is RESUME_CONSENSUS:
+        values["consensus_dispatched_at"] = None
+    apply(session, job, transition, **values)
+    return transition

@@ -19,7 +19,7 @@ Who records what
   process-tree RSS (``worker_memory_bytes``), the age of the newest backup on disk and,
   on CUDA workers, the GPUs' utilisation and memory.
 - Finished jobs: :mod:`rev_tasks.jobs` calls :func:`job_finished` when a move into a
-  terminal state commits, in whichever process made it (a worker, the reaper, the
+  terminal state commits, in whichever process made it (a worker, the watchdog, the
   coordinator for a cancel or a job the broker refused).
 - Backups: :mod:`rev_tasks.ops.backup` records duration and failures itself.
 
@@ -159,6 +159,13 @@ CONSENSUS_ROUNDS = Counter(
     ["outcome"],
 )
 
+# --------------------------------------------------------------------------- watchdog
+WATCHDOG_ACTIONS = Counter(
+    "rev_watchdog_actions",
+    "Jobs the watchdog found lost, by action (resumed, failed) and the state they were in.",
+    ["action", "state"],
+)
+
 # --------------------------------------------------------------------------- backups
 BACKUP_FAILURES = Counter("rev_backup_failures", "Database backups that failed.")
 BACKUP_DURATION = Histogram(
@@ -169,6 +176,9 @@ BACKUP_DURATION = Histogram(
 
 #: Values the ``vote`` label may take; anything else is recorded as ``other``.
 VOTES = frozenset({"accept", "reject", "error"})
+#: Values the labels of ``rev_watchdog_actions_total`` may take.
+WATCHDOG_ACTION_NAMES = frozenset({"resumed", "failed"})
+WATCHDOG_STATES = frozenset({"queued", "prepared", "inference", "consensus"})
 #: Values the ``outcome`` label of ``consensus_rounds_total`` may take.
 CONSENSUS_OUTCOMES = frozenset({"published", "no_quorum", "failed"})
 #: Verdicts a finished job may carry (``none`` when it failed before deciding).
@@ -189,6 +199,7 @@ _COUNTERS = (
     JOBS_FINISHED,
     CONSENSUS_VALIDATORS,
     CONSENSUS_ROUNDS,
+    WATCHDOG_ACTIONS,
     BACKUP_FAILURES,
 )
 _HISTOGRAMS = (
@@ -212,6 +223,7 @@ WORKER_ONLY = frozenset(
         CONSENSUS_VALIDATORS_ACTIVE,
         CONSENSUS_VALIDATORS,
         CONSENSUS_ROUNDS,
+        WATCHDOG_ACTIONS,
         BACKUP_FAILURES,
         BACKUP_DURATION,
     )
@@ -339,6 +351,14 @@ def consensus_round(outcome: str, duration_s: float | None = None) -> None:
 
 
 @_never_fails
+def watchdog_action(action: str, state: str) -> None:
+    """Count a lost job the watchdog resumed or failed (``state``: where it was lost)."""
+    WATCHDOG_ACTIONS.labels(
+        action=_label(action, WATCHDOG_ACTION_NAMES), state=_label(state, WATCHDOG_STATES)
+    ).inc()
+
+
+@_never_fails
 def record_backup_success(duration_s: float) -> None:
     """Observe a successful backup's duration (its time shows through the files)."""
     BACKUP_DURATION.observe(duration_s)
@@ -369,6 +389,10 @@ def preinitialise_worker() -> None:
     _at_zero(JOBS_FINISHED, ((k, s, v) for k in KINDS for s, v in FINISHED))
     _at_zero(CONSENSUS_ROUNDS, ((o,) for o in sorted(CONSENSUS_OUTCOMES)))
     _at_zero(CONSENSUS_VALIDATORS, ((v,) for v in sorted(VOTES)))
+    _at_zero(
+        WATCHDOG_ACTIONS,
+        ((a, s) for a in sorted(WATCHDOG_ACTION_NAMES) for s in sorted(WATCHDOG_STATES)),
+    )
 
 
 @_never_fails

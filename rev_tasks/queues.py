@@ -81,5 +81,5 @@ class Task:
     TALLY = "rev_tasks.tasks.consensus.tally"
     CONSENSUS_FAILED = "rev_tasks.tasks.consensus.consensus_failed"
     CERTIFY = "rev_tasks.tasks.consensus.certify"
-    REAP_STALE_JOBS = "rev_tasks.tasks.maintenance.reap_stale_jobs"
+    WATCHDOG = "rev_tasks.tasks.maintenance.watchdog"
     BACKUP = "rev_tasks.tasks.maintenance.backup"

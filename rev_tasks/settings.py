@@ -79,6 +79,17 @@ class Settings:
     inspect_cache_seconds: float = 5.0
     max_attempts: int = 5
     visibility_timeout_override: int | None = None
+    # --- the watchdog (rev_tasks/ops/watchdog.py, docs/operations.md)
+    # a running job's worker writes jobs.heartbeat_at this often
+    heartbeat_seconds: float = 30.0
+    # the beat task runs this often
+    watchdog_interval: float = 60.0
+    # a running job whose heartbeat is older than this has lost its worker
+    watchdog_stale_seconds: float = 180.0
+    # a queued job with no message in the broker for this long has lost its message
+    watchdog_grace_seconds: float = 120.0
+    # resumes before a job that keeps losing its work fails with ``lost``
+    watchdog_max_resumes: int = 3
     # a pooled database connection idle this long is pinged before use (rev_tasks/db/session.py)
     db_ping_idle_seconds: float = 5.0
     # --- security (docs/security.md)
@@ -153,6 +164,11 @@ class Settings:
             max_attempts=max(1, _int("REV_MAX_ATTEMPTS", 5)),
             visibility_timeout_override=_int("REV_VISIBILITY_TIMEOUT", 0) or None,
             db_ping_idle_seconds=_float("REV_DB_PING_IDLE_SECONDS", 5.0),
+            heartbeat_seconds=max(0.1, _float("REV_HEARTBEAT_SECONDS", 30.0)),
+            watchdog_interval=max(0.5, _float("REV_WATCHDOG_INTERVAL", 60.0)),
+            watchdog_stale_seconds=max(1.0, _float("REV_WATCHDOG_STALE_SECONDS", 180.0)),
+            watchdog_grace_seconds=max(1.0, _float("REV_WATCHDOG_GRACE_SECONDS", 120.0)),
+            watchdog_max_resumes=max(0, _int("REV_WATCHDOG_MAX_RESUMES", 3)),
             rate_limit_rps=max(0.0, _float("REV_RATE_LIMIT_RPS", 100.0)),
             rate_limit_burst=max(1, _int("REV_RATE_LIMIT_BURST", 200)),
             anon_rate_limit_rps=max(0.0, _float("REV_ANON_RATE_LIMIT_RPS", 20.0)),

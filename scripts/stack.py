@@ -10,6 +10,11 @@ carries ``REV_STACK_ID`` in its environment so that ``down`` can prove none is l
 ``up`` returns once ``/readyz`` answers 200. It first creates, once and mode 0600, the farm's
 secret key and the certificate signing key (``REV_SECRET_KEY_FILE``, ``REV_CERT_KEY_FILE``).
 
+The embedded Redis keeps an append-only file in ``var/redis``: a crash or a restart keeps
+its queued and unacked messages. Run again on a stack that is up, ``up`` restarts each
+member whose process died (its command line and environment are kept next to its pid file)
+before it checks ``/readyz``.
+
 ``demo`` (after ``up``) registers the real MiniLM, builds a byte copy and a 1 %-noise copy
 under ``var/models``, submits a SAME and a DIFFERENT case over HTTP, shows progress, prints
 each finished job document, and checks the SAME verdict's signed certificate against its
@@ -147,8 +152,69 @@ def start(name: str, argv: list[str], env: dict[str, str]) -> int:
     RUN.mkdir(parents=True, exist_ok=True)
     proc = GroupProcess(name, argv, env, LOG / f"{name}.log", append=True)
     _pid_file(name).write_text(f"{proc.pid}\n")
+    _remember(name, argv, env)
     log(f"started {name} (pid {proc.pid}, log {_shown(LOG / f'{name}.log')})")
     return proc.pid
+
+
+def _member_file(name: str) -> Path:
+    return RUN / f"{name}.json"
+
+
+def _remember(name: str, argv: list[str], env: dict[str, str]) -> None:
+    """What a later ``up`` needs to start ``name`` again if it dies: its command line and
+    what it adds to the environment (0600: the environment may name credentials)."""
+    added = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    fd = os.open(_member_file(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"argv": list(argv), "env": added}, fh)
+
+
+def dead_members() -> list[tuple[str, int]]:
+    """(name, pid) of each member whose pid file names a process that is gone."""
+    dead = []
+    for name in ORDER:
+        pf = _pid_file(name)
+        if not pf.exists():
+            continue
+        try:
+            pid = int(pf.read_text().strip())
+        except ValueError:
+            pid = 0
+        if not pid or not pid_alive(pid):
+            dead.append((name, pid))
+    return dead
+
+
+def restart_dead_members(state: dict[str, Any]) -> list[str]:
+    """Start again, in ``ORDER`` (Redis first), every member of a running stack that died.
+
+    Each comes back with the command line and environment it was first started with; the
+    embedded Redis on its port, with its AOF, so the queues it held come back with it.
+    """
+    restarted = []
+    for name, pid in dead_members():
+        spec_path = _member_file(name)
+        if not spec_path.exists():
+            log(f"{name} (pid {pid}) is not running and cannot be restarted: no {spec_path}")
+            continue
+        spec = json.loads(spec_path.read_text())
+        log(f"{name} (pid {pid}) is not running; restarting it")
+        start(name, spec["argv"], {**os.environ, **spec["env"]})
+        if name == "redis":
+            wait_redis(state["env"]["REDIS_URL"])
+        restarted.append(name)
+    return restarted
+
+
+def embedded_redis_argv(port: int, data_dir: Path) -> list[str]:
+    """The embedded Redis: loopback only, an append-only file under ``data_dir`` (fsync
+    every second), so that a crash or a restart keeps the queued and unacked messages."""
+    return [
+        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+        "--dir", str(data_dir), "--daemonize", "no",
+    ]  # fmt: skip
 
 
 def tagged_pids(stack_id: str) -> list[int]:
@@ -179,6 +245,7 @@ def stop_service(name: str, timeout: float) -> None:
         stop_group(pid, timeout)
         log(f"stopped {name} (pid {pid})")
     pf.unlink(missing_ok=True)
+    _member_file(name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- up / down
@@ -220,8 +287,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if STATE.exists():
         state = json.loads(STATE.read_text())
         if any(_pid_file(n).exists() for n in ORDER):
-            log("a stack is already running (make down first); checking it is ready")
-            print(json.dumps(wait_ready(state["api"], 30), indent=2))
+            restarted = restart_dead_members(state)
+            if restarted:
+                log(f"restarted {', '.join(restarted)}; waiting for /readyz …")
+            else:
+                log("a stack is already running (make down first); checking it is ready")
+            print(json.dumps(wait_ready(state["api"], args.timeout if restarted else 30), indent=2))
             return 0
     make_private(VAR)
     VAR.mkdir(parents=True, exist_ok=True)
@@ -261,12 +332,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             rport = free_port()
             (VAR / "redis").mkdir(exist_ok=True)
             state["env"]["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
-            argv = [
-                redis_server_binary(), "--port", str(rport), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(VAR / "redis"),
-                "--daemonize", "no",
-            ]  # fmt: skip
-            start("redis", argv, stack_env(state))
+            start("redis", embedded_redis_argv(rport, VAR / "redis"), stack_env(state))
             wait_redis(state["env"]["REDIS_URL"])
         else:
             state["env"]["REDIS_URL"] = os.environ["REDIS_URL"]

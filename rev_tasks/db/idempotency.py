@@ -96,7 +96,7 @@ def forget_job(session: Session, job_id: str) -> None:
 
 
 def prune(session: Session, now: datetime | None = None) -> int:
-    """Delete expired keys (the reaper calls this); how many were deleted."""
+    """Delete expired keys (the beat watchdog calls this); how many were deleted."""
     cutoff = (now or utcnow()) - TTL
     res = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at <= cutoff))
     return int(res.rowcount or 0)

@@ -160,6 +160,8 @@ class Job(Base):
     challenges_max: Mapped[int] = mapped_column(Integer, default=0)
     # Deliveries that started the inference: a poison job is failed after REV_MAX_ATTEMPTS.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Times the watchdog re-dispatched the job after its work was lost (rev_tasks/ops/watchdog.py).
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -172,6 +174,8 @@ class Job(Base):
         DateTime(timezone=True), default=None
     )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Written by the worker that runs the job (inference or consensus) while it runs.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class Transcript(Base):
@@ -270,7 +274,7 @@ class IdempotencyKey(Base):
     (tenant, key) is the primary key: of two concurrent requests with one key, the second
     insert waits for the first transaction and then fails, so only one of them creates a
     job and the other answers with it. ``request_hash`` is the SHA-256 of the validated
-    request: the same key with another body is refused. The reaper prunes expired keys.
+    request: the same key with another body is refused. The beat watchdog prunes expired keys.
     """
 
     __tablename__ = "idempotency_keys"

@@ -1,10 +1,13 @@
-"""Helpers shared by the task modules: the farm key, model loading, DB retries."""
+"""Helpers shared by the task modules: the farm key, model loading, DB retries, heartbeats."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -170,3 +173,35 @@ def load_cached(path: str, memory_budget_mb: int | None = None) -> Any:
         family = str(model.descriptor.get("family", "unknown"))
         metrics.observe_model_load(family, str(model.device), elapsed)
     return model
+
+
+@contextmanager
+def heartbeat(job_id: str, attempt: int | None = None) -> Iterator[None]:
+    """Write the job's heartbeat every ``REV_HEARTBEAT_SECONDS`` while the block runs.
+
+    A thread of the task's own process, so it stops when the worker dies (the point: the
+    watchdog resumes a job whose heartbeat goes silent) but not while a long batch or a
+    model load holds the task. A failed write (a database outage) is retried at the next
+    beat; it never fails the task.
+    """
+    from rev_tasks import jobs
+    from rev_tasks.db.session import session_scope
+
+    interval = get_settings().heartbeat_seconds
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with session_scope() as s:
+                    jobs.heartbeat(s, job_id, attempt)
+            except Exception:  # noqa: BLE001 - a missed beat is not the job's failure
+                log.debug("job %s: heartbeat not written", job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -10,7 +10,9 @@ verdict only when four of five agree with the transcript's decision, signing its
 certificate in the same transaction (:mod:`rev_tasks.attest`); otherwise the job fails
 with ``no_consensus`` and no verdict.
 
-Votes are upserts keyed by (job, validator): a redelivered validator leaves the first vote.
+Votes are upserts keyed by (job, validator): a redelivered validator, or one of a chord the
+watchdog sent again after the first was lost, leaves the first vote, so a job never has more
+than five. Validators heartbeat the job while they check it.
 A validator that crashes (an exception in its check) abstains instead of failing the chord:
 the quorum of four out of five tolerates one such validator, exactly as it tolerates one
 liar. A database outage is retried with backoff instead (``DB_RETRY``). A job that finished
@@ -40,6 +42,7 @@ from rev_tasks.tasks.common import (
     FarmError,
     JobFailed,
     farm_key,
+    heartbeat,
     load_cached,
     memory_budget,
 )
@@ -140,8 +143,9 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
             # be a permanent vote against a transcript that does not exist yet.
             log.warning("validator %d: job %s has no transcript; not voting", validator, job_id)
             return abstain
+        jobs.heartbeat(s, job_id)  # consensus is at work on it: the watchdog leaves it
     try:
-        with metrics.validator_running():
+        with metrics.validator_running(), heartbeat(job_id):
             faults.before_validation(validator)
             recorded, root, problems, indices = _check(job_id, validator)
     except DB_ERRORS:

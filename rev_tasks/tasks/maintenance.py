@@ -1,4 +1,4 @@
-"""Housekeeping run by beat on the ``maintenance`` queue: stale-job reaper, database backup."""
+"""Housekeeping run by beat on the ``maintenance`` queue: the job watchdog, database backup."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from rev_tasks import jobs
+import celeryconfig
+from rev_tasks import jobs, metrics, queues
 from rev_tasks.celery import app
 from rev_tasks.db import idempotency
 from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, ModelRecord, utcnow
+from rev_tasks.ops import watchdog as watchdog_ops
 from rev_tasks.ops.backup import BackupError, backup_from_env
 from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
@@ -19,20 +21,35 @@ from rev_tasks.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-@app.task(name=Task.REAP_STALE_JOBS, ignore_result=True)
-def reap_stale_jobs() -> dict[str, int]:
-    """Fail jobs and registrations that stopped making progress.
+@app.task(name=Task.WATCHDOG, ignore_result=True)
+def watchdog() -> dict[str, int]:
+    """Resume (or fail as ``lost``) jobs whose work is no longer anywhere; prune.
 
-    A running job whose row has not changed for longer than the broker would take to
-    redeliver it (visibility timeout) plus a whole job's time limit can no longer finish:
-    it is failed with ``stale`` so that no client waits forever. Idempotency keys past
-    their 24 hours are deleted here too.
+    The decision is :func:`rev_tasks.ops.watchdog.sweep`'s: the database says which jobs are
+    active, the broker and the heartbeats say which of them still have their work somewhere.
+    A broker that cannot be read decides nothing (the next round tries again). Model
+    registrations still pending after the visibility timeout plus a job's time limit are
+    failed with ``stale``, and idempotency keys past their 24 hours are deleted.
     """
     settings = get_settings()
+    counts = {"resumed": 0, "lost": 0, "models": 0, "idempotency_keys": 0}
+    thresholds = watchdog_ops.Thresholds.of(settings)
+    try:
+        in_broker = watchdog_ops.broker_names(
+            settings.redis_url, celeryconfig.ALL_QUEUES, thresholds.grace_seconds
+        )
+    except watchdog_ops.BrokerUnreadable as exc:
+        log.warning("watchdog: the broker cannot be read (%s); no job is resumed", exc)
+        in_broker = None
+    if in_broker is not None:
+        with session_scope() as s:
+            actions = watchdog_ops.sweep(s, in_broker, thresholds, _dispatch)
+        counts["resumed"] = sum(a.action == "resumed" for a in actions)
+        counts["lost"] = sum(a.action == "failed" for a in actions)
+        for a in actions:
+            metrics.watchdog_action(a.action, a.state)
     cutoff = utcnow() - timedelta(seconds=settings.visibility_timeout + settings.job_time_limit)
-    models = 0
     with session_scope() as s:
-        failed = jobs.fail_stale(s, cutoff, "stale", "the job stopped making progress")
         for rec in s.scalars(
             select(ModelRecord).where(
                 ModelRecord.status == MODEL_PENDING, ModelRecord.updated_at < cutoff
@@ -40,11 +57,35 @@ def reap_stale_jobs() -> dict[str, int]:
         ):
             rec.status = MODEL_FAILED
             rec.error = {"code": "stale", "message": "fingerprinting never finished"}
-            models += 1
-        keys = idempotency.prune(s)
-    if failed or models:
-        log.warning("reaped %d stale job(s) and %d stale model registration(s)", failed, models)
-    return {"jobs": failed, "models": models, "idempotency_keys": keys}
+            counts["models"] += 1
+        counts["idempotency_keys"] = idempotency.prune(s)
+    if counts["models"]:
+        log.warning("failed %d stale model registration(s)", counts["models"])
+    return counts
+
+
+def _dispatch(job_id: str, queue: str, transition: jobs.Transition) -> None:
+    """Send a resumed job's next message, as the step before it would have (same task ids)."""
+    from rev_tasks.tasks import verify
+
+    if transition is jobs.RESUME_PREPARE:
+        verify.prepare.apply_async(
+            (job_id,),
+            queue=queues.DEFAULT,
+            task_id=queues.prepare_task_id(job_id),
+            retry=True,
+            retry_policy=verify.PUBLISH_RETRY,
+        )
+    elif transition is jobs.RESUME_INFERENCE:
+        verify.run_inference.apply_async(
+            (job_id,),
+            queue=queue,
+            task_id=queues.inference_task_id(job_id),
+            retry=True,
+            retry_policy=verify.PUBLISH_RETRY,
+        )
+    else:
+        verify.dispatch_consensus(job_id)
 
 
 # The result is kept (not ignore_result): a failed backup must show as FAILURE in the

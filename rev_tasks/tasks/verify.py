@@ -39,6 +39,7 @@ from rev_tasks.tasks.common import (
     FarmError,
     JobFailed,
     farm_key,
+    heartbeat,
     load_cached,
     memory_budget,
 )
@@ -78,7 +79,7 @@ def _fail(job_id: str, code: str, message: str) -> str:
 
 
 class _LeftInference(Exception):
-    """The job's row left the inference while its batches ran (cancelled, reaped, decided)."""
+    """The job's row left the inference while its batches ran (cancelled, resumed, lost, decided)."""
 
 
 @app.task(name=Task.PREPARE, ignore_result=True, throws=(JobFailed,), **DB_RETRY)
@@ -224,7 +225,8 @@ def run_inference(self: Any, job_id: str) -> str:
     """Run the job's batches on this worker's device; persist; start consensus.
 
     Each delivery that starts the inference counts as an attempt (a database retry does
-    not). A job whose inference keeps killing its worker (a model that exhausts memory, a
+    not); while it runs, the job heartbeats, and its progress writes carry its attempt, so
+    that a delivery overtaken by a later one (after the watchdog resumed the job) stops. A job whose inference keeps killing its worker (a model that exhausts memory, a
     crash in native code) fails with ``worker_lost`` after ``REV_MAX_ATTEMPTS`` instead of
     being redelivered forever.
     """
@@ -242,8 +244,9 @@ def run_inference(self: Any, job_id: str) -> str:
                 f"the inference was interrupted {spec.attempts - 1} times (worker killed: out "
                 "of memory, or a crash in native code); it is not retried again",
             )
-        faults.before_inference(spec.candidate_path)
-        outcome = _identify(spec) if spec.kind == "identify" else _verify(spec, self)
+        with heartbeat(job_id, spec.attempts):  # the watchdog resumes a job that goes silent
+            faults.before_inference(spec.candidate_path)
+            outcome = _identify(spec) if spec.kind == "identify" else _verify(spec, self)
     except _LeftInference:
         return _left(job_id)
     except FarmError as exc:
@@ -258,7 +261,7 @@ def run_inference(self: Any, job_id: str) -> str:
             jobs.fail(s, job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
         raise
     if outcome == "decided":
-        _dispatch_consensus(job_id)
+        dispatch_consensus(job_id)
     return outcome
 
 
@@ -286,7 +289,7 @@ def _start(job_id: str, new_attempt: bool) -> tuple[jobs.JobSpec | None, str]:
         if job.consensus_dispatched_at is not None:
             return None, "already decided"
     # Decided before this redelivery, but the validators were never sent.
-    _dispatch_consensus(job_id)
+    dispatch_consensus(job_id)
     return None, "consensus dispatched"
 
 
@@ -308,7 +311,9 @@ def _load_error(side: str, exc: Exception) -> FarmError:
     return FarmError("model_load_error", f"{side}: {exc}")
 
 
-def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
+def _progress(
+    job_id: str, family: str, device: str, task: Any = None, attempt: int | None = None
+) -> Any:
     """The engine's per-batch callback: metrics, the job row, and the task's PROGRESS state.
 
     The database row is what the API and ``rev wait`` read; the PROGRESS state (meta
@@ -326,7 +331,7 @@ def _progress(job_id: str, family: str, device: str, task: Any = None) -> Any:
                 metrics.observe_inference(family, device, per)
         last[0], last[1] = now, done
         with session_scope() as s:
-            running = jobs.record_progress(s, job_id, done, maximum)
+            running = jobs.record_progress(s, job_id, done, maximum, attempt)
         if not running:
             raise _LeftInference(job_id)
         faults.after_batch()
@@ -377,7 +382,8 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
         )
     family = str(candidate.descriptor.get("family", "unknown"))
     try:
-        outcome = verification.run(progress=_progress(spec.id, family, candidate.device, task))
+        report = _progress(spec.id, family, candidate.device, task, spec.attempts)
+        outcome = verification.run(progress=report)
     except ModelLoadError as exc:  # a streamed block that does not fit this batch's budget
         raise _load_error("inference", exc) from exc
     except ValueError as exc:
@@ -459,7 +465,7 @@ def _identify(spec: jobs.JobSpec) -> str:
     return "identified" if identified else "already finished"
 
 
-def _dispatch_consensus(job_id: str) -> None:
+def dispatch_consensus(job_id: str) -> None:
     """One chord: five validators on ``consensus`` into ``tally``, with an errback."""
     from celery import chord
 

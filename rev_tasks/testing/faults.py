@@ -10,6 +10,8 @@ flag off every hook returns at once and changes nothing, whatever the other vari
 ``REV_TEST_FORGE_INFERENCE_PATH``  :func:`computed_candidate`: a lying inference worker runs
                                    the reference in such a candidate's place
 ``REV_TEST_SLOW_BATCH_SECONDS``    :func:`after_batch`: a slow model, seconds per batch
+``REV_TEST_SLOW_VALIDATION_SECONDS`` :func:`before_validation`: a slow validator, seconds per
+                                   check (a worker killed while it holds one)
 ``REV_TEST_FAULTY_VALIDATORS``     ``"2"`` validator 2 lies (votes the opposite verdict),
                                    ``"1:random"`` votes at random, ``"3:crash"`` raises in its
                                    check (:func:`before_validation`, :func:`validator_verdict`)
@@ -51,6 +53,14 @@ def _validator_modes(raw: str) -> tuple[tuple[int, str], ...]:
     return tuple(out)
 
 
+def _seconds(env: Mapping[str, str], name: str) -> float:
+    raw = env.get(name, "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else 0.0
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from exc
+
+
 @dataclass(frozen=True)
 class Faults:
     """The faults this process injects (all empty unless the enable flag is set)."""
@@ -58,6 +68,7 @@ class Faults:
     enabled: bool = False
     validator_modes: tuple[tuple[int, str], ...] = ()
     slow_batch_seconds: float = 0.0
+    slow_validation_seconds: float = 0.0
     kill_path: str = ""
     forge_path: str = ""
 
@@ -66,17 +77,11 @@ class Faults:
         env = os.environ if env is None else env
         if env.get(ENABLE, "").strip().lower() not in {"1", "true", "yes", "on"}:
             return cls()
-        raw_slow = env.get("REV_TEST_SLOW_BATCH_SECONDS", "").strip()
-        try:
-            slow = max(0.0, float(raw_slow)) if raw_slow else 0.0
-        except ValueError as exc:
-            raise ValueError(
-                f"REV_TEST_SLOW_BATCH_SECONDS must be a number, not {raw_slow!r}"
-            ) from exc
         return cls(
             enabled=True,
             validator_modes=_validator_modes(env.get("REV_TEST_FAULTY_VALIDATORS", "")),
-            slow_batch_seconds=slow,
+            slow_batch_seconds=_seconds(env, "REV_TEST_SLOW_BATCH_SECONDS"),
+            slow_validation_seconds=_seconds(env, "REV_TEST_SLOW_VALIDATION_SECONDS"),
             kill_path=env.get("REV_TEST_KILL_INFERENCE_PATH", "").strip(),
             forge_path=env.get("REV_TEST_FORGE_INFERENCE_PATH", "").strip(),
         )
@@ -143,7 +148,10 @@ def after_batch() -> None:
 
 
 def before_validation(validator: int) -> None:
-    """A validator that crashes inside its check."""
+    """A slow validator, or one that crashes inside its check."""
+    seconds = active().slow_validation_seconds
+    if seconds:
+        time.sleep(seconds)
     if active().validator_mode(validator) == "crash":
         raise RuntimeError(f"fault injection: validator {validator} crashed")
 

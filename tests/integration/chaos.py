@@ -1,8 +1,10 @@
-"""Real faults for the chaos tests: a restartable redis-server with AOF, and a TCP proxy.
+"""Real faults for the chaos and watchdog tests: a restartable redis-server, a TCP proxy, and
+the checks both run on the jobs that lived through them.
 
 Nothing here is a mock. :class:`RedisServer` is a real ``redis-server`` process with
-``appendonly yes`` + ``appendfsync always`` in a temporary folder, killed with SIGKILL and
-started again on the same port and data. :class:`TcpProxy` forwards a local port to
+``appendonly yes`` + ``appendfsync always`` in a temporary folder (or, ``appendonly=False``,
+no persistence at all: it comes back empty), killed with SIGKILL and started again on the
+same port and data. :class:`TcpProxy` forwards a local port to
 PostgreSQL; ``stop()`` closes the listening socket and every open connection (clients see
 "connection refused" and reset connections, exactly as during a database outage), and
 ``start()`` listens again on the same port.
@@ -12,21 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rev_tasks.testing.harness import GroupProcess, free_port, redis_server_binary, wait_redis
 
 
 class RedisServer:
-    """A private redis-server with an append-only file fsynced on every write."""
+    """A private redis-server with an append-only file fsynced on every write (or none)."""
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, appendonly: bool = True) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.appendonly = appendonly
         self.proc: GroupProcess | None = None
         self.url = f"redis://127.0.0.1:{port}/0"
         self.restarts = 0
@@ -35,8 +40,8 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [
             redis_server_binary(system_first=True), "--port", str(self.port),
-            "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "no",
+            "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "no",
         ]  # fmt: skip
         log = self.data_dir / "redis.log"
         self.proc = GroupProcess("redis", argv, os.environ, log, cwd=self.data_dir, append=True)
@@ -44,7 +49,7 @@ class RedisServer:
         return self
 
     def kill(self) -> None:
-        """A crash: SIGKILL, no shutdown save (the AOF already holds every write)."""
+        """A crash: SIGKILL, no shutdown save (the AOF, if any, already holds every write)."""
         if self.proc is not None:
             self.proc.kill()
             self.proc = None
@@ -152,3 +157,78 @@ class TcpProxy:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+# ----------------------------------------------------------------------------- the jobs
+def bodies(model_dirs: dict[str, Path], n: int) -> list[tuple[dict[str, Any], str]]:
+    """Alternating SAME (a vs its byte copy) and DIFFERENT (a vs b) jobs, 2 challenges/batch."""
+    out = []
+    for i in range(n):
+        candidate, expected = (("gpt2-a-copy", "SAME"), ("gpt2-b", "DIFFERENT"))[i % 2]
+        body = {
+            "kind": "verify",
+            "reference": {"path": str(model_dirs["gpt2-a"])},
+            "candidate": {"path": str(model_dirs[candidate])},
+            "device": "cpu",
+            "batch_size": 2,
+        }
+        out.append((body, expected))
+    return out
+
+
+def rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
+    """(status, stage, challenges done) of each job, straight from the database."""
+    from sqlalchemy import select
+
+    from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Job
+
+    with session_scope() as s:
+        found = s.execute(
+            select(Job.id, Job.status, Job.stage, Job.challenges_done).where(Job.id.in_(job_ids))
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in found}
+
+
+def votes(job_id: str) -> list[int]:
+    """The validators that voted on the job (one row each)."""
+    from sqlalchemy import select
+
+    from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Vote
+
+    with session_scope() as s:
+        return list(s.scalars(select(Vote.validator).where(Vote.job_id == job_id)))
+
+
+def check_outcomes(
+    client: Any, expected: dict[str, str], stable: Any, timeout: float = 240.0
+) -> dict[str, dict[str, Any]]:
+    """Every job succeeded once, with the right verdict and exactly five distinct votes."""
+    from tests.integration.farm import wait_job
+
+    docs = {job_id: wait_job(client, job_id, timeout=timeout) for job_id in expected}
+    for job_id, doc in docs.items():
+        assert doc["status"] == "succeeded", doc
+        assert doc["result"]["verdict"] == expected[job_id], doc["result"]
+        consensus = doc["result"]["consensus"]
+        assert consensus["agreed"] and consensus["agreeing"] == 5, consensus
+        cast = votes(job_id)
+        assert sorted(cast) == [0, 1, 2, 3, 4], cast  # no duplicate, none missing
+    # Finished exactly once: one tally per job changed it, any other delivery was skipped.
+    log = stable.log_tail(10_000_000)
+    for job_id in expected:
+        published = re.findall(rf"\{{'job_id': '{job_id}', 'status': '(\w+)'", log)
+        assert published == ["succeeded"], (job_id, published)
+    return docs
+
+
+def wait_mid_inference(job_ids: list[str], timeout: float = 120.0) -> str:
+    """The first job seen between batches of its inference (at least 2 challenges done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job_id, (status, stage, progress) in rows(job_ids).items():
+            if status == "running" and stage == "inference" and progress >= 2:
+                return job_id
+        time.sleep(0.05)
+    raise AssertionError("no job reached the middle of its inference")

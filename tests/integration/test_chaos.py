@@ -35,8 +35,15 @@ import pytest
 
 from rev_tasks.queues import CONSENSUS_WORKER_QUEUES, INFERENCE_CPU
 from rev_tasks.testing.harness import ROOT, free_port
-from tests.integration.chaos import RedisServer, TcpProxy
-from tests.integration.farm import TERMINAL, farm_environment, wait_job
+from tests.integration.chaos import (
+    RedisServer,
+    TcpProxy,
+    bodies,
+    check_outcomes,
+    rows,
+    wait_mid_inference,
+)
+from tests.integration.farm import TERMINAL, farm_environment
 from tests.integration.farm import submit as _submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -107,65 +114,6 @@ def stable(start_worker: Any) -> Any:
     return start_worker(queues=",".join(CONSENSUS_WORKER_QUEUES), name="stable")
 
 
-def _bodies(model_dirs: dict[str, Path], n: int) -> list[tuple[dict[str, Any], str]]:
-    """Alternating SAME (a vs its byte copy) and DIFFERENT (a vs b) jobs, 2 challenges/batch."""
-    out = []
-    for i in range(n):
-        candidate, expected = (("gpt2-a-copy", "SAME"), ("gpt2-b", "DIFFERENT"))[i % 2]
-        body = {
-            "kind": "verify",
-            "reference": {"path": str(model_dirs["gpt2-a"])},
-            "candidate": {"path": str(model_dirs[candidate])},
-            "device": "cpu",
-            "batch_size": 2,
-        }
-        out.append((body, expected))
-    return out
-
-
-def _rows(job_ids: list[str]) -> dict[str, tuple[str, str, int]]:
-    from sqlalchemy import select
-
-    from rev_tasks.db.session import session_scope
-    from rev_tasks.db.tables import Job
-
-    with session_scope() as s:
-        rows = s.execute(
-            select(Job.id, Job.status, Job.stage, Job.challenges_done).where(Job.id.in_(job_ids))
-        )
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
-
-
-def _votes(job_id: str) -> list[int]:
-    from sqlalchemy import select
-
-    from rev_tasks.db.session import session_scope
-    from rev_tasks.db.tables import Vote
-
-    with session_scope() as s:
-        return list(s.scalars(select(Vote.validator).where(Vote.job_id == job_id)))
-
-
-def _check_outcomes(
-    client: Any, expected: dict[str, str], stable: Any, timeout: float = 240.0
-) -> dict[str, dict[str, Any]]:
-    """Every job succeeded once, with the right verdict and exactly five distinct votes."""
-    docs = {job_id: wait_job(client, job_id, timeout=timeout) for job_id in expected}
-    for job_id, doc in docs.items():
-        assert doc["status"] == "succeeded", doc
-        assert doc["result"]["verdict"] == expected[job_id], doc["result"]
-        consensus = doc["result"]["consensus"]
-        assert consensus["agreed"] and consensus["agreeing"] == 5, consensus
-        votes = _votes(job_id)
-        assert sorted(votes) == [0, 1, 2, 3, 4], votes  # no duplicate, none missing
-    # Finished exactly once: one tally per job changed it, any other delivery was skipped.
-    log = stable.log_tail(10_000_000)
-    for job_id in expected:
-        published = re.findall(rf"\{{'job_id': '{job_id}', 'status': '(\w+)'", log)
-        assert published == ["succeeded"], (job_id, published)
-    return docs
-
-
 def _unacked_oldest_needed(redis_url: str) -> float:
     """Seconds to wait until every unacked delivery is older than the visibility timeout."""
     import redis
@@ -194,7 +142,7 @@ def test_sigkill_mid_inference_again_and_again(
     started = time.monotonic()
     wanted_kills = 20
     expected: dict[str, str] = {}
-    for body, verdict in _bodies(model_dirs, wanted_kills):
+    for body, verdict in bodies(model_dirs, wanted_kills):
         expected[submit(client, body)] = verdict
     victim = start_worker(queues=INFERENCE_CPU, name="victim", **VICTIM_ENV)
     logs = [victim]
@@ -203,16 +151,16 @@ def test_sigkill_mid_inference_again_and_again(
     armed: set[str] = set()
     deadline = time.monotonic() + 330
     while True:
-        rows = _rows(list(expected))
-        done = all(status in TERMINAL for status, _, _ in rows.values())
+        found = rows(list(expected))
+        done = all(status in TERMINAL for status, _, _ in found.values())
         if done and sum(kills.values()) >= wanted_kills:
             break
         if done:  # a run slipped past the detector: give it more jobs to kill
-            for body, verdict in _bodies(model_dirs, 2):
+            for body, verdict in bodies(model_dirs, 2):
                 expected[submit(client, body)] = verdict
             continue
-        assert time.monotonic() < deadline, (kills, rows)
-        for job_id, (status, stage, progress) in rows.items():
+        assert time.monotonic() < deadline, (kills, found)
+        for job_id, (status, stage, progress) in found.items():
             if status != "running" or stage != "inference":
                 continue
             if progress == 0:
@@ -231,7 +179,7 @@ def test_sigkill_mid_inference_again_and_again(
                 armed.clear()
                 break
         time.sleep(0.05)
-    _check_outcomes(client, expected, stable)
+    check_outcomes(client, expected, stable)
     assert victim.alive()
     runs = sum(
         len(re.findall(r"run_inference\[[^\]]+\] received", w.log_tail(10_000_000))) for w in logs
@@ -250,16 +198,6 @@ def test_sigkill_mid_inference_again_and_again(
     victim.stop()
 
 
-def _wait_mid_inference(job_ids: list[str], timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for job_id, (status, stage, progress) in _rows(job_ids).items():
-            if status == "running" and stage == "inference" and progress >= 2:
-                return job_id
-        time.sleep(0.05)
-    raise AssertionError("no job reached the middle of its inference")
-
-
 def test_redis_crash_and_restart_loses_no_job(
     client: Any,
     start_worker: Any,
@@ -269,10 +207,10 @@ def test_redis_crash_and_restart_loses_no_job(
 ) -> None:
     started = time.monotonic()
     victim = start_worker(queues=INFERENCE_CPU, name="victim-redis", **VICTIM_ENV)
-    expected = {submit(client, body): verdict for body, verdict in _bodies(model_dirs, 6)}
-    _wait_mid_inference(list(expected))
+    expected = {submit(client, body): verdict for body, verdict in bodies(model_dirs, 6)}
+    wait_mid_inference(list(expected))
     services["redis"].restart(down_for=2.0)
-    _check_outcomes(client, expected, stable, timeout=150)
+    check_outcomes(client, expected, stable, timeout=150)
     assert victim.alive() and stable.alive()
     FIGURES["redis_restart"] = {
         "jobs": len(expected),
@@ -293,12 +231,12 @@ def test_postgres_outage_503_then_jobs_finish(
 ) -> None:
     started = time.monotonic()
     victim = start_worker(queues=INFERENCE_CPU, name="victim-pg", **VICTIM_ENV)
-    bodies = _bodies(model_dirs, 4)
-    expected = {submit(client, body): verdict for body, verdict in bodies}
-    job_id = _wait_mid_inference(list(expected))
+    jobs_and_verdicts = bodies(model_dirs, 4)
+    expected = {submit(client, body): verdict for body, verdict in jobs_and_verdicts}
+    job_id = wait_mid_inference(list(expected))
     services["proxy"].stop()
     try:
-        resp = client.post("/v1/jobs", json=bodies[0][0])
+        resp = client.post("/v1/jobs", json=jobs_and_verdicts[0][0])
         assert resp.status_code == 503, resp.get_data(as_text=True)
         assert resp.get_json()["error"]["code"] == "database_unavailable"
         assert resp.headers["Retry-After"]
@@ -307,7 +245,7 @@ def test_postgres_outage_503_then_jobs_finish(
         time.sleep(6.0)  # the workers hit the outage and back off
     finally:
         services["proxy"].start()
-    _check_outcomes(client, expected, stable)
+    check_outcomes(client, expected, stable)
     retries = sum(w.log_tail(10_000_000).count("Retry in") for w in (victim, stable))
     assert retries >= 1, "no task retried while PostgreSQL was unreachable"
     FIGURES["postgres_outage"] = {

@@ -366,7 +366,7 @@ def test_every_step_delivered_twice_while_the_job_runs(
         # Late duplicates after the end, the chord errback included, change nothing.
         app.send_task(Task.CONSENSUS_FAILED, ["t", job_id], queue=CONSENSUS)
         app.send_task(Task.TALLY, [job_id], queue=CONSENSUS)
-        app.send_task(Task.REAP_STALE_JOBS, [], queue=MAINTENANCE)
+        app.send_task(Task.WATCHDOG, [], queue=MAINTENANCE)
         assert_drained(farm_env["REDIS_URL"])
         assert client.get(f"/v1/jobs/{job_id}").get_json() == doc
         # The duplicate registration changed nothing; the pool grew by the one top-up the

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ALL_FAULTS = {
     "REV_TEST_FAULTY_VALIDATORS": "0,1:random,2:crash",
     "REV_TEST_SLOW_BATCH_SECONDS": "0.3",
+    "REV_TEST_SLOW_VALIDATION_SECONDS": "0.2",
     "REV_TEST_FORGE_INFERENCE_PATH": "forged",
     "REV_TEST_KILL_INFERENCE_PATH": "bomb",
 }
@@ -50,6 +51,7 @@ def test_without_the_flag_every_hook_leaves_things_alone(injected: pytest.Monkey
     faults.after_batch()
     assert time.perf_counter() - start < 0.1
     faults.before_validation(2)
+    assert time.perf_counter() - start < 0.1
     assert [faults.validator_verdict(v, "job", "SAME") for v in range(3)] == ["SAME"] * 3
 
 
@@ -65,7 +67,9 @@ def test_with_the_flag_each_hook_injects_its_fault(injected: pytest.MonkeyPatch)
     assert time.perf_counter() - start >= 0.3
     with pytest.raises(RuntimeError, match="validator 2 crashed"):
         faults.before_validation(2)
-    faults.before_validation(0)  # a liar does not crash
+    start = time.perf_counter()
+    faults.before_validation(0)  # a liar does not crash; every validator is slow
+    assert time.perf_counter() - start >= 0.2
     assert faults.validator_verdict(0, "job", "SAME") == "DIFFERENT"
     assert faults.validator_verdict(0, "job", "INVALID") == "SAME"
     assert {faults.validator_verdict(1, "job", "SAME") for _ in range(200)} == set(faults.VERDICTS)

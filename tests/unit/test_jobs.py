@@ -214,20 +214,91 @@ def test_an_identify_job_succeeds_with_its_ranking(engine: object, session: Sess
     assert job is not None and job.result == {"best": "m"} and job.challenges_done == 5
 
 
-def test_the_reaper_fails_running_jobs_that_stopped(engine: object, session: Session) -> None:
+def test_silent_jobs_are_queued_without_change_or_running_without_heartbeat(
+    engine: object, session: Session
+) -> None:
     from datetime import timedelta
 
     from rev_tasks.db.tables import utcnow
 
-    _job_in(session, State.INFERENCE, "stuck")
-    _job_in(session, State.PREPARED, "waiting")
-    _job_in(session, State.CONSENSUS, "voting")
-    session.execute(update(Job).values(updated_at=utcnow() - timedelta(hours=2)))
+    old, now = utcnow() - timedelta(minutes=10), utcnow()
+    for state in State:
+        _job_in(session, state, f"old-{state.name}")
+        _job_in(session, state, f"new-{state.name}")
+    session.execute(update(Job).where(Job.id.like("old-%")).values(updated_at=old))
+    # A running job that heartbeats is not silent, however old its last change.
+    _job_in(session, State.INFERENCE, "beating")
+    session.execute(update(Job).where(Job.id == "beating").values(updated_at=old, heartbeat_at=now))
+    _job_in(session, State.CONSENSUS, "beat-stopped")
+    session.execute(update(Job).where(Job.id == "beat-stopped").values(heartbeat_at=old))
     session.commit()
-    assert jobs.fail_stale(session, utcnow() - timedelta(hours=1), "stale", "stopped") == 2
+    cutoff = utcnow() - timedelta(minutes=1)
+    found = {j.id for j in jobs.silent(session, cutoff, cutoff)}
+    assert found == {f"old-{s.name}" for s in jobs.ACTIVE_STATES} | {"beat-stopped"}
+
+
+@pytest.mark.parametrize("state", list(State), ids=[s.name for s in State])
+def test_resume_sends_an_active_job_back_and_counts_it(
+    engine: object, session: Session, state: State
+) -> None:
+    job = _job_in(session, state)
+    session.execute(update(Job).values(consensus_dispatched_at=jobs.utcnow()))
     session.commit()
-    assert _state_in_db(engine, "stuck") == _state_in_db(engine, "voting") == State.FAILED
-    assert _state_in_db(engine, "waiting") == State.PREPARED  # queued jobs are not running
+    session.refresh(job)
+    if state not in jobs.ACTIVE_STATES:  # a cancelled (or finished) job is never resumed
+        with pytest.raises(IllegalTransition):
+            jobs.resume(session, job)
+        session.rollback()
+        assert _state_in_db(engine) == state
+        return
+    transition = jobs.resume(session, job)
+    session.commit()
+    expected = {
+        State.QUEUED: (jobs.RESUME_PREPARE, State.QUEUED),
+        State.PREPARED: (jobs.RESUME_INFERENCE, State.PREPARED),
+        State.INFERENCE: (jobs.RESUME_INFERENCE, State.PREPARED),
+        State.CONSENSUS: (jobs.RESUME_CONSENSUS, State.CONSENSUS),
+    }[state]
+    assert (transition, _state_in_db(engine)) == expected
+    assert job.resumes == 1 and job.heartbeat_at is not None
+    # The chord is sent again: a redelivered inference must not think it was sent.
+    assert (job.consensus_dispatched_at is None) == (state == State.CONSENSUS)
+    jobs.resume(session, job)
+    assert job.resumes == 2
+
+
+def test_a_resume_loses_to_a_delivery_that_moved_the_job(engine: object, session: Session) -> None:
+    job = _job_in(session, State.INFERENCE)
+    with Session(engine) as other:  # type: ignore[arg-type]
+        assert jobs.cancel(other, jobs.load(other, "job-1"))  # type: ignore[arg-type]
+        other.commit()
+    with pytest.raises(IllegalTransition, match="changed under it"):
+        jobs.resume(session, job)  # ``job`` still says INFERENCE: the cancel wins
+    session.rollback()
+    assert _state_in_db(engine) == State.CANCELLED
+
+
+def test_an_overtaken_delivery_stops_at_its_next_progress_write(
+    engine: object, session: Session
+) -> None:
+    """After a resume, the old delivery (attempt 1) and the new one (attempt 2) may both run:
+    the row's attempt decides which one goes on."""
+    job = _job_in(session, State.PREPARED)
+    first = jobs.mark_running(session, job, new_attempt=True)
+    session.commit()
+    assert jobs.record_progress(session, "job-1", 2, 8, first.attempts)
+    assert jobs.heartbeat(session, "job-1", first.attempts)
+    jobs.resume(session, job)
+    assert not jobs.heartbeat(session, "job-1")  # prepared again: nobody works on it
+    second = jobs.mark_running(session, job, new_attempt=True)
+    session.commit()
+    assert (first.attempts, second.attempts, second.resumes) == (1, 2, 1)
+    assert not jobs.record_progress(session, "job-1", 4, 8, first.attempts)
+    assert not jobs.heartbeat(session, "job-1", first.attempts)
+    assert jobs.record_progress(session, "job-1", 2, 8, second.attempts)
+    session.commit()
+    row = session.get(Job, "job-1")
+    assert row is not None and row.challenges_done == 2
 
 
 def test_no_other_module_writes_a_job_status_or_stage() -> None:
@@ -307,11 +378,7 @@ def _finished(kind: str, status: str, verdict: str = "none") -> float:
 def test_every_finished_job_is_counted_once_when_its_move_commits(
     engine: object, session: Session
 ) -> None:
-    """Whoever finishes a job (a task, the reaper, the coordinator) counts it, here."""
-    from datetime import timedelta
-
-    from rev_tasks.db.tables import utcnow
-
+    """Whoever finishes a job (a task, the watchdog, the coordinator) counts it, here."""
     before = {
         "failed": _finished("verify", "failed"),
         "cancelled": _finished("verify", "cancelled"),
@@ -319,9 +386,7 @@ def test_every_finished_job_is_counted_once_when_its_move_commits(
         "identified": _finished("identify", "succeeded", "DIFFERENT"),
     }
     _job_in(session, State.INFERENCE, "reaped")
-    session.execute(update(Job).values(updated_at=utcnow() - timedelta(hours=2)))
-    session.commit()
-    assert jobs.fail_stale(session, utcnow() - timedelta(hours=1), "stale", "stopped") == 1
+    assert jobs.fail(session, "reaped", "lost", "its work was lost")
     assert _finished("verify", "failed") == before["failed"]  # not before the commit
     session.commit()
     assert _finished("verify", "failed") == before["failed"] + 1

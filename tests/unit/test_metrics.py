@@ -67,6 +67,7 @@ def test_metric_names_cover_the_guides_series() -> None:
         "rev_backup_last_success_timestamp_seconds",
         "rev_backup_failures_total",
         "rev_backup_duration_seconds_bucket",
+        "rev_watchdog_actions_total",
     ):
         assert name in metrics.METRIC_NAMES, name
 
@@ -83,6 +84,7 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     with metrics.validator_running():
         metrics.validator_vote("accept")
     metrics.consensus_round("published", 0.02)
+    metrics.watchdog_action("resumed", "inference")
     metrics.record_backup_success(1.0)
     metrics.record_backup_failure()
     metrics.HTTP_REQUESTS.labels(endpoint="/x", method="GET", status="200").inc()
