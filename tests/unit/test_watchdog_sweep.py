@@ -138,14 +138,22 @@ def test_the_broker_names_the_jobs_of_waiting_messages() -> None:
     queue = queues.MAINTENANCE  # nothing consumes it during the unit tests
     r = redis.Redis.from_url(url)
     r.delete(queue)
+    # Published to the test's Redis, whatever broker the app was configured with.
+    conn = app.connection_for_write(url)
     try:
-        app.send_task(Task.PREPARE, ["job-a"], queue=queue, task_id=queues.prepare_task_id("job-a"))
-        app.send_task(Task.VALIDATE, ["job-b", 3], queue=queue)
+        app.send_task(
+            Task.PREPARE,
+            ["job-a"],
+            queue=queue,
+            task_id=queues.prepare_task_id("job-a"),
+            connection=conn,
+        )
+        app.send_task(Task.VALIDATE, ["job-b", 3], queue=queue, connection=conn)
         names = watchdog.broker_names(url, [queue], young_seconds=60)
         assert {"job-a", "job-b"} <= names and "job-c" not in names
         # A delivery a worker holds (unacked): young, it counts; old, it does not.
         r.delete(queue)
-        app.send_task(Task.VALIDATE, ["job-b", 3], queue=queue)
+        app.send_task(Task.VALIDATE, ["job-b", 3], queue=queue, connection=conn)
         raw = r.rpop(queue)
         r.hset("unacked", "tag-1", b"[" + raw + b', "", "maintenance"]')
         r.zadd("unacked_index", {"tag-1": 0})  # delivered at the epoch: long ago
@@ -153,6 +161,7 @@ def test_the_broker_names_the_jobs_of_waiting_messages() -> None:
         r.zadd("unacked_index", {"tag-1": time.time()})
         assert "job-b" in watchdog.broker_names(url, [queue], young_seconds=60)
     finally:
+        conn.release()
         r.delete(queue)
         r.hdel("unacked", "tag-1")
         r.zrem("unacked_index", "tag-1")
