@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mismatch_rate_exact": float((d > 0.0).mean()),
                 "mismatch_rate_fixed": float((d > FIXED_DELTA).mean()),
                 "mismatch_rate_precision": float((d > delta).mean()),
+                "distances": [float(x) for x in d],
                 "verdict_exact": decide(d, TOLERANCES["exact"], 0.01, args.challenges).verdict,
                 "verdict_precision": decide(
                     d, effective_spec("precision", cal), 0.01, args.challenges
@@ -140,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}: {ref.descriptor['num_layers']} layers, {args.challenges} challenges, "
         f"{len(sites)} sites × {BITS} bits = {total} bits, demo key, CPU fp32 compute"
     )
+    means = {k: float(np.mean(v)) for k, v in cal_d.items()}
     print(
         f"self-calibration ({cal.challenges} calibration challenges, {cal_s:.1f} s): "
-        f"fp16 max {max(cal_d['float16']):.6f}, bf16 max {max(cal_d['bfloat16']):.6f} -> "
-        f"precision δ = max({FLOOR}, {MARGIN} × {max(max(v) for v in cal_d.values()):.6f}) "
-        f"= {delta:.6f}"
+        f"fp16 mean {means['float16']:.6f} max {max(cal_d['float16']):.6f}, "
+        f"bf16 mean {means['bfloat16']:.6f} max {max(cal_d['bfloat16']):.6f} -> "
+        f"precision δ = max({FLOOR}, {MARGIN} × "
+        f"{max(max(v) for v in cal_d.values()):.6f}) = {delta:.6f}"
     )
     print(
         "| variant | mean | min | p90 | max | P(d > 0) | P(d > 0.0035) | P(d > δ_cal) "

@@ -531,9 +531,10 @@ def reexecute_sample(
 
     Per sampled record: each recorded side may differ from this process's recomputation by at
     most ``allowance_bits`` (float noise of other threads, batches or devices: measured, see
-    :func:`reexecution_allowance`), and the recorded mismatch event (distance > delta) must be
-    the one the recomputed signatures give, unless the recomputed distance lies within the
-    noise of both sides (2 × allowance) of delta. A ``precision`` transcript's calibration
+    :func:`reexecution_allowance`; none for a stored fingerprint, which reads back exactly),
+    and the recorded mismatch event (distance > delta) must be the one the recomputed
+    signatures give, unless the recomputed distance lies within both sides' allowances of
+    delta. A ``precision`` transcript's calibration
     counts (which fix delta) are re-measured the same way on a loaded reference, or must equal
     the fingerprint's. Records copied or altered by more than the noise fail; a genuine job
     never fails on float noise within the allowance.
@@ -566,6 +567,11 @@ def reexecute_sample(
         "reference": ref_side.signatures(batch, sites, key, bits),
         "candidate": cand_side.signatures(batch, sites, key, bits),
     }
+    # A stored fingerprint reads back exactly: no noise to allow for on that side.
+    allowed = {
+        "reference": 0 if isinstance(ref_side, FingerprintSide) else allow,
+        "candidate": allow,
+    }
     for i, (pos, rec, _) in enumerate(checked):
         recorded = {
             label: {int(s): _b64_sig(v) for s, v in rec[label].items()}
@@ -573,15 +579,16 @@ def reexecute_sample(
         }
         for label in ("reference", "candidate"):
             diff = differing_bits(fresh[label][i], recorded[label], sites)
-            if diff > allow:
+            if diff > allowed[label]:
                 problems.append(
                     f"record {pos}: {label} signatures differ from a re-execution by {diff} "
-                    f"bits (allowance {allow})"
+                    f"bits (allowance {allowed[label]})"
                 )
         rec_bits = differing_bits(recorded["reference"], recorded["candidate"], sites)
         new_bits = differing_bits(fresh["reference"][i], fresh["candidate"][i], sites)
         rec_event, new_event = rec_bits / total > delta, new_bits / total > delta
-        if rec_event != new_event and abs(new_bits - delta * total) > 2 * allow:
+        band = allowed["reference"] + allowed["candidate"]
+        if rec_event != new_event and abs(new_bits - delta * total) > band:
             problems.append(
                 f"record {pos}: recorded {rec_bits} differing bits "
                 f"({'mismatch' if rec_event else 'match'} at delta={delta:g}) but a re-execution "

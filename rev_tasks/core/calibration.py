@@ -7,11 +7,15 @@ the pooled states (a bf16 cast of the 6-layer MiniLM moves ~0.0015 of the bits, 
 the reference's weights are rounded to float16 and to bfloat16 (compute stays fp32) and run on
 :data:`CALIBRATION_CHALLENGES` calibration challenges drawn from ``derive(key, "calibration",
 0)``: a different PRF input from the job's challenges, so the candidate never sees them and
-cannot be tuned to them. The threshold is
+is never run on them. The threshold is
 
     δ = max(FLOOR, MARGIN × max_c d_c)
 
-over all calibration distances d_c of both casts. The calibration block (the differing-bit
+where d_c runs over both casts' distances on the calibration challenges. With 16
+challenges the maximum is about the 94th percentile of a cast's distances, which is what
+must fall below δ for a cast to read SAME (p0 = 0.05); MARGIN covers the sampling error of
+that estimate. A mean times a constant does not transfer: MiniLM's bf16 cast flips ~25 bits a
+challenge with a narrow spread, SmolLM2's ~3 with a Poisson-like one. The calibration block (the differing-bit
 counts, total bits, margin and floor) goes into the transcript, so an auditor re-derives δ
 with :func:`calibrated_delta` and then the verdict with ``decide``. docs/statistics.md §9 has
 the measurements behind MARGIN and FLOOR.
@@ -42,22 +46,25 @@ CALIBRATION_LABEL = "calibration"
 #: The reference's own roundings that ``precision`` must accept.
 CALIBRATION_DTYPES = ("float16", "bfloat16")
 #: Calibration challenges per cast (each costs one reference forward pass per cast).
-CALIBRATION_CHALLENGES = 8
+CALIBRATION_CHALLENGES = 16
 #: δ over the largest calibration distance. See docs/statistics.md §9 for the measurements.
-MARGIN = 1.5
+MARGIN = 1.25
 #: Smallest δ (fraction of the bits): keeps precision above cross-process float noise on a
 #: model whose casts flip (almost) no bits.
 FLOOR = 0.0002
 
 
 def calibrated_delta(
-    differing_bits: Sequence[int], total_bits: int, margin: float = MARGIN, floor: float = FLOOR
+    differing_bits: Mapping[str, Sequence[int]],
+    total_bits: int,
+    margin: float = MARGIN,
+    floor: float = FLOOR,
 ) -> float:
-    """δ = max(floor, margin × max(differing_bits) / total_bits): integer inputs, so every
-    process (engine, validator, auditor) computes the same float."""
+    """δ = max(floor, margin × the largest calibration count / total_bits), from integer
+    counts, so every process (engine, validator, auditor) computes the same float."""
     if total_bits <= 0:
         raise ValueError("total_bits must be positive")
-    worst = max((int(b) for b in differing_bits), default=0)
+    worst = max((int(b) for v in differing_bits.values() for b in v), default=0)
     delta = max(float(floor), float(margin) * worst / int(total_bits))
     return min(delta, 0.5)
 
@@ -75,7 +82,7 @@ class Calibration:
     @property
     def delta(self) -> float:
         return calibrated_delta(
-            [b for bits in self.differing_bits.values() for b in bits],
+            self.differing_bits,
             self.total_bits,
             self.margin,
             self.floor,
@@ -148,8 +155,7 @@ def check_calibration(doc: Any, *, check_constants: bool = True) -> list[str]:
     if not (doc["margin"] >= 1.0 and 0.0 <= doc["floor"] < 0.5):
         return ["margin must be >= 1 and floor in [0, 0.5)"]
     problems = []
-    flat = [b for bits in counts.values() for b in bits]
-    expected = calibrated_delta(flat, total, float(doc["margin"]), float(doc["floor"]))
+    expected = calibrated_delta(counts, total, float(doc["margin"]), float(doc["floor"]))
     if float(doc["delta"]) != expected:
         problems.append(f"delta {doc['delta']} is not the {expected} its counts give")
     if check_constants and (float(doc["margin"]), float(doc["floor"])) != (MARGIN, FLOOR):
