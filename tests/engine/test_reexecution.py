@@ -54,8 +54,8 @@ def key(key_file):
 
 
 def test_allowance_is_what_the_doc_states():
-    assert reexecution_allowance(16384) == 9  # 4 sites x 4096 bits
-    assert reexecution_allowance(8192) == 5
+    assert reexecution_allowance(16384) == 4  # 4 sites x 4096 bits: ceil(3.3)
+    assert reexecution_allowance(65536) == 14
     assert reexecution_allowance(1024) == 4  # the floor
 
 
