@@ -40,22 +40,35 @@ BITS = 4096
 FIXED_DELTA = 0.0035  # the fixed precision δ before self-calibration
 
 
-def _builders(model: str) -> dict[str, Callable[[Path, Path], Path]]:
+def _builders(model: str) -> dict[str, tuple[str, Callable[[Any], Any] | None]]:
+    """Row name -> (cache name, transform); None is a byte copy."""
     swap = (2, 3) if model == "minilm" else (10, 11)
     return {
-        "copy": lambda s, d: V.copy_model(s, d),
-        "fp16": lambda s, d: V.save_transformed(s, d, V.cast("float16")),
-        "bf16": lambda s, d: V.save_transformed(s, d, V.cast("bfloat16")),
-        "noise 0.1%": lambda s, d: V.save_transformed(s, d, V.gaussian_noise(0.001)),
-        "noise 0.5%": lambda s, d: V.save_transformed(s, d, V.gaussian_noise(0.005)),
-        "noise 1%": lambda s, d: V.save_transformed(s, d, V.gaussian_noise(0.01)),
-        "fine-tune 1 step": lambda s, d: V.save_transformed(s, d, V.finetune(1)),
-        "fine-tune 10 steps": lambda s, d: V.save_transformed(s, d, V.finetune(10)),
-        f"blocks {swap[0]},{swap[1]} swapped": lambda s, d: V.save_transformed(
-            s, d, V.swap_blocks(*swap)
+        "copy": ("copy", None),
+        "fp16": ("fp16", V.cast("float16")),
+        "bf16": ("bf16", V.cast("bfloat16")),
+        "noise 0.1%": ("noise-0.001", V.gaussian_noise(0.001)),
+        "noise 0.5%": ("noise-0.005", V.gaussian_noise(0.005)),
+        "noise 1%": ("noise-0.01", V.gaussian_noise(0.01)),
+        "fine-tune 1 step": ("finetune-1", V.finetune(1)),
+        "fine-tune 10 steps": ("finetune-10", V.finetune(10)),
+        f"blocks {swap[0]},{swap[1]} swapped": (
+            f"swap-{swap[0]}-{swap[1]}",
+            V.swap_blocks(*swap),
         ),
-        "re-initialised": lambda s, d: V.save_transformed(s, d, V.reinitialise(7)),
+        "re-initialised": ("reinit-7", V.reinitialise(7)),
     }
+
+
+def _build(model: str, src: Path, slug: str, transform: Any, tmp: Path) -> tuple[Path, bool]:
+    """The variant's folder and whether it is a temporary one (SmolLM2's are cached)."""
+    if transform is None:
+        return src, False  # a byte copy reads the same bytes
+    if model == "smollm2":
+        from rev_tasks.testing.smollm2 import variant_dir
+
+        return variant_dir(slug, transform), False
+    return V.save_transformed(src, tmp / slug, transform), True
 
 
 def source(model: str) -> Path:
@@ -109,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         cases: dict[str, Any] = {"other process, 1 thread": None, **_builders(args.model)}
-        for name, build in cases.items():
-            if build is None:
+        for name, case in cases.items():
+            if case is None:
                 sigs = _other_process_signatures(src, args.challenges, tmp_path)
             else:
-                path = build(src, tmp_path / name.replace(" ", "_").replace(",", "_"))
+                if case[1] is None:
+                    path, temporary = V.copy_model(src, tmp_path / "copy"), True
+                else:
+                    path, temporary = _build(args.model, src, case[0], case[1], tmp_path)
                 sigs = _signatures(load_model(path), args.challenges)
-                V.shutil.rmtree(path, ignore_errors=True)
+                if temporary:
+                    V.shutil.rmtree(path, ignore_errors=True)
             d = np.array(
                 [differing_bits(a, b, sites) / total for a, b in zip(ref_sigs, sigs, strict=True)]
             )
