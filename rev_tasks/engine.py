@@ -507,7 +507,7 @@ def looks_like_fingerprint(path: str) -> bool:
 
 #: Per side and record, the most signature bits (over all sites) a validator's re-execution
 #: may differ from the recorded signatures by: float noise from thread counts, batch
-#: composition and kernels (bench.determinism), with margin; see docs/statistics.md.
+#: composition and kernels (bench.determinism), with margin; docs/statistics.md §11.
 REEXECUTION_ALLOWANCE = 0.0002
 #: ... but never fewer bits than this.
 REEXECUTION_ALLOWANCE_MIN_BITS = 4
