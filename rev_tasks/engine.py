@@ -577,6 +577,7 @@ def reexecute_sample(
             label: {int(s): _b64_sig(v) for s, v in rec[label].items()}
             for label in ("reference", "candidate")
         }
+        side_problems = len(problems)
         for label in ("reference", "candidate"):
             diff = differing_bits(fresh[label][i], recorded[label], sites)
             if diff > allowed[label]:
@@ -588,7 +589,14 @@ def reexecute_sample(
         new_bits = differing_bits(fresh["reference"][i], fresh["candidate"][i], sites)
         rec_event, new_event = rec_bits / total > delta, new_bits / total > delta
         band = allowed["reference"] + allowed["candidate"]
-        if rec_event != new_event and abs(new_bits - delta * total) > band:
+        # With both sides within their allowances the two distances differ by at most
+        # ``band`` bits (triangle inequality), so this cannot fire on its own; it states the
+        # property the verdict needs and guards the per-side check.
+        if (
+            len(problems) == side_problems
+            and rec_event != new_event
+            and abs(new_bits - delta * total) > band
+        ):
             problems.append(
                 f"record {pos}: recorded {rec_bits} differing bits "
                 f"({'mismatch' if rec_event else 'match'} at delta={delta:g}) but a re-execution "

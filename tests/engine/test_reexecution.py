@@ -88,8 +88,10 @@ def test_candidate_signatures_copied_from_the_reference_fail(models, key):
         rec["candidate"] = dict(rec["reference"])
         rec["differing_bits"] = 0
     problems = reexecute_sample(forged, models["a"], models["b"], key, [0, 1])
-    assert any("record 0: candidate signatures differ" in p for p in problems), problems
-    assert any("record 1: recorded 0 differing bits (match" in p for p in problems), problems
+    assert [p.split(" by ")[0] for p in problems] == [
+        "record 0: candidate signatures differ from a re-execution",
+        "record 1: candidate signatures differ from a re-execution",
+    ], problems
     # the untouched transcript passes
     assert reexecute_sample(out.transcript, models["a"], models["b"], key, [0, 1]) == []
 
