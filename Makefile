@@ -64,9 +64,11 @@ test-integration: setup
 	$(BIN)/python -m pytest -q tests/integration
 
 .PHONY: calibrate
-# Per-challenge distances of MiniLM variants: the data behind the tolerances (docs/statistics.md §9).
+# Per-challenge distances of MiniLM and SmolLM2 variants: the data behind the tolerances
+# (docs/statistics.md §9).
 calibrate: setup
-	$(BIN)/python -m bench.calibrate --challenges 64 --json bench/results/calibration.json
+	$(BIN)/python -m bench.calibrate --model minilm --challenges 64 --json bench/results/calibration-minilm.json
+	$(BIN)/python -m bench.calibrate --model smollm2 --challenges 32 --json bench/results/calibration-smollm2.json
 
 # ---- benchmarks (bench/run_all.py): each figure beside a baseline from the same run and the
 # reference figures of bench/common.py, rendered into docs/performance.md; budgeted to finish in under

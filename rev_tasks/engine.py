@@ -10,6 +10,8 @@ fingerprint, which is how a farm job against a registered model runs only the ca
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,6 +19,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rev_tasks.core.calibration import (
+    CALIBRATION_CHALLENGES,
+    CALIBRATION_DTYPES,
+    CALIBRATION_LABEL,
+    Calibration,
+    check_calibration,
+)
 from rev_tasks.core.challenges import (
     Challenge,
     challenge_for,
@@ -26,9 +35,15 @@ from rev_tasks.core.challenges import (
     job_challenges,
 )
 from rev_tasks.core.compat import incompatibility
-from rev_tasks.core.decision import TOLERANCES, Decision, SequentialTest, decide
+from rev_tasks.core.decision import (
+    TOLERANCES,
+    Decision,
+    SequentialTest,
+    ToleranceSpec,
+    decide,
+)
 from rev_tasks.core.hamming import hamming
-from rev_tasks.core.keys import key_id
+from rev_tasks.core.keys import derive, key_id
 from rev_tasks.core.merkle import merkle_root
 from rev_tasks.core.transcript import Record, build_transcript
 from rev_tasks.inference.loader import LoadedModel, default_sites
@@ -141,6 +156,86 @@ def differing_bits(a: SiteSigs, b: SiteSigs, sites: Sequence[int]) -> int:
     return sum(hamming(a[s], b[s]) for s in sites)
 
 
+def calibration_challenges(key: bytes, n: int = CALIBRATION_CHALLENGES) -> list[Challenge]:
+    """The calibration prompts: challenges of a sub-key ``derive(key, "calibration", 0)``.
+
+    A different PRF input from every job challenge (``derive(key, "challenge", i)``), so the
+    candidate is never run on them. Signatures still use the job key's projections.
+    """
+    return generate_challenges(derive(key, CALIBRATION_LABEL, 0), n)
+
+
+def rounded_copy(model: LoadedModel, dtype: str) -> LoadedModel:
+    """A copy of an in-memory model whose stored tensors are rounded to ``dtype`` and back.
+
+    The same model a ``save_pretrained`` in fp16/bf16 loaded with fp32 compute gives: every
+    floating tensor of the state dict rounded once, non-persistent buffers (rotary
+    frequencies) recomputed as on a load, computation in the original dtype.
+    """
+    import torch
+
+    target = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    module = copy.deepcopy(model.model)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.dtype.is_floating_point:
+                tensor.copy_(tensor.to(target).to(tensor.dtype))
+    root = module.get_encoder() if model.descriptor["family"] == "encoder-decoder" else module
+    from rev_tasks.inference.loader import _find_blocks
+
+    return LoadedModel(
+        path=model.path,
+        model=module,
+        tokenizer=model.tokenizer,
+        blocks=_find_blocks(root, int(model.descriptor["num_layers"])),
+        descriptor=dict(model.descriptor),
+        device=model.device,
+    )
+
+
+def can_calibrate(model: Any) -> bool:
+    """Only an in-memory transformers model can be rounded in place of a re-load."""
+    return isinstance(model, LoadedModel)
+
+
+def calibrate_reference(
+    model: LoadedModel,
+    key: bytes,
+    sites: Sequence[int],
+    bits: int = DEFAULT_BITS,
+    n: int = CALIBRATION_CHALLENGES,
+) -> Calibration:
+    """The reference's own fp16 and bf16 cast distances on the calibration challenges.
+
+    Costs (1 + len(CALIBRATION_DTYPES)) forward passes of ``n`` prompts and one transient
+    copy of the weights at a time.
+    """
+    prompts = [c.prompt for c in calibration_challenges(key, n)]
+    base = site_signatures(model.pooled_states(prompts, list(sites)), key, bits)
+    counts: dict[str, list[int]] = {}
+    for dtype in CALIBRATION_DTYPES:
+        rounded = rounded_copy(model, dtype)
+        sigs = site_signatures(rounded.pooled_states(prompts, list(sites)), key, bits)
+        counts[dtype] = [differing_bits(a, b, sites) for a, b in zip(base, sigs, strict=True)]
+        del rounded
+    return Calibration(challenges=n, total_bits=bits * len(sites), differing_bits=counts)
+
+
+def effective_spec(tolerance: str, calibration: Calibration | None) -> ToleranceSpec:
+    """The tolerance's constants, with ``precision``'s δ from the calibration when there is one
+    (without one, the fixed δ of TOLERANCES: old fingerprints and streamed references)."""
+    spec = TOLERANCES[tolerance]
+    if tolerance == "precision" and calibration is not None:
+        return dataclasses.replace(spec, delta=calibration.delta)
+    return spec
+
+
+def fingerprint_calibration(doc: dict[str, Any]) -> Calibration | None:
+    """The calibration stored with a fingerprint, or None for one made before calibration."""
+    block = doc.get("calibration")
+    return None if block is None else Calibration.from_dict(block)
+
+
 @dataclass
 class Outcome:
     """A finished verification: the published result and the auditable transcript."""
@@ -206,6 +301,32 @@ class Verification:
         # The whole challenge set is fixed, and its root computed, before any model runs.
         self.challenges = job_challenges(key, budget, nonce=nonce, indices=self.indices)
         self.committed_root = commitment(self.challenges).hex()
+        self.calibration: Calibration | None = None
+        self.spec = TOLERANCES[self.params.tolerance]
+
+    def calibrate(self) -> Calibration | None:
+        """``precision`` only: the reference's own cast distances (measured on a loaded model,
+        read from a fingerprint), which fix δ. None where neither is available."""
+        if self.params.tolerance != "precision":
+            return None
+        total = self.params.bits * len(self.sites)
+        if isinstance(self.reference, FingerprintSide):
+            cal = fingerprint_calibration(self.reference.doc)
+            if cal is None or cal.total_bits != total:
+                self.notes.append(
+                    "the fingerprint has no self-calibration: precision uses the fixed "
+                    f"delta={TOLERANCES['precision'].delta:g}"
+                )
+                return None
+            return cal
+        model = getattr(self.reference, "model", None)
+        if isinstance(self.reference, ModelSide) and can_calibrate(model):
+            return calibrate_reference(model, self.key, self.sites, self.params.bits)
+        self.notes.append(
+            "the reference cannot be cast in memory (streamed): precision uses the fixed "
+            f"delta={TOLERANCES['precision'].delta:g}"
+        )
+        return None
 
     def run(self, progress: Progress | None = None) -> Outcome:
         p = self.params
@@ -215,7 +336,9 @@ class Verification:
                 verdict="DIFFERENT", challenges_used=0, statistic=0.0, mismatches=0, reason=reason
             )
             return self._finish([], [], decision, incompatible=True)
-        test = SequentialTest(p.tolerance, p.alpha, self.budget)
+        self.calibration = self.calibrate()
+        self.spec = effective_spec(p.tolerance, self.calibration)
+        test = SequentialTest(self.spec, p.alpha, self.budget)
         total_bits = p.bits * len(self.sites)
         records: list[Record] = []
         distances: list[float] = []
@@ -243,7 +366,7 @@ class Verification:
                 progress(len(records), self.budget)
             if test.decision is not None:
                 break
-        decision = test.decision or decide(distances, p.tolerance, p.alpha, self.budget)
+        decision = test.decision or decide(distances, self.spec, p.alpha, self.budget)
         return self._finish(records, distances, decision)
 
     def _finish(
@@ -254,7 +377,7 @@ class Verification:
         incompatible: bool = False,
     ) -> Outcome:
         p = self.params
-        spec = TOLERANCES[p.tolerance]
+        spec = self.spec
         used = self.challenges[: len(records)]
         transcript = build_transcript(
             records=records,
@@ -280,6 +403,8 @@ class Verification:
             transcript["challenge_indices"] = list(self.indices)
         elif self.nonce is not None:
             transcript["challenge_nonce"] = self.nonce.hex()
+        if self.calibration is not None:
+            transcript["calibration"] = self.calibration.to_dict()
         if incompatible:
             transcript["incompatible"] = True
         result = {
@@ -287,6 +412,7 @@ class Verification:
             "challenges_used": decision.challenges_used,
             "challenges_max": self.budget,
             "tolerance": p.tolerance,
+            "delta": spec.delta,
             "alpha": p.alpha,
             "statistic": decision.statistic,
             "reason": decision.reason,
@@ -296,6 +422,7 @@ class Verification:
             "sites": list(self.sites),
             "bits_per_site": p.bits,
             "distances": _summary(distances),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "reference": self.reference.descriptor,
             "candidate": self.candidate.descriptor,
             "notes": list(self.notes),
@@ -332,6 +459,9 @@ def fingerprint_model(
         raise ValueError("a fingerprint needs 1..4096 challenges")
     challenges = generate_challenges(key, n, start=start)
     sites = model.sites
+    # Stored with the signatures (the farm keeps the whole document), so a later
+    # ``precision`` job against the fingerprint gets the reference's own delta.
+    calibration = calibrate_reference(model, key, sites, bits) if can_calibrate(model) else None
     side = ModelSide(model)
     entries = []
     for start in range(0, n, batch_size):
@@ -354,6 +484,7 @@ def fingerprint_model(
         "bits": bits,
         "challenge_commitment": commitment(challenges).hex(),
         "signatures": entries,
+        **({} if calibration is None else {"calibration": calibration.to_dict()}),
     }
 
 
@@ -388,6 +519,10 @@ def check_fingerprint(doc: Any) -> list[str]:
         return [f"missing fields: {', '.join(missing)}"]
     if not isinstance(doc["signatures"], list) or not doc["signatures"]:
         return ["no signatures"]
+    if "calibration" in doc:
+        cal_problems = check_calibration(doc["calibration"], check_constants=False)
+        if cal_problems:
+            return [f"calibration: {cal_problems[0]}"]
     expected = len(doc["sites"]) and int(doc["bits"]) // 8
     for entry in doc["signatures"]:
         try:
@@ -421,29 +556,53 @@ def looks_like_fingerprint(path: str) -> bool:
     return FINGERPRINT_FORMAT in head
 
 
+#: Per side and record, the most signature bits (over all sites) a validator's re-execution
+#: may differ from the recorded signatures by: float noise from thread counts, batch
+#: composition and kernels (bench.determinism), with margin; docs/statistics.md §11.
+REEXECUTION_ALLOWANCE = 0.0002
+#: ... but never fewer bits than this.
+REEXECUTION_ALLOWANCE_MIN_BITS = 4
+
+
+def reexecution_allowance(total_bits: int) -> int:
+    """Bits per side a re-execution may differ by (see :data:`REEXECUTION_ALLOWANCE`)."""
+    return max(REEXECUTION_ALLOWANCE_MIN_BITS, int(np.ceil(REEXECUTION_ALLOWANCE * total_bits)))
+
+
 def reexecute_sample(
     transcript: dict[str, Any],
     reference: LoadedModel | dict[str, Any],
     candidate: LoadedModel,
     key: bytes,
     indices: Sequence[int],
+    allowance_bits: int | None = None,
 ) -> list[str]:
-    """Recompute the signatures of some records and compare them with the transcript.
+    """Recompute both sides of some records, and the calibration, and check what the verdict
+    rests on.
 
-    A faulty or lying inference worker shows up here: its recorded signatures stop matching a
-    fresh computation. Float noise between processes may flip a handful of bits, so a record
-    passes when each side differs from the recomputation by no more than the ``exact``
-    tolerance's per-challenge threshold.
+    Per sampled record: each recorded side may differ from this process's recomputation by at
+    most ``allowance_bits`` (float noise of other threads, batches or devices: measured, see
+    :func:`reexecution_allowance`; none for a stored fingerprint, which reads back exactly),
+    and the recorded mismatch event (distance > delta) must be the one the recomputed
+    signatures give, unless the recomputed distance lies within both sides' allowances of
+    delta. A ``precision`` transcript's calibration
+    counts (which fix delta) are re-measured the same way on a loaded reference, or must equal
+    the fingerprint's. Records copied or altered by more than the noise fail; a genuine job
+    never fails on float noise within the allowance.
     """
     problems: list[str] = []
     records = transcript.get("records") or []
     sites = [int(s) for s in transcript.get("sites", [])]
-    bits = int(transcript.get("parameters", {}).get("bits_per_site", DEFAULT_BITS))
-    allowed = TOLERANCES["exact"].delta
+    params = transcript.get("parameters", {})
+    bits = int(params.get("bits_per_site", DEFAULT_BITS))
+    total = bits * len(sites)
+    delta = float(params.get("delta", 0.0))
+    allow = reexecution_allowance(total) if allowance_bits is None else int(allowance_bits)
     ref_side, cand_side = as_side(reference, key), as_side(candidate, key)
     nonce = (
         bytes.fromhex(transcript["challenge_nonce"]) if "challenge_nonce" in transcript else None
     )
+    problems += _recheck_calibration(transcript, ref_side, key, sites, bits, allow)
     checked: list[tuple[int, dict[str, Any], Challenge]] = []
     for pos in indices:
         if not 0 <= pos < len(records):
@@ -458,14 +617,80 @@ def reexecute_sample(
     if not checked:
         return problems
     batch = [c for _, _, c in checked]  # one forward pass per side for the whole sample
-    for label, side in (("reference", ref_side), ("candidate", cand_side)):
-        fresh_sigs = side.signatures(batch, sites, key, bits)
-        for (pos, rec, _), fresh in zip(checked, fresh_sigs, strict=True):
-            recorded = {int(s): _b64_sig(v) for s, v in rec[label].items()}
-            diff = differing_bits(fresh, recorded, sites)
-            if diff / (bits * len(sites)) > allowed:
+    fresh = {
+        "reference": ref_side.signatures(batch, sites, key, bits),
+        "candidate": cand_side.signatures(batch, sites, key, bits),
+    }
+    # A stored fingerprint reads back exactly: no noise to allow for on that side.
+    allowed = {
+        "reference": 0 if isinstance(ref_side, FingerprintSide) else allow,
+        "candidate": allow,
+    }
+    for i, (pos, rec, _) in enumerate(checked):
+        recorded = {
+            label: {int(s): _b64_sig(v) for s, v in rec[label].items()}
+            for label in ("reference", "candidate")
+        }
+        side_problems = len(problems)
+        for label in ("reference", "candidate"):
+            diff = differing_bits(fresh[label][i], recorded[label], sites)
+            if diff > allowed[label]:
                 problems.append(
-                    f"record {pos}: {label} signatures differ from a re-execution by {diff} bits"
+                    f"record {pos}: {label} signatures differ from a re-execution by {diff} "
+                    f"bits (allowance {allowed[label]})"
+                )
+        rec_bits = differing_bits(recorded["reference"], recorded["candidate"], sites)
+        new_bits = differing_bits(fresh["reference"][i], fresh["candidate"][i], sites)
+        rec_event, new_event = rec_bits / total > delta, new_bits / total > delta
+        band = allowed["reference"] + allowed["candidate"]
+        # With both sides within their allowances the two distances differ by at most
+        # ``band`` bits (triangle inequality), so this cannot fire on its own; it states the
+        # property the verdict needs and guards the per-side check.
+        if (
+            len(problems) == side_problems
+            and rec_event != new_event
+            and abs(new_bits - delta * total) > band
+        ):
+            problems.append(
+                f"record {pos}: recorded {rec_bits} differing bits "
+                f"({'mismatch' if rec_event else 'match'} at delta={delta:g}) but a re-execution "
+                f"gives {new_bits} ({'mismatch' if new_event else 'match'})"
+            )
+    return problems
+
+
+def _recheck_calibration(
+    transcript: dict[str, Any],
+    ref_side: Side,
+    key: bytes,
+    sites: Sequence[int],
+    bits: int,
+    allow: int,
+) -> list[str]:
+    """The calibration counts a precision delta rests on, re-measured (or read back)."""
+    block = transcript.get("calibration")
+    if block is None:
+        return []
+    try:
+        recorded = Calibration.from_dict(block)
+    except ValueError as exc:
+        return [str(exc)]
+    if isinstance(ref_side, FingerprintSide):
+        stored = fingerprint_calibration(ref_side.doc)
+        if stored is None or stored.to_dict() != recorded.to_dict():
+            return ["calibration: differs from the one stored with the reference's fingerprint"]
+        return []
+    model = getattr(ref_side, "model", None)
+    if not can_calibrate(model):
+        return []
+    fresh = calibrate_reference(model, key, sites, bits, n=recorded.challenges)
+    problems = []
+    for dtype, counts in recorded.differing_bits.items():
+        for j, (a, b) in enumerate(zip(counts, fresh.differing_bits[dtype], strict=True)):
+            if abs(a - b) > 2 * allow:
+                problems.append(
+                    f"calibration: {dtype} challenge {j} recorded {a} differing bits, "
+                    f"a re-execution gives {b} (allowance {2 * allow})"
                 )
     return problems
 
@@ -511,7 +736,10 @@ def identify(
             differing_bits(r, known[c.index], ref.sites) / total
             for r, c in zip(ref_sigs, challenges, strict=True)
         ]
-        decision = decide(dists, p.tolerance, p.alpha, n)
+        cal = fingerprint_calibration(doc)
+        if cal is not None and cal.total_bits != total:
+            cal = None
+        decision = decide(dists, effective_spec(p.tolerance, cal), p.alpha, n)
         ranked.append(
             {
                 "model_id": model_id,

@@ -92,6 +92,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"(tolerance {result['tolerance']}, alpha {result['alpha']})"
         )
         print(f"distance:    mean {mean} over {d['count']} challenges; sites {result['sites']}")
+        cal = result.get("calibration")
+        if cal is not None:
+            print(
+                f"threshold:   delta {result['delta']:.6f} from the reference's own fp16/bf16 "
+                f"casts on {cal['challenges']} calibration challenges (margin {cal['margin']})"
+            )
         print(f"transcript:  root {result['transcript_root']}")
         for note in result["notes"]:
             print(f"note:        {note}")

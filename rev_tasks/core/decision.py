@@ -106,13 +106,16 @@ TOLERANCES: dict[str, ToleranceSpec] = {
     ),
     Tolerance.PRECISION.value: ToleranceSpec(
         name="precision",
+        # The fixed delta only where the reference has no self-calibration (transcripts and
+        # fingerprints made before it, streamed references); a verification otherwise uses
+        # rev_tasks.core.calibration's delta, measured on the reference's own casts.
         delta=0.0035,
         p0=0.05,
         p1=0.5,
         description=(
-            "same weights up to fp16/bf16 casting: a challenge is a mismatch when more than "
-            "0.35% of its signature bits differ (bf16 casts of MiniLM stay below 0.23%, 1% "
-            "weight noise stays above 0.5%)"
+            "same weights up to fp16/bf16 casting: a challenge is a mismatch when more of "
+            "its signature bits differ than 1.25x the most the reference's own fp16 and "
+            "bf16 casts flip on 16 calibration challenges (fixed 0.35% without calibration)"
         ),
     ),
 }

@@ -8,7 +8,11 @@ with :func:`rev_tasks.core.decision.decide`. Document layout (``format`` = rev-t
     {"format", "key_id", "challenge_commitment", "parameters": {tolerance, alpha,
      max_challenges, delta, p0, p1, bits_per_site}, "sites", "reference", "candidate",
      "records": [{index, challenge, challenge_hash, reference, candidate, differing_bits,
-                  total_bits, proof}], "root", "decision"}
+                  total_bits, proof}], "root", "decision", optional "calibration"}
+
+A ``precision`` transcript made after self-calibration carries ``calibration``
+(:mod:`rev_tasks.core.calibration`): the reference's own cast distances, from which the audit
+re-derives ``delta``; one without it (made before) is held to the fixed delta of TOLERANCES.
 
 Leaf data of record i is :meth:`Record.leaf_bytes` (canonical JSON without the proof).
 
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from rev_tasks.core.calibration import check_calibration
 from rev_tasks.core.challenges import NONCE_BYTES, Challenge, commitment, job_challenges
 from rev_tasks.core.compat import incompatibility
 from rev_tasks.core.decision import (
@@ -284,8 +289,29 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _audit_calibration(
+    spec: ToleranceSpec, calibration: Any, problems: list[str], check_constants: bool
+) -> bool:
+    """A transcript's calibration block fixes precision's delta: re-derive and compare.
+
+    Returns True when the block is present (so delta is not compared with the fixed one).
+    """
+    if calibration is None:
+        return False
+    if spec.name != "precision":
+        problems.append(f"calibration: only 'precision' is calibrated, not '{spec.name}'")
+        return True
+    cal_problems = check_calibration(calibration, check_constants=check_constants)
+    problems += [f"calibration: {p}" for p in cal_problems]
+    if not cal_problems and spec.delta != float(calibration["delta"]):
+        problems.append(
+            f"parameters: delta {spec.delta} is not the calibrated {calibration['delta']}"
+        )
+    return True
+
+
 def _audit_parameters(
-    params: Any, problems: list[str], check_constants: bool
+    params: Any, problems: list[str], check_constants: bool, calibration: Any = None
 ) -> tuple[ToleranceSpec, float, int, int] | None:
     if not isinstance(params, dict):
         problems.append("parameters: expected an object")
@@ -326,9 +352,11 @@ def _audit_parameters(
     except ValueError as e:
         problems.append(f"parameters: {e}")
         return None
+    calibrated = _audit_calibration(spec, calibration, problems, check_constants)
     if check_constants:
         cur = TOLERANCES[tol]
-        if (spec.delta, spec.p0, spec.p1) != (cur.delta, cur.p0, cur.p1):
+        expected_delta = spec.delta if calibrated else cur.delta
+        if (spec.delta, spec.p0, spec.p1) != (expected_delta, cur.p0, cur.p1):
             problems.append(
                 f"parameters: delta/p0/p1 = {spec.delta}/{spec.p0}/{spec.p1} differ from the "
                 f"current '{tol}' tolerance {cur.delta}/{cur.p0}/{cur.p1} "
@@ -547,7 +575,7 @@ def _audit(doc: Any, problems: list[str], check_constants: bool) -> None:
         problems.append(f"transcript: missing {', '.join(missing)}")
         return
 
-    params = _audit_parameters(doc["parameters"], problems, check_constants)
+    params = _audit_parameters(doc["parameters"], problems, check_constants, doc.get("calibration"))
     nbytes = params[3] // 8 if params else None
 
     sites_raw = doc["sites"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = ".rev-built"
@@ -50,6 +52,30 @@ def smollm2_dir(out: str | Path | None = None) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / _DONE).write_text(f"{src.name}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def variant_dir(name: str, transform: Callable[[Any], Any]) -> Path:
+    """A modified copy of the model (``variants.save_transformed``), cached beside it.
+
+    A fine-tuning step of a 135M-parameter model takes minutes on a loaded 2-core machine, so
+    the calibration bench and the engine test build each variant once. ``name`` must say
+    everything the transform does (e.g. ``finetune-10``); a changed builder needs a new name.
+    """
+    from rev_tasks.testing import variants as V
+
+    target = default_dir().parent / "smollm2-variants" / name
+    if (target / _DONE).is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # concurrent builders: own tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+    V.save_transformed(smollm2_dir(), tmp, transform)
+    (tmp / _DONE).write_text(f"{name}\n")
+    if (target / _DONE).is_file():  # another process finished it first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
