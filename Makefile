@@ -30,8 +30,12 @@ lint: setup
 # The real tools of the tests (promtool, amtool, nginx, KEDA's schemas, chromium and its
 # chromedriver) first; never fatal: without root or a network their tests skip, and under
 # CI=true it says which.
+# llama.cpp's OpenAI-compatible server for tests/endpoints (scripts/llama_wheel.sh): compiled
+# once per machine (~7 min on 2 cores; the wheel is cached in ~/.cache/rev-farm/wheels), then
+# seconds. Under CI=true a failed build stops here; locally the endpoint tests skip.
 test: setup
 	-bash scripts/install_tools.sh
+	bash scripts/llama_wheel.sh
 	$(BIN)/python -m pytest -q
 
 # Only the fault-injection suite (marker `faults`): SIGKILLed workers, a crashed Redis, an
