@@ -79,3 +79,17 @@ calibrate: setup
 bench: setup
 	$(BIN)/python setup.py -q build_ext --inplace
 	$(BIN)/python -m bench.run_all
+
+.PHONY: bench-endpoint calibrate-endpoint
+# Black-box verification against real llama.cpp servers of SmolLM2 GGUF variants (outside
+# `make bench`'s 20-minute budget): queries to a decision per case and mode, then the report.
+bench-endpoint: setup
+	bash scripts/llama_wheel.sh
+	$(BIN)/python -m bench.bench_endpoint --json
+	$(BIN)/python -m bench.report
+
+# Per-challenge logprob gaps of each served variant: the data behind the endpoint tolerances
+# (docs/statistics.md §11).
+calibrate-endpoint: setup
+	bash scripts/llama_wheel.sh
+	$(BIN)/python -m bench.calibrate_endpoint --challenges 32 --json bench/results/endpoint_calibration.json

@@ -90,9 +90,10 @@ def cmd_verify_endpoint(args: argparse.Namespace) -> int:
     if args.candidate:
         raise UserError("give either a candidate folder or --endpoint, not both")
     key = load_key(args.key_file)
-    reference = _reference(args.reference)
     client = _client(args)
     try:
+        client.check_model()  # fail fast, before loading the reference
+        reference = _reference(args.reference)
         outcome = verify_endpoint(reference, client, key, _params(args))
     except EndpointError as exc:
         print(f"rev: error: {exc}", file=sys.stderr)
@@ -129,9 +130,10 @@ def cmd_identify(args: argparse.Namespace) -> int:
     if not args.endpoint:
         raise UserError("identify needs --endpoint URL and --endpoint-model NAME")
     key = load_key(args.key_file)
-    refs = {p: _reference(p) for p in args.references}
     client = _client(args)
     try:
+        client.check_model()
+        refs = {p: _reference(p) for p in args.references}
         out = identify_endpoint(refs, client, key, _params(args))
     except EndpointError as exc:
         print(f"rev: error: {exc}", file=sys.stderr)

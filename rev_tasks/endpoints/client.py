@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-__all__ = ["Cost", "EndpointClient", "EndpointError", "Reply"]
+__all__ = ["Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER_S = 30.0
@@ -32,6 +32,28 @@ _MAX_RETRY_AFTER_S = 30.0
 
 class EndpointError(Exception):
     """A one-line, credential-free reason why the endpoint cannot be used."""
+
+
+class NoLogprobs(EndpointError):
+    """The endpoint answers without log-probabilities, or refuses to give them."""
+
+    def __init__(self, detail: str = "") -> None:
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            "the endpoint returned no log-probabilities (use --mode text for such endpoints)"
+            + extra
+        )
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    err = body.get("error", body.get("detail", ""))
+    return str(err.get("message", "")) if isinstance(err, dict) else str(err)
 
 
 @dataclass
@@ -167,6 +189,10 @@ class EndpointClient:
                         self.cost.wall_s += time.monotonic() - start
                         self.cost.requests += 1
             if not reason:
+                wants_logprobs = bool(payload and payload.get("logprobs") is not None)
+                if wants_logprobs and resp_status >= 400 and "logprob" in _error_message(raw):
+                    # A refusal, not a transient failure: no retries.
+                    raise NoLogprobs(self._clean(_error_message(raw))[:120])
                 if resp_status in _RETRY_STATUS:
                     retry_in = _retry_after(resp.headers.get("retry-after"))
                     reason = f"endpoint {url} answered HTTP {resp_status}"
@@ -190,10 +216,7 @@ class EndpointClient:
         if status == 404 and not isinstance(body, dict):
             raise EndpointError(f"endpoint {url} is not OpenAI-compatible (HTTP 404)")
         if status >= 400:
-            message = ""
-            if isinstance(body, dict):
-                err = body.get("error", body.get("detail", ""))
-                message = err.get("message", "") if isinstance(err, dict) else str(err)
+            message = _error_message(raw)
             raise EndpointError(
                 f"endpoint {url} answered HTTP {status}: {self._clean(message) or 'no details'}"
             )

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rev_tasks.endpoints.client import EndpointError
+from rev_tasks.endpoints.client import EndpointError, NoLogprobs
 
 __all__ = [
     "NoLogprobs",
@@ -34,10 +34,6 @@ __all__ = [
 TEMPERATURES = (0.7, 1.4)
 PLUGIN_PRIOR = 2.0
 _AMBIGUOUS = "ambiguous"
-
-
-class NoLogprobs(EndpointError):
-    """The endpoint answered without log-probabilities."""
 
 
 def first_top_logprobs(body: Mapping[str, Any]) -> dict[str, float] | None:
@@ -73,9 +69,7 @@ def sampled_piece(body: Mapping[str, Any]) -> str:
 def _check_eos_only(body: Mapping[str, Any]) -> None:
     """A reply without logprobs is evidence only when the model stopped at once."""
     if sampled_piece(body) != "":
-        raise NoLogprobs(
-            "the endpoint returned no log-probabilities (use --mode text for such endpoints)"
-        )
+        raise NoLogprobs()
 
 
 def logprob_view(reference: Any, row: np.ndarray, body: Mapping[str, Any]) -> dict[str, Any]:

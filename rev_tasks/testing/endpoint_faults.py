@@ -42,7 +42,7 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.requests += 1
                     n = proxy.requests
-                    proxy.headers_seen.append(dict(self.headers))
+                    proxy.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if proxy.die_after is not None and n > proxy.die_after:

@@ -5,13 +5,11 @@ Every failure is one line without a traceback, and the API key appears nowhere."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
+from rev_tasks.cli import main as cli_main
 from rev_tasks.core.keys import DEMO_KEY
 from rev_tasks.endpoints.client import EndpointClient, EndpointError
 from rev_tasks.endpoints.verify import EndpointParams, verify_endpoint
@@ -36,7 +34,7 @@ def test_retry_after_is_honoured_and_the_key_never_leaks(reference, serve) -> No
     assert out.result["verdict"] == "SAME"
     assert client.cost.retries == 2
     assert elapsed >= 2.0  # two Retry-After: 1 waits
-    assert any(h.get("Authorization") == f"Bearer {SECRET}" for h in proxy.headers_seen)
+    assert any(h.get("authorization") == f"Bearer {SECRET}" for h in proxy.headers_seen)
     assert SECRET not in json.dumps(out.transcript) and SECRET not in json.dumps(out.result)
 
 
@@ -51,54 +49,51 @@ def test_persistent_429_gives_up_in_one_line() -> None:
     assert SECRET not in str(err.value)
 
 
-def _cli(smollm2, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, REV_TEST_KEY=SECRET)
-    return subprocess.run(
-        [sys.executable, "-m", "rev_tasks.cli", "verify", str(smollm2), "--endpoint", url,
-         "--endpoint-model", "smollm2", "--api-key-env", "REV_TEST_KEY", "--timeout", "10", *extra],
-        capture_output=True, text=True, timeout=300, env=env,
+def _cli(capsys, monkeypatch, smollm2, url: str, model: str = "smollm2") -> tuple[int, str, str]:
+    """``rev verify`` in-process (the console script's main), with the key in the environment."""
+    monkeypatch.setenv("REV_TEST_KEY", SECRET)
+    code = cli_main(
+        ["verify", str(smollm2), "--endpoint", url, "--endpoint-model", model,
+         "--api-key-env", "REV_TEST_KEY", "--timeout", "10"]
     )  # fmt: skip
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def _one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert SECRET not in proc.stderr + proc.stdout
+def _one_line_error(result: tuple[int, str, str], needle: str) -> None:
+    code, out, err = result
+    assert code == 1, out + err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert SECRET not in err + out
 
 
-def test_server_dying_mid_run(smollm2, serve) -> None:
+def test_server_dying_mid_run(capsys, monkeypatch, smollm2, serve) -> None:
     with FaultProxy(_upstream(serve), die_after=4) as proxy:
-        proc = _cli(smollm2, proxy.url)
-    _one_line_error(proc, "unreachable")
+        result = _cli(capsys, monkeypatch, smollm2, proxy.url)
+    _one_line_error(result, "unreachable")
 
 
-def test_malformed_json(smollm2, serve) -> None:
+def test_malformed_json(capsys, monkeypatch, smollm2, serve) -> None:
     with FaultProxy(_upstream(serve), malformed=True) as proxy:
-        proc = _cli(smollm2, proxy.url)
-    _one_line_error(proc, "not OpenAI-compatible")
+        result = _cli(capsys, monkeypatch, smollm2, proxy.url)
+    _one_line_error(result, "not OpenAI-compatible")
 
 
-def test_closed_port(smollm2) -> None:
-    _one_line_error(_cli(smollm2, f"http://127.0.0.1:{free_port()}"), "unreachable")
+def test_closed_port(capsys, monkeypatch, smollm2) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    _one_line_error(_cli(capsys, monkeypatch, smollm2, url), "unreachable")
 
 
-def test_unknown_model(smollm2, serve) -> None:
-    env = dict(os.environ)
-    proc = subprocess.run(
-        [sys.executable, "-m", "rev_tasks.cli", "verify", str(smollm2), "--endpoint",
-         serve("f16").url, "--endpoint-model", "gpt-9"],
-        capture_output=True, text=True, timeout=300, env=env,
+def test_unknown_model(capsys, monkeypatch, smollm2, serve) -> None:
+    _one_line_error(_cli(capsys, monkeypatch, smollm2, serve("f16").url, "gpt-9"), "unknown")
+
+
+def test_missing_key_variable_is_a_usage_error(capsys, monkeypatch, smollm2) -> None:
+    monkeypatch.delenv("REV_NO_SUCH_KEY", raising=False)
+    code = cli_main(
+        ["verify", str(smollm2), "--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "m",
+         "--api-key-env", "REV_NO_SUCH_KEY"]
     )  # fmt: skip
-    _one_line_error(proc, "unknown")
-
-
-def test_missing_key_variable_is_a_usage_error(smollm2) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "REV_NO_SUCH_KEY"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "rev_tasks.cli", "verify", str(smollm2), "--endpoint",
-         "http://127.0.0.1:9/v1", "--endpoint-model", "m", "--api-key-env", "REV_NO_SUCH_KEY"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 2 and "REV_NO_SUCH_KEY is not set" in proc.stderr
+    assert code == 2 and "REV_NO_SUCH_KEY is not set" in capsys.readouterr().err

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
+from rev_tasks.cli import main as cli_main
 from rev_tasks.core.keys import DEMO_KEY
 from rev_tasks.endpoints.client import EndpointClient
 from rev_tasks.endpoints.transcript import audit_endpoint
 from rev_tasks.endpoints.verify import EndpointParams, verify_endpoint
 
 
-def test_logprobs_mode_on_a_text_only_server_says_use_text_mode(smollm2, serve) -> None:
+def test_logprobs_mode_on_a_text_only_server_says_use_text_mode(capsys, smollm2, serve) -> None:
     server = serve("f32", logprobs=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "rev_tasks.cli", "verify", str(smollm2), "--endpoint", server.url,
-         "--endpoint-model", server.alias],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--mode text" in lines[0], proc.stderr
+    code = cli_main(
+        ["verify", str(smollm2), "--endpoint", server.url, "--endpoint-model", server.alias]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--mode text" in lines[0], err
 
 
 def test_text_mode_same_weights_is_not_refuted(reference, serve) -> None:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from rev_tasks.cli import main as cli_main
 from rev_tasks.core.keys import DEMO_KEY
 from rev_tasks.endpoints.client import EndpointClient
 from rev_tasks.endpoints.transcript import audit_endpoint
@@ -61,7 +62,7 @@ def test_identify_ranks_and_says_none_of_these(reference, serve) -> None:
     assert out["match"] is None and out["none_of_these"]
 
 
-def test_cli_verify_transcript_and_audit(smollm2, serve, tmp_path) -> None:
+def test_cli_verify_transcript_and_audit(capsys, smollm2, serve, tmp_path) -> None:
     server = serve("f16")
     transcript = tmp_path / "t.json"
     proc = subprocess.run(
@@ -72,12 +73,8 @@ def test_cli_verify_transcript_and_audit(smollm2, serve, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["verdict"] == "SAME"
-    audit = subprocess.run(
-        [sys.executable, "-m", "rev_tasks.cli", "audit", str(transcript)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert "verdict SAME" in audit.stdout
+    assert cli_main(["audit", str(transcript)]) == 0
+    assert "verdict SAME" in capsys.readouterr().out
     # Tamper with one recorded response: the hash, the proof and the replay all notice.
     doc = json.loads(transcript.read_text())
     import base64
@@ -88,11 +85,7 @@ def test_cli_verify_transcript_and_audit(smollm2, serve, tmp_path) -> None:
     top[piece] -= 1.0
     doc["records"][0]["response_b64"] = base64.b64encode(json.dumps(body).encode()).decode()
     transcript.write_text(json.dumps(doc))
-    bad = subprocess.run(
-        [sys.executable, "-m", "rev_tasks.cli", "audit", str(transcript), "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert bad.returncode == 1
-    problems = json.loads(bad.stdout)["problems"]
+    assert cli_main(["audit", str(transcript), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
     assert any("response_sha256" in p for p in problems)
     assert any("value" in p for p in problems)
