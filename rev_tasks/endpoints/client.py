@@ -18,7 +18,7 @@ import email.utils
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -68,10 +68,14 @@ class Cost:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("_lock", None)
-        d["wall_s"] = round(self.wall_s, 3)
-        return d
+        with self._lock:
+            return {
+                "requests": self.requests,
+                "retries": self.retries,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "wall_s": round(self.wall_s, 3),
+            }
 
 
 @dataclass(frozen=True)

@@ -79,13 +79,19 @@ def test_cli_verify_transcript_and_audit(capsys, smollm2, serve, tmp_path) -> No
     doc = json.loads(transcript.read_text())
     import base64
 
-    body = json.loads(base64.b64decode(doc["records"][0]["response_b64"]))
+    # (some challenges end at once: their replies carry no logprobs to tamper with)
+    i, body = next(
+        (i, b)
+        for i, b in ((i, json.loads(base64.b64decode(r["response_b64"])))
+                     for i, r in enumerate(doc["records"]))
+        if b["choices"][0]["logprobs"]["top_logprobs"]
+    )  # fmt: skip
     top = body["choices"][0]["logprobs"]["top_logprobs"][0]
     piece = next(iter(top))
     top[piece] -= 1.0
-    doc["records"][0]["response_b64"] = base64.b64encode(json.dumps(body).encode()).decode()
+    doc["records"][i]["response_b64"] = base64.b64encode(json.dumps(body).encode()).decode()
     transcript.write_text(json.dumps(doc))
     assert cli_main(["audit", str(transcript), "--json"]) == 1
     problems = json.loads(capsys.readouterr().out)["problems"]
-    assert any("response_sha256" in p for p in problems)
-    assert any("value" in p for p in problems)
+    assert any(f"record {i}: response_sha256" in p for p in problems)
+    assert any(f"record {i}: value" in p for p in problems)
