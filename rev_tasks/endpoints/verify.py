@@ -156,7 +156,7 @@ def verify_endpoint(
                 if progress:
                     progress(test.n, budget)
             q += n
-        used = list(prompts)
+        used = [prompts[s] for s in sorted({int(r["slot"]) for r in records})]
         param_doc = {
             "alpha": params.alpha,
             "max_queries": budget,
