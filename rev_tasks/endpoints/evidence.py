@@ -26,6 +26,7 @@ __all__ = [
     "sampled_piece",
     "text_log_e",
     "text_view",
+    "OTHER",
 ]
 
 #: Alternatives of the text-mode e-process: the reference tempered by these (weight 1/4 each)
@@ -120,25 +121,34 @@ def logprob_statistic(body: Mapping[str, Any], view: Mapping[str, Any]) -> float
     return worst
 
 
-def _tempered_piece_logprob(reference: Any, row: np.ndarray, piece: str, beta: float) -> float:
+OTHER = "\u0000other"
+
+
+def _class_ids(reference: Any, piece: str) -> tuple[str, list[int]]:
+    """The observation class of a sampled piece and the reference ids that fall in it."""
+    if piece in reference.single_piece:
+        return piece, [reference.single_piece[piece]]
+    return OTHER, reference.other_ids
+
+
+def _class_logprob(row: np.ndarray, ids: list[int], beta: float) -> float:
     scaled = beta * row
-    log_z = float(np.logaddexp.reduce(scaled))
-    ids = reference.ids_of_piece.get(piece)
-    if not ids:
-        return float("-inf")
-    return float(np.logaddexp.reduce(scaled[ids])) - log_z
+    return float(np.logaddexp.reduce(scaled[ids]) - np.logaddexp.reduce(scaled))
 
 
 def text_view(reference: Any, row: np.ndarray, body: Mapping[str, Any]) -> dict[str, Any]:
-    """log p(y) of the sampled piece y and log q_beta(y) of the tempered alternatives."""
+    """The sampled piece, its observation class (the piece itself, or OTHER), log p(class)
+    and log q_beta(class) of the tempered alternatives."""
     piece = sampled_piece(body)
-    logp = reference.piece_logprob(row, piece)
+    cls, ids = _class_ids(reference, piece)
+    logp = _class_logprob(row, ids, 1.0)
     return {
         "piece": piece,
-        "logp": None if not math.isfinite(logp) else logp,
+        "class": cls,
+        "logp": logp if math.isfinite(logp) else None,
         "tempered": [
             lq if math.isfinite(lq) else None
-            for lq in (_tempered_piece_logprob(reference, row, piece, b) for b in TEMPERATURES)
+            for lq in (_class_logprob(row, ids, b) for b in TEMPERATURES)
         ],
     }
 

@@ -59,6 +59,17 @@ class Reference:
         for i, piece in enumerate(self.pieces):
             by_piece[piece].append(i)
         self.ids_of_piece: dict[str, list[int]] = dict(by_piece)
+        # Text mode's observation classes: a piece printed by exactly one token whose bytes
+        # are complete UTF-8 is its own class; everything else (control tokens, partial
+        # UTF-8 bytes that a server prints as "" or completes with later tokens, shared
+        # pieces) is one class, OTHER.
+        self.single_piece: dict[str, int] = {
+            piece: ids[0]
+            for piece, ids in self.ids_of_piece.items()
+            if len(ids) == 1 and piece and self._complete[ids[0]]
+        }
+        single = set(self.single_piece.values())
+        self.other_ids = [i for i in range(self.vocab_size) if i not in single]
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -74,17 +85,25 @@ class Reference:
         decoder = _byte_decoder()
         special = set(self.tokenizer.all_special_ids)
         pieces: list[str] = []
+        self._complete: list[bool] = []
         tokens = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
         for i, tok in enumerate(tokens):
             if tok is None or i in special or i in self.eos_ids:
                 # Control tokens print as nothing on a completion.
                 pieces.append("")
+                self._complete.append(False)
                 continue
             if all(ch in decoder for ch in tok):
                 raw = bytes(decoder[ch] for ch in tok)
                 pieces.append(raw.decode("utf-8", errors="ignore"))
+                try:
+                    raw.decode("utf-8")
+                    self._complete.append(True)
+                except UnicodeDecodeError:
+                    self._complete.append(False)
             else:
                 pieces.append(self.tokenizer.convert_tokens_to_string([tok]))
+                self._complete.append(True)
         return pieces
 
     def prompt_ids(self, prompt: str) -> list[int]:

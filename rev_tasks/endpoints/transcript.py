@@ -28,7 +28,7 @@ from rev_tasks.core.challenges import Challenge, commitment
 from rev_tasks.core.merkle import all_inclusion_proofs, verify_inclusion
 from rev_tasks.core.transcript import canonical_json
 from rev_tasks.endpoints.client import EndpointError
-from rev_tasks.endpoints.evidence import logprob_statistic, text_log_e
+from rev_tasks.endpoints.evidence import logprob_statistic, sampled_piece, text_log_e
 
 __all__ = ["ENDPOINT_FORMAT", "audit_endpoint", "build_endpoint_transcript", "leaf_bytes"]
 
@@ -140,7 +140,9 @@ def replay(mode: str, params: Mapping[str, Any], records: Sequence[Mapping[str, 
                 value = logprob_statistic(body, view)
             else:
                 slot = int(rec["slot"])
-                piece = view["piece"]
+                if view["piece"] != sampled_piece(body):
+                    problems.append(f"record {i}: recorded piece is not the response's text")
+                piece = view["class"]
                 value = text_log_e(view, counts.get((slot, piece), 0), seen.get(slot, 0))
                 counts[(slot, piece)] = counts.get((slot, piece), 0) + 1
                 seen[slot] = seen.get(slot, 0) + 1

@@ -146,7 +146,7 @@ def verify_endpoint(
                 if test.decision is not None:
                     break
                 view = text_view(reference, rows_all[s], reply.body)
-                piece = view["piece"]
+                piece = view["class"]
                 value = text_log_e(view, counts.get((s, piece), 0), seen.get(s, 0))
                 counts[(s, piece)] = counts.get((s, piece), 0) + 1
                 seen[s] = seen.get(s, 0) + 1
