@@ -30,8 +30,12 @@ lint: setup
 # The real tools of the tests (promtool, amtool, nginx, KEDA's schemas, chromium and its
 # chromedriver) first; never fatal: without root or a network their tests skip, and under
 # CI=true it says which.
+# llama.cpp's OpenAI-compatible server for tests/endpoints (scripts/llama_wheel.sh): compiled
+# once per machine (~7 min on 2 cores; the wheel is cached in ~/.cache/rev-farm/wheels), then
+# seconds. Under CI=true a failed build stops here; locally the endpoint tests skip.
 test: setup
 	-bash scripts/install_tools.sh
+	bash scripts/llama_wheel.sh
 	$(BIN)/python -m pytest -q
 
 # Only the fault-injection suite (marker `faults`): SIGKILLed workers, a crashed Redis, an
@@ -77,3 +81,17 @@ calibrate: setup
 bench: setup
 	$(BIN)/python setup.py -q build_ext --inplace
 	$(BIN)/python -m bench.run_all
+
+.PHONY: bench-endpoint calibrate-endpoint
+# Black-box verification against real llama.cpp servers of SmolLM2 GGUF variants (outside
+# `make bench`'s 20-minute budget): queries to a decision per case and mode, then the report.
+bench-endpoint: setup
+	bash scripts/llama_wheel.sh
+	$(BIN)/python -m bench.bench_endpoint --json
+	$(BIN)/python -m bench.report
+
+# Per-challenge logprob gaps of each served variant: the data behind the endpoint tolerances
+# (docs/statistics.md §11).
+calibrate-endpoint: setup
+	bash scripts/llama_wheel.sh
+	$(BIN)/python -m bench.calibrate_endpoint --challenges 32 --json bench/results/endpoint_calibration.json

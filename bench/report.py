@@ -31,6 +31,7 @@ ORDER = [
     "api",
     "e2e",
     "scaling",
+    "endpoint",
 ]
 TITLES = {
     "hamming": "Hamming distance (10,048-bit signatures, one core)",
@@ -42,6 +43,7 @@ TITLES = {
     "e2e": "End to end (submit to result)",
     "scaling": "Scaling (-c 1 vs -c 2, backlog drain)",
     "streaming": "Layer-streamed verification (1.13 GiB model, 512 MB budget)",
+    "endpoint": "Endpoint verification (llama.cpp server, SmolLM2 GGUF variants)",
 }
 FINDINGS = common.ROOT / "bench" / "findings.md"
 DEFAULT_OUT = common.ROOT / "docs" / "performance.md"

@@ -13,13 +13,14 @@ import argparse
 import sys
 from types import ModuleType
 
-from rev_tasks.cli import backup, farm, health, keys, report, verify, worker
+from rev_tasks.cli import backup, endpoint, farm, health, keys, report, verify, worker
 from rev_tasks.cli.common import EXIT_USAGE, UserError
 from rev_tasks.inference.loader import ModelLoadError
 
 #: Command groups in the order ``rev --help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
-    verify,  # verify, fingerprint, audit (in-process)
+    verify,  # verify (also --endpoint), fingerprint, audit (in-process)
+    endpoint,  # identify (an OpenAI-compatible endpoint against local references)
     farm,  # submit, status, wait, cancel, jobs, models (HTTP client of the coordinator)
     report,  # report (over HTTP), certificate verify|issue|keygen
     keys,  # keys create|list|revoke|ensure-dev (on DATABASE_URL)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rev_tasks.cli.common import UserError, positive_int
+from rev_tasks.cli.endpoint import add_endpoint_options, cmd_verify_endpoint
 from rev_tasks.core.keys import load_key
 from rev_tasks.core.transcript import audit, audit_challenges
 from rev_tasks.engine import (
@@ -26,6 +27,9 @@ from rev_tasks.engine import (
 )
 from rev_tasks.inference.budget import memory_budget_arg
 from rev_tasks.inference.loader import DTYPES, load_model
+
+# The endpoint transcript's format name, without importing httpx for white-box commands.
+ENDPOINT_FORMAT = "rev-endpoint-transcript/1"
 
 
 def _progress_printer(enabled: bool, label: str) -> Any:
@@ -56,6 +60,10 @@ def _read_key(path: str | None) -> bytes:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        return cmd_verify_endpoint(args)
+    if not args.candidate:
+        raise UserError("verify needs a candidate model folder, or --endpoint URL")
     key = _read_key(args.key_file)
     params = VerifyParams(
         tolerance=args.tolerance,
@@ -149,9 +157,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UserError(f"transcript not found: {args.transcript}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"transcript is not JSON: {args.transcript}: {exc}") from exc
-    problems = audit(doc)
-    if args.key_file:  # with the farm key: the committed set is the one the job derives
-        problems += audit_challenges(doc, _read_key(args.key_file))
+    if isinstance(doc, dict) and doc.get("format") == ENDPOINT_FORMAT:
+        from rev_tasks.endpoints.transcript import audit_endpoint
+
+        problems = audit_endpoint(doc)
+    else:
+        problems = audit(doc)
+        if args.key_file:  # with the farm key: the committed set is the one the job derives
+            problems += audit_challenges(doc, _read_key(args.key_file))
     if args.json:
         print(json.dumps({"valid": not problems, "problems": problems}))
     elif problems:
@@ -160,9 +173,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"  - {p}")
     else:
         decision = doc.get("decision", {})
+        used = decision.get("challenges_used", decision.get("queries_used"))
         print(
             f"valid transcript: root {doc.get('root')}, {len(doc.get('records', []))} records, "
-            f"verdict {decision.get('verdict')} after {decision.get('challenges_used')} challenges"
+            f"verdict {decision.get('verdict')} after {used} challenges"
         )
     return 1 if problems else 0
 
@@ -178,7 +192,7 @@ def add_commands(sub: Any) -> None:
     """Add ``verify``, ``fingerprint`` and ``audit`` to the ``rev`` parser."""
     v = sub.add_parser("verify", help="compare two models in-process")
     v.add_argument("reference", help="reference model folder or fingerprint file")
-    v.add_argument("candidate", help="candidate model folder")
+    v.add_argument("candidate", nargs="?", help="candidate model folder (or --endpoint)")
     v.add_argument("--tolerance", choices=("exact", "precision"), default="exact")
     v.add_argument("--alpha", type=float, default=0.01)
     v.add_argument("--max-challenges", type=positive_int, default=64)
@@ -193,6 +207,7 @@ def add_commands(sub: Any) -> None:
     )
     v.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _model_options(v)
+    add_endpoint_options(v)
     v.set_defaults(func=cmd_verify)
 
     f = sub.add_parser("fingerprint", help="store a reference model's signatures")

@@ -18,7 +18,7 @@ import pytest
 import rev_tasks.cli as cli
 
 EXPECTED_COMMANDS = {
-    "verify", "fingerprint", "audit",
+    "verify", "fingerprint", "audit", "identify",
     "submit", "status", "wait", "cancel", "jobs", "models", "report", "certificate",
     "keys", "worker", "backup", "restore", "health",
 }  # fmt: skip
