@@ -61,13 +61,59 @@ def _client(args: argparse.Namespace) -> Any:
     )
 
 
-def _reference(path: str) -> Any:
-    from rev_tasks.endpoints.reference import Reference
+#: Format names, without importing the endpoint package (httpx) to tell files apart.
+WHITEBOX_FINGERPRINT = "rev-fingerprint/1"
+ENDPOINT_FINGERPRINT = "rev-endpoint-fingerprint/1"
 
+
+def file_kind(path: str) -> str | None:
+    """What a reference file is (from its JSON format field): "endpoint-fingerprint",
+    "whitebox-fingerprint", or None for anything else (a folder, another file)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        with p.open(encoding="utf-8") as fh:
+            head = fh.read(200)
+    except (OSError, UnicodeDecodeError):
+        return None
+    if ENDPOINT_FINGERPRINT in head:
+        return "endpoint-fingerprint"
+    if WHITEBOX_FINGERPRINT in head:
+        return "whitebox-fingerprint"
+    return None
+
+
+def load_fingerprint_reference(path: str, key: bytes) -> Any:
+    """An endpoint fingerprint checked against this key; a clear refusal otherwise."""
+    from rev_tasks.endpoints.fingerprint import FingerprintError, FingerprintReference
+
+    try:
+        ref = FingerprintReference.load(path)
+        ref.check_key(key)
+    except FingerprintError as exc:
+        raise UserError(str(exc)) from exc
+    return ref
+
+
+def _reference(path: str, key: bytes) -> Any:
+    """A reference for an endpoint: a model folder or an endpoint fingerprint."""
+    kind = file_kind(path)
+    if kind == "endpoint-fingerprint":
+        return load_fingerprint_reference(path, key)
+    if kind == "whitebox-fingerprint":
+        raise UserError(
+            f"{path} is a white-box fingerprint (hidden-state signatures), which an endpoint "
+            "cannot be compared with: make an endpoint fingerprint with "
+            "`rev fingerprint MODEL -o FP.json --endpoint-evidence`"
+        )
     if not Path(path).is_dir():
         raise UserError(
-            f"endpoint verification needs the reference's weights (a model folder): {path}"
+            "endpoint verification needs the reference's weights (a model folder) or an "
+            f"endpoint fingerprint: {path}"
         )
+    from rev_tasks.endpoints.reference import Reference
+
     return Reference(path)
 
 
@@ -85,16 +131,22 @@ def _params(args: argparse.Namespace) -> Any:
 
 def cmd_verify_endpoint(args: argparse.Namespace) -> int:
     from rev_tasks.endpoints.client import EndpointError
+    from rev_tasks.endpoints.fingerprint import FingerprintError
     from rev_tasks.endpoints.verify import verify_endpoint
 
     if args.candidate:
         raise UserError("give either a candidate folder or --endpoint, not both")
     key = load_key(args.key_file)
+    early = file_kind(args.reference) is not None
+    reference = _reference(args.reference, key) if early else None
     client = _client(args)
     try:
         client.check_model()  # fail fast, before loading the reference
-        reference = _reference(args.reference)
+        if reference is None:
+            reference = _reference(args.reference, key)
         outcome = verify_endpoint(reference, client, key, _params(args))
+    except FingerprintError as exc:
+        raise UserError(str(exc)) from exc
     except EndpointError as exc:
         print(f"rev: error: {exc}", file=sys.stderr)
         return 1
@@ -125,16 +177,21 @@ def cmd_verify_endpoint(args: argparse.Namespace) -> int:
 
 def cmd_identify(args: argparse.Namespace) -> int:
     from rev_tasks.endpoints.client import EndpointError
+    from rev_tasks.endpoints.fingerprint import FingerprintError
     from rev_tasks.endpoints.verify import identify_endpoint
 
     if not args.endpoint:
         raise UserError("identify needs --endpoint URL and --endpoint-model NAME")
     key = load_key(args.key_file)
+    # Fingerprints first: cheap, and a bad one is refused before anything connects.
+    early = {p: _reference(p, key) for p in args.references if file_kind(p) is not None}
     client = _client(args)
     try:
         client.check_model()
-        refs = {p: _reference(p) for p in args.references}
+        refs = {p: early[p] if p in early else _reference(p, key) for p in args.references}
         out = identify_endpoint(refs, client, key, _params(args))
+    except FingerprintError as exc:
+        raise UserError(str(exc)) from exc
     except EndpointError as exc:
         print(f"rev: error: {exc}", file=sys.stderr)
         return 1
@@ -154,7 +211,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     """Add ``identify`` (an endpoint against several references)."""
     i = sub.add_parser("identify", help="which of these references does an endpoint serve?")
-    i.add_argument("references", nargs="+", help="reference model folders")
+    i.add_argument("references", nargs="+", help="reference model folders or endpoint fingerprints")
     i.add_argument("--alpha", type=float, default=0.01)
     i.add_argument("--key-file", help="secret challenge key (default: the public demo key)")
     i.add_argument("--json", action="store_true")

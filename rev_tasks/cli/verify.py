@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rev_tasks.cli.common import UserError, positive_int
-from rev_tasks.cli.endpoint import add_endpoint_options, cmd_verify_endpoint
+from rev_tasks.cli.endpoint import add_endpoint_options, cmd_verify_endpoint, file_kind
 from rev_tasks.core.keys import load_key
 from rev_tasks.core.transcript import audit, audit_challenges
 from rev_tasks.engine import (
@@ -64,6 +64,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return cmd_verify_endpoint(args)
     if not args.candidate:
         raise UserError("verify needs a candidate model folder, or --endpoint URL")
+    if file_kind(args.reference) == "endpoint-fingerprint":
+        raise UserError(
+            f"{args.reference} is an endpoint fingerprint (next-token log-probabilities only): "
+            "it verifies endpoints (--endpoint URL); white-box verification needs a model "
+            "folder or a `rev fingerprint` made without --endpoint-evidence"
+        )
     key = _read_key(args.key_file)
     params = VerifyParams(
         tolerance=args.tolerance,
@@ -137,6 +143,8 @@ def _load_side(path: str, args: argparse.Namespace, budget_mb: int | None) -> An
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     key = _read_key(args.key_file)
+    if args.endpoint_evidence:
+        return _endpoint_fingerprint(args, key)
     model = _load(args.model, args.dtype, args.device)
     show = _progress_printer(sys.stderr.isatty(), "fingerprinting")
     doc = fingerprint_model(model, key, n=args.challenges, bits=args.bits, progress=show)
@@ -145,6 +153,24 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     Path(args.output).write_text(json.dumps(doc) + "\n")
     print(
         f"wrote {args.output}: {len(doc['signatures'])} challenges, sites {doc['sites']}, "
+        f"commitment {doc['challenge_commitment']}"
+    )
+    return 0
+
+
+def _endpoint_fingerprint(args: argparse.Namespace, key: bytes) -> int:
+    """``rev fingerprint MODEL -o FP --endpoint-evidence``: what endpoint verification needs."""
+    from rev_tasks.endpoints.fingerprint import make_endpoint_fingerprint
+    from rev_tasks.endpoints.reference import Reference
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"an endpoint fingerprint needs the model folder: {args.model}")
+    reference = Reference(args.model)
+    doc = make_endpoint_fingerprint(reference, key, n=args.challenges, top_k=args.top_k)
+    Path(args.output).write_text(json.dumps(doc) + "\n")
+    print(
+        f"wrote {args.output}: endpoint evidence for {doc['challenges']} challenges, "
+        f"top {doc['top_k']} tokens, BOS variants {', '.join(doc['rows'])}, "
         f"commitment {doc['challenge_commitment']}"
     )
     return 0
@@ -214,6 +240,18 @@ def add_commands(sub: Any) -> None:
     f.add_argument("model")
     f.add_argument("-o", "--output", required=True)
     f.add_argument("--challenges", type=positive_int, default=64)
+    f.add_argument(
+        "--endpoint-evidence",
+        action="store_true",
+        help="store the next-token evidence endpoint verification needs (rev verify FP "
+        "--endpoint URL), instead of hidden-state signatures",
+    )
+    f.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=128,
+        help="with --endpoint-evidence: reference tokens kept per challenge",
+    )
     _model_options(f)
     f.set_defaults(func=cmd_fingerprint)
 

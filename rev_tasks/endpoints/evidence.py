@@ -9,7 +9,8 @@ and that view alone, so ``rev audit`` re-derives every number without the weight
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "text_log_e",
     "text_view",
     "OTHER",
+    "TopKRow",
 ]
 
 #: Alternatives of the text-mode e-process: the reference tempered by these (weight 1/4 each)
@@ -35,6 +37,66 @@ __all__ = [
 TEMPERATURES = (0.7, 1.4)
 PLUGIN_PRIOR = 2.0
 _AMBIGUOUS = "ambiguous"
+
+
+@dataclass(frozen=True)
+class TopKRow:
+    """One prompt's reference distribution as an endpoint fingerprint keeps it.
+
+    ``ids``/``logprobs``: the reference's top-K token ids, most likely first; every token
+    outside them has a log-probability in [``floor``, ``logprobs[-1]``]. ``empty``: log p of
+    the ids that print as "" (exact). ``log_norm``: log sum exp(beta * row) for each of
+    :data:`TEMPERATURES`; ``other``: log p and log q_beta of the text-mode class OTHER when the
+    single-piece classes are only those in the top-K (exact, computed from the full row).
+    """
+
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    floor: float
+    empty: float
+    log_norm: tuple[float, ...]
+    other: tuple[float, ...]
+
+    @property
+    def ceiling(self) -> float:
+        """The K-th largest log-probability: an upper bound for every token not stored."""
+        return self.logprobs[-1]
+
+    def lookup(self, token: int) -> float | None:
+        """The stored log-probability of ``token``; None when it is outside the top-K."""
+        try:
+            return self.logprobs[self.ids.index(token)]
+        except ValueError:
+            return None
+
+
+def topk_row(
+    row: np.ndarray, top_k: int, empty: float, other_ids: Sequence[int] | np.ndarray
+) -> TopKRow:
+    """Keep of a full reference row (log-probabilities over the vocabulary) what the evidence
+    needs: see :class:`TopKRow`. ``other_ids``: the ids of the full text-mode class OTHER."""
+    k = min(top_k, row.shape[0])
+    order = np.argsort(-row, kind="stable")[:k]
+    full_other = np.zeros(row.shape[0], dtype=bool)
+    full_other[np.asarray(other_ids, dtype=np.int64)] = True
+    in_top = np.zeros(row.shape[0], dtype=bool)
+    in_top[order] = True
+    # OTHER for a fingerprint: the full OTHER plus every single-piece token outside the top-K.
+    other_mask = full_other | ~in_top
+    log_norm = tuple(float(np.logaddexp.reduce(b * row)) for b in TEMPERATURES)
+    other = [float(np.logaddexp.reduce(row[other_mask]))] if other_mask.any() else [-math.inf]
+    for b, z in zip(TEMPERATURES, log_norm, strict=True):
+        other.append(
+            float(np.logaddexp.reduce(b * row[other_mask]) - z) if other_mask.any() else -math.inf
+        )
+    return TopKRow(
+        ids=tuple(int(i) for i in order),
+        logprobs=tuple(float(row[i]) for i in order),
+        floor=float(row.min()),
+        empty=float(empty),
+        log_norm=log_norm,
+        other=tuple(other),
+    )
 
 
 def first_top_logprobs(body: Mapping[str, Any]) -> dict[str, float] | None:
@@ -89,8 +151,17 @@ def logprob_view(reference: Any, row: np.ndarray, body: Mapping[str, Any]) -> di
             view[piece] = None
         elif len(ids) > 1:
             view[piece] = _AMBIGUOUS
+        elif isinstance(row, TopKRow):
+            lp = row.lookup(ids[0])
+            # Outside the stored top-K only an interval is known: the statistic takes the
+            # largest gap it allows (never smaller than the full reference's).
+            view[piece] = (
+                {"at_least": row.floor, "at_most": row.ceiling} if lp is None else float(lp)
+            )
         else:
             view[piece] = float(row[ids[0]])
+    if isinstance(row, TopKRow):
+        return {"pieces": view, "max": row.logprobs[0], "empty": row.empty}
     return {
         "pieces": view,
         "max": float(row.max()),
@@ -102,7 +173,9 @@ def logprob_statistic(body: Mapping[str, Any], view: Mapping[str, Any]) -> float
     """s = max |log p_endpoint - log p_reference| over the reply's top pieces (nats).
 
     A piece the reference has no token for gives +inf (another vocabulary); ambiguous pieces
-    are skipped. A reply that stopped at once (no logprobs, empty text) gives how far the
+    are skipped. A piece whose reference log-probability is known only to lie in
+    [at_least, at_most] (outside a fingerprint's top-K) contributes the largest gap in that
+    interval, so s is an upper bound on the full reference's statistic. A reply that stopped at once (no logprobs, empty text) gives how far the
     reference is from stopping too: max log p - log p(stop), 0 when it would also stop.
     """
     top = first_top_logprobs(body)
@@ -117,8 +190,18 @@ def logprob_statistic(body: Mapping[str, Any], view: Mapping[str, Any]) -> float
             return math.inf
         if ref == _AMBIGUOUS:
             continue
+        if isinstance(ref, Mapping):
+            worst = max(worst, bounded_gap(lp, float(ref["at_least"]), float(ref["at_most"])))
+            continue
         worst = max(worst, abs(lp - float(ref)))
     return worst
+
+
+def bounded_gap(lp: float, at_least: float, at_most: float) -> float:
+    """max |lp - x| over x in [at_least, at_most]: the worst gap a bounded value allows."""
+    if not at_least <= at_most:
+        raise ValueError(f"bounds out of order: {at_least} > {at_most}")
+    return max(lp - at_least, at_most - lp)
 
 
 OTHER = "\u0000other"
@@ -140,6 +223,8 @@ def text_view(reference: Any, row: np.ndarray, body: Mapping[str, Any]) -> dict[
     """The sampled piece, its observation class (the piece itself, or OTHER), log p(class)
     and log q_beta(class) of the tempered alternatives."""
     piece = sampled_piece(body)
+    if isinstance(row, TopKRow):
+        return _topk_text_view(reference, row, piece)
     cls, ids = _class_ids(reference, piece)
     logp = _class_logprob(row, ids, 1.0)
     return {
@@ -150,6 +235,29 @@ def text_view(reference: Any, row: np.ndarray, body: Mapping[str, Any]) -> dict[
             lq if math.isfinite(lq) else None
             for lq in (_class_logprob(row, ids, b) for b in TEMPERATURES)
         ],
+    }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _topk_text_view(reference: Any, row: TopKRow, piece: str) -> dict[str, Any]:
+    """text_view for a fingerprint row: a piece is its own class only inside the top-K."""
+    token = reference.single_piece.get(piece)
+    lp = None if token is None else row.lookup(token)
+    if lp is None:
+        return {
+            "piece": piece,
+            "class": OTHER,
+            "logp": _finite(row.other[0]),
+            "tempered": [_finite(x) for x in row.other[1:]],
+        }
+    return {
+        "piece": piece,
+        "class": piece,
+        "logp": _finite(lp),
+        "tempered": [_finite(b * lp - z) for b, z in zip(TEMPERATURES, row.log_norm, strict=True)],
     }
 
 

@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Reference", "detect_bos"]
+__all__ = ["PROBE", "Reference", "detect_bos"]
+
+#: The prompt whose tokenization is compared with the endpoint's (BOS or not).
+PROBE = "The capital of France is"
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -52,6 +55,8 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         self.model.eval()
         self.add_bos = False
+        self.max_challenges: int | None = None  # any challenge index (a fingerprint has n)
+        self.bos_token_id: int | None = self.tokenizer.bos_token_id
         self.vocab_size = int(self.model.config.vocab_size)
         self.eos_ids = self._eos_ids()
         self.pieces = self._pieces()
@@ -113,6 +118,35 @@ class Reference:
             ids = [bos] + ids
         return ids
 
+    def probe_ids(self, probe: str) -> list[int]:
+        """The probe's ids without special tokens (compared with the endpoint's)."""
+        return list(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+
+    def rows(self, challenges: Sequence[Any]) -> np.ndarray:
+        """The full next-token rows of these challenges (see :meth:`next_logprobs`)."""
+        return self.next_logprobs([c.prompt for c in challenges])
+
+    def descriptor(self) -> dict[str, Any]:
+        """What the reference is, for an endpoint fingerprint: config facts and file hashes."""
+        import hashlib
+
+        cfg = self.model.config
+        files = {}
+        for f in sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")):
+            h = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            files[f.name] = h.hexdigest()
+        return {
+            "name": self.path.name,
+            "architecture": (getattr(cfg, "architectures", None) or [type(self.model).__name__])[0],
+            "num_layers": getattr(cfg, "num_hidden_layers", None),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "vocab_size": self.vocab_size,
+            "weights_sha256": files,
+        }
+
     def next_logprobs(self, prompts: Sequence[str]) -> np.ndarray:
         """log p(next token | prompt) for each prompt: shape (len(prompts), vocab), float64."""
         import torch
@@ -136,10 +170,10 @@ class Reference:
         return {"path": str(self.path), "add_bos": self.add_bos, "vocab_size": self.vocab_size}
 
 
-def detect_bos(reference: Reference, server_tokens: list[int] | None, probe: str) -> str:
+def detect_bos(reference: Any, server_tokens: list[int] | None, probe: str) -> str:
     """Set ``reference.add_bos`` from the server's tokenization of ``probe``; say what was seen."""
-    ours = reference.prompt_ids(probe) if not reference.add_bos else reference.prompt_ids(probe)[1:]
-    bos = reference.tokenizer.bos_token_id
+    ours = reference.probe_ids(probe)
+    bos = reference.bos_token_id
     if server_tokens is None:
         reference.add_bos = False
         return "endpoint has no tokenizer route; prompts are tokenized without BOS"

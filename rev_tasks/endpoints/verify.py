@@ -28,7 +28,8 @@ from rev_tasks.endpoints.evidence import (
     text_log_e,
     text_view,
 )
-from rev_tasks.endpoints.reference import Reference, detect_bos
+from rev_tasks.endpoints.fingerprint import FingerprintError
+from rev_tasks.endpoints.reference import PROBE, Reference, detect_bos
 from rev_tasks.endpoints.transcript import build_endpoint_transcript, make_record
 
 __all__ = ["EndpointOutcome", "EndpointParams", "verify_endpoint"]
@@ -65,7 +66,7 @@ def _fetch(client: EndpointClient, jobs: Sequence[dict[str, Any]], width: int) -
 
 
 def verify_endpoint(
-    reference: Reference,
+    reference: Reference | Any,
     client: EndpointClient,
     key: bytes,
     params: EndpointParams,
@@ -74,11 +75,22 @@ def verify_endpoint(
     """Run the test to a verdict; raises :class:`EndpointError` with a one-line reason."""
     if params.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {params.mode!r}")
+    check_key = getattr(reference, "check_key", None)
+    if check_key is not None:  # a fingerprint holds numbers for its own key's prompts only
+        check_key(key)
     budget = params.budget()
+    n_max = reference.max_challenges
+    if n_max is not None and params.mode == "logprobs" and params.max_queries is None:
+        budget = min(budget, n_max)
+    needed = budget if params.mode == "logprobs" else params.text_prompts
+    if n_max is not None and needed > n_max:
+        raise FingerprintError(
+            f"the fingerprint holds {n_max} challenges; this run needs {needed} "
+            f"({'--max-queries' if params.mode == 'logprobs' else 'text prompts'})"
+        )
     started = time.monotonic()
     client.check_model()
-    probe = "The capital of France is"
-    parity = detect_bos(reference, client.tokenize(probe), probe)
+    parity = detect_bos(reference, client.tokenize(PROBE), PROBE)
     records: list[dict[str, Any]] = []
     values: list[float] = []
     used: list[Challenge] = []
@@ -97,7 +109,7 @@ def verify_endpoint(
                 ],
                 params.batch,
             )
-            rows = reference.next_logprobs([c.prompt for c in batch])
+            rows = reference.rows(batch)
             for c, reply, row in zip(batch, replies, rows, strict=True):
                 if test.decision is not None:
                     break
@@ -125,7 +137,7 @@ def verify_endpoint(
     else:
         test = SamplingEProcess(params.alpha, budget)
         prompts = generate_challenges(key, params.text_prompts)
-        rows_all = reference.next_logprobs([c.prompt for c in prompts])
+        rows_all = reference.rows(prompts)
         counts: dict[tuple[int, str], int] = {}
         seen: dict[int, int] = {}
         q = 0
@@ -190,6 +202,12 @@ def verify_endpoint(
         "parameters": param_doc,
         "endpoint": endpoint,
         "tokenization": parity,
+        "reference": reference.describe(),
+        "bounded_replies": sum(
+            1
+            for r in records
+            if any(isinstance(v, dict) for v in (r["reference"].get("pieces") or {}).values())
+        ),
         "cost": cost,
         "transcript_root": transcript["root"],
     }
@@ -197,7 +215,7 @@ def verify_endpoint(
 
 
 def identify_endpoint(
-    references: dict[str, Reference],
+    references: dict[str, Any],
     client: EndpointClient,
     key: bytes,
     params: EndpointParams,
