@@ -82,7 +82,7 @@ def check_model_folder(path: Path, settings: Settings) -> None:
     from rev_tasks.inference.guard import (
         ModelTooLarge,
         PathOutsideRoots,
-        inspect_folder,
+        inspect_configured,
     )
     from rev_tasks.inference.loader import ModelLoadError, UnsafeWeightsError
     from rev_tasks.inference.loader import check_model_folder as _check
@@ -91,13 +91,7 @@ def check_model_folder(path: Path, settings: Settings) -> None:
         # The cheap stat checks first: a folder that is plainly not a model (a root itself,
         # say) is refused before anything walks it.
         _check(path, allow_pickle=settings.allow_pickle)
-        inspect_folder(
-            path,
-            settings.model_roots,
-            settings.max_model_bytes,
-            settings.max_model_files,
-            settings.max_config_bytes,
-        )
+        inspect_configured(path, settings)
         read_model_config(path, settings)
     except PathOutsideRoots as exc:
         raise Unprocessable(str(exc), code="path_outside_roots") from exc

@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rev_tasks.boundedjson import DEFAULT_MAX_CONFIG_BYTES
 from rev_tasks.inference.loader import ModelLoadError
@@ -131,3 +132,18 @@ def inspect_folder(
             else:
                 raise NotRegularFile(f"{_name(entry_path, real)} in {folder} is not a regular file")
     return total
+
+
+def inspect_configured(path: str | os.PathLike[str], settings: Any) -> int:
+    """``inspect_folder`` under the operator's configured roots and caps.
+
+    The coordinator (at submit) and the worker (before loading) must apply the same limits;
+    ``settings`` is a ``rev_tasks.settings.Settings``.
+    """
+    return inspect_folder(
+        path,
+        settings.model_roots,
+        settings.max_model_bytes,
+        settings.max_model_files,
+        settings.max_config_bytes,
+    )

@@ -116,16 +116,9 @@ def check_folder(path: str) -> None:
     symlink swapped in, weights replaced by a 500 GB file): this check is the one that
     protects the worker. Raises ``ModelLoadError`` subclasses with a one-line reason.
     """
-    from rev_tasks.inference.guard import inspect_folder
+    from rev_tasks.inference.guard import inspect_configured
 
-    settings = get_settings()
-    inspect_folder(
-        path,
-        settings.model_roots,
-        settings.max_model_bytes,
-        settings.max_model_files,
-        settings.max_config_bytes,
-    )
+    inspect_configured(path, get_settings())
 
 
 def memory_budget(request: dict[str, Any] | None, path: str) -> int | None:

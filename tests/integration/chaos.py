@@ -232,3 +232,30 @@ def wait_mid_inference(job_ids: list[str], timeout: float = 120.0) -> str:
                 return job_id
         time.sleep(0.05)
     raise AssertionError("no job reached the middle of its inference")
+
+
+class Submitted:
+    """The jobs one fault module submitted, so that its teardown can fail what it left.
+
+    A failed fault test can leave jobs queued or running; the modules that follow share the
+    database and the broker, and must not find them.
+    """
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.ids: list[str] = []
+
+    def submit(self, client: Any, body: dict[str, Any]) -> str:
+        from tests.integration.farm import submit
+
+        job_id = submit(client, body)
+        self.ids.append(job_id)
+        return job_id
+
+    def fail_unfinished(self) -> None:
+        from rev_tasks import jobs
+        from rev_tasks.db.session import session_scope
+
+        with session_scope() as s:
+            for job_id in self.ids:
+                jobs.fail(s, job_id, "test_cleanup", f"left unfinished by a failed {self.who} test")

@@ -37,6 +37,7 @@ from rev_tasks.queues import CONSENSUS_WORKER_QUEUES, INFERENCE_CPU
 from rev_tasks.testing.harness import ROOT, free_port
 from tests.integration.chaos import (
     RedisServer,
+    Submitted,
     TcpProxy,
     bodies,
     check_outcomes,
@@ -44,7 +45,6 @@ from tests.integration.chaos import (
     wait_mid_inference,
 )
 from tests.integration.farm import TERMINAL, farm_environment
-from tests.integration.farm import submit as _submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -88,25 +88,15 @@ def farm_env(
         yield env
 
 
-SUBMITTED: list[str] = []
-
-
-def submit(client: Any, body: dict[str, Any]) -> str:
-    job_id = _submit(client, body)
-    SUBMITTED.append(job_id)
-    return job_id
+SUBMITTED = Submitted("chaos")
+submit = SUBMITTED.submit
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_job_left_running(farm_env: dict[str, str]) -> Iterator[None]:
     """A failed chaos test must not leave jobs running for the modules that follow."""
     yield
-    from rev_tasks import jobs
-    from rev_tasks.db.session import session_scope
-
-    with session_scope() as s:
-        for job_id in SUBMITTED:
-            jobs.fail(s, job_id, "test_cleanup", "left unfinished by a failed chaos test")
+    SUBMITTED.fail_unfinished()
 
 
 @pytest.fixture(scope="module")

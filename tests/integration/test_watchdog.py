@@ -25,9 +25,15 @@ import pytest
 
 from rev_tasks.queues import CONSENSUS_WORKER_QUEUES, INFERENCE_CPU
 from rev_tasks.testing.harness import ROOT, GroupProcess, free_port
-from tests.integration.chaos import RedisServer, bodies, check_outcomes, rows, wait_mid_inference
+from tests.integration.chaos import (
+    RedisServer,
+    Submitted,
+    bodies,
+    check_outcomes,
+    rows,
+    wait_mid_inference,
+)
 from tests.integration.farm import farm_environment
-from tests.integration.farm import submit as _submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -41,7 +47,8 @@ WATCHDOG_ENV = {
 VICTIM_ENV = {"REV_ENABLE_FAULT_INJECTION": "1", "REV_TEST_SLOW_BATCH_SECONDS": "0.25"}
 JOBS = 4
 FIGURES: dict[str, Any] = {}
-SUBMITTED: list[str] = []
+SUBMITTED = Submitted("watchdog")
+submit = SUBMITTED.submit
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +81,7 @@ def farm_env(
 def _no_job_left_running(farm_env: dict[str, str]) -> Iterator[None]:
     """A failed test must not leave jobs running for the modules that follow."""
     yield
-    from rev_tasks import jobs
-    from rev_tasks.db.session import session_scope
-
-    with session_scope() as s:
-        for job_id in SUBMITTED:
-            jobs.fail(s, job_id, "test_cleanup", "left unfinished by a failed watchdog test")
+    SUBMITTED.fail_unfinished()
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +98,6 @@ def beat(farm_env: dict[str, str], tmp_path_factory: Any) -> Iterator[GroupProce
     proc = GroupProcess("beat", argv, {**os.environ, **farm_env}, folder / "beat.log")
     yield proc
     proc.stop(10)
-
-
-def submit(client: Any, body: dict[str, Any]) -> str:
-    job_id = _submit(client, body)
-    SUBMITTED.append(job_id)
-    return job_id
 
 
 def _resumes(job_ids: list[str]) -> dict[str, int]:
