@@ -279,6 +279,7 @@ def recorded_sides(
     models ran (``REV_TEST_NOISY_RECORDS``: N bits flipped on each model side;
     ``REV_TEST_COPY_REFERENCE_PATH``: the reference's signatures as the candidate's). The
     transcript stays internally consistent; only the validators' re-execution can tell.
+    A marked ``precision`` job uses the fixed δ: a wrapped reference cannot be cast.
     """
     f = active()
     copy = bool(f.copy_reference_path) and f.copy_reference_path in candidate_path
