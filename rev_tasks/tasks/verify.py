@@ -364,10 +364,13 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
         reference = _load(spec.reference_path, "reference", spec.request)
     candidate = _load(spec.candidate_path, "candidate", spec.request)
     computed = faults.computed_candidate(spec.candidate_path, reference, candidate)
+    recorded_ref, recorded_cand = faults.recorded_sides(
+        spec.candidate_path, reference, computed, key
+    )
     try:
         verification = Verification(
-            reference,
-            computed,
+            recorded_ref,
+            recorded_cand,
             key,
             params,
             nonce=bytes.fromhex(spec.challenge_nonce) if spec.challenge_nonce else None,
@@ -383,7 +386,8 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     family = str(candidate.descriptor.get("family", "unknown"))
     try:
         report = _progress(spec.id, family, candidate.device, task, spec.attempts)
-        outcome = verification.run(progress=report)
+        with faults.device_noise(spec.candidate_path, [reference, candidate]):
+            outcome = verification.run(progress=report)
     except ModelLoadError as exc:  # a streamed block that does not fit this batch's budget
         raise _load_error("inference", exc) from exc
     except ValueError as exc:

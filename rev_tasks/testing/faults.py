@@ -15,17 +15,31 @@ flag off every hook returns at once and changes nothing, whatever the other vari
 ``REV_TEST_FAULTY_VALIDATORS``     ``"2"`` validator 2 lies (votes the opposite verdict),
                                    ``"1:random"`` votes at random, ``"3:crash"`` raises in its
                                    check (:func:`before_validation`, :func:`validator_verdict`)
+``REV_TEST_NOISY_RECORDS``         :func:`recorded_sides`: ``"marker:N,..."``: for a candidate
+                                   whose path contains a marker, N signature bits of every
+                                   record flipped on each side, at the same positions on both
+                                   (a float variant of the inference process; a fingerprint
+                                   side reads back exactly and is left alone)
+``REV_TEST_COPY_REFERENCE_PATH``   :func:`recorded_sides`: the records of such a candidate
+                                   carry the reference's signatures as the candidate's (altered
+                                   records that claim distance 0, even against a fingerprint)
+``REV_TEST_DEVICE_NOISE``          :func:`device_noise`: ``"marker:eps"``: every linear layer
+                                   of both models of such a candidate's job gives its output
+                                   times (1 + eps·g), g a fixed normal draw per layer (another
+                                   device's matmul rounding; CUDA against CPU fp32 ~ 1e-6)
 =================================  ============================================================
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -61,6 +75,27 @@ def _seconds(env: Mapping[str, str], name: str) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from exc
 
 
+def _marked(env: Mapping[str, str], name: str, kind: type) -> tuple[tuple[str, Any], ...]:
+    """``"a:4,b:5"`` → (("a", 4), ("b", 5)) with values of ``kind`` (≥ 0)."""
+    out: list[tuple[str, Any]] = []
+    for item in (part.strip() for part in env.get(name, "").split(",")):
+        if not item:
+            continue
+        marker, _, raw = item.rpartition(":")
+        try:
+            value = kind(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {item!r} is not MARKER:{kind.__name__}") from exc
+        if not marker.strip() or value < 0:
+            raise ValueError(f"{name}: {item!r} is not MARKER:{kind.__name__} (>= 0)")
+        out.append((marker.strip(), value))
+    return tuple(out)
+
+
+def _lookup(pairs: tuple[tuple[str, Any], ...], path: str) -> Any:
+    return next((value for marker, value in pairs if marker in path), None)
+
+
 @dataclass(frozen=True)
 class Faults:
     """The faults this process injects (all empty unless the enable flag is set)."""
@@ -71,6 +106,9 @@ class Faults:
     slow_validation_seconds: float = 0.0
     kill_path: str = ""
     forge_path: str = ""
+    noisy_records: tuple[tuple[str, int], ...] = ()
+    copy_reference_path: str = ""
+    device_noise: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -84,6 +122,9 @@ class Faults:
             slow_validation_seconds=_seconds(env, "REV_TEST_SLOW_VALIDATION_SECONDS"),
             kill_path=env.get("REV_TEST_KILL_INFERENCE_PATH", "").strip(),
             forge_path=env.get("REV_TEST_FORGE_INFERENCE_PATH", "").strip(),
+            noisy_records=_marked(env, "REV_TEST_NOISY_RECORDS", int),
+            copy_reference_path=env.get("REV_TEST_COPY_REFERENCE_PATH", "").strip(),
+            device_noise=_marked(env, "REV_TEST_DEVICE_NOISE", float),
         )
 
     @property
@@ -167,3 +208,132 @@ def validator_verdict(validator: int, job_id: str, verdict: str) -> str:
         log.warning("fault injection: validator %d votes %s at random", validator, chosen)
         return chosen
     return verdict
+
+
+# ----------------------------------------------------------------------------- recorded sides
+def flip_positions(
+    index: int, sites: Sequence[int], bits: int, count: int
+) -> list[tuple[int, int]]:
+    """``count`` distinct (site, bit) positions for challenge ``index``, spread over the sites.
+
+    Derived from the challenge alone, so both sides of a record get the same ones (the
+    recorded distance is unchanged, each side is ``count`` bits off its true signatures).
+    """
+    out: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    j = 0
+    while len(out) < min(count, bits * len(sites)):
+        h = hashlib.sha256(f"noisy-record:{index}:{j}".encode()).digest()
+        pos = (int(sites[j % len(sites)]), int.from_bytes(h[:8], "big") % bits)
+        j += 1
+        if pos not in seen:
+            seen.add(pos)
+            out.append(pos)
+    return out
+
+
+def flip_bits(sigs: dict[int, Any], positions: Sequence[tuple[int, int]]) -> dict[int, Any]:
+    """A copy of one record's packed signatures (uint8, one array per site) with bits flipped."""
+    out = {site: sig.copy() for site, sig in sigs.items()}
+    for site, bit in positions:
+        out[site][bit // 8] ^= 1 << (7 - bit % 8)
+    return out
+
+
+class _NoisySide:
+    """A side whose signatures come out with ``count`` bits flipped per challenge."""
+
+    def __init__(self, inner: Any, count: int) -> None:
+        self.inner, self.count = inner, count
+        self.descriptor = inner.descriptor
+
+    def signatures(
+        self, challenges: Sequence[Any], sites: Sequence[int], key: bytes, bits: int
+    ) -> list[dict[int, Any]]:
+        got = self.inner.signatures(challenges, sites, key, bits)
+        return [
+            flip_bits(sigs, flip_positions(c.index, sites, bits, self.count))
+            for c, sigs in zip(challenges, got, strict=True)
+        ]
+
+
+class _CopiedSide:
+    """The candidate's descriptor with the reference's signatures: altered records."""
+
+    def __init__(self, reference: Any, candidate: Any) -> None:
+        self.reference = reference
+        self.descriptor = candidate.descriptor
+
+    def signatures(
+        self, challenges: Sequence[Any], sites: Sequence[int], key: bytes, bits: int
+    ) -> list[dict[int, Any]]:
+        return self.reference.signatures(challenges, sites, key, bits)
+
+
+def recorded_sides(
+    candidate_path: str, reference: Any, candidate: Any, key: bytes
+) -> tuple[Any, Any]:
+    """The (reference, candidate) sides whose signatures the transcript records.
+
+    Unchanged unless this candidate is marked: then every record is altered after the
+    models ran (``REV_TEST_NOISY_RECORDS``: N bits flipped on each model side;
+    ``REV_TEST_COPY_REFERENCE_PATH``: the reference's signatures as the candidate's). The
+    transcript stays internally consistent; only the validators' re-execution can tell.
+    A marked ``precision`` job uses the fixed δ: a wrapped reference cannot be cast.
+    """
+    f = active()
+    copy = bool(f.copy_reference_path) and f.copy_reference_path in candidate_path
+    noisy = _lookup(f.noisy_records, candidate_path)
+    if not copy and not noisy:
+        return reference, candidate
+    from rev_tasks.engine import FingerprintSide, as_side
+
+    ref_side, cand_side = as_side(reference, key), as_side(candidate, key)
+    if copy:
+        log.warning("fault injection: copying the reference's signatures into %s", candidate_path)
+        cand_side = _CopiedSide(ref_side, cand_side)
+    if noisy:
+        log.warning(
+            "fault injection: %d bits flipped per record side for %s", noisy, candidate_path
+        )
+        cand_side = _NoisySide(cand_side, noisy)
+        if not isinstance(ref_side, FingerprintSide):
+            ref_side = _NoisySide(ref_side, noisy)
+    return ref_side, cand_side
+
+
+@contextlib.contextmanager
+def device_noise(candidate_path: str, models: Sequence[Any]) -> Iterator[float]:
+    """While the job's models run: every linear layer's output times (1 + eps·g), or nothing.
+
+    g is one fixed standard normal draw per layer and output shape, the same for every model,
+    so identical weights still give identical outputs (as on one device), while a validator
+    on another device (here: unhooked) computes slightly different activations. Yields eps
+    (0.0 unmarked). Only in-memory models (a ``torch.nn.Module`` under ``.model``) are hooked.
+    """
+    eps = _lookup(active().device_noise, candidate_path)
+    if not eps:
+        yield 0.0
+        return
+    import torch
+
+    log.warning("fault injection: device noise %g on the models of %s", eps, candidate_path)
+    handles = []
+    for model in models:
+        module = getattr(model, "model", None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        layers = [m for m in module.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+        for i, layer in enumerate(layers):
+
+            def hook(_m: Any, _inputs: Any, out: Any, i: int = i) -> Any:
+                g = torch.Generator().manual_seed(i)
+                noise = torch.randn(out.shape, generator=g, dtype=out.dtype)
+                return out * (1 + eps * noise.to(out.device))
+
+            handles.append(layer.register_forward_hook(hook))
+    try:
+        yield float(eps)
+    finally:
+        for h in handles:
+            h.remove()

@@ -19,7 +19,7 @@ import pytest
 
 from rev_tasks.queues import gpu_queue
 from rev_tasks.testing.harness import ALL_QUEUES, ROOT, applied_environment, free_port
-from rev_tasks.testing.variants import build_tiny_gpt2, copy_model
+from rev_tasks.testing.variants import build_tiny_causal_lm, build_tiny_gpt2, copy_model
 from tests.integration.farm import (
     TEST_KEY,
     FarmWorker,
@@ -161,6 +161,29 @@ def test_fingerprint_and_verify_against_id_on_gpu(gpu_farm: dict[str, Any]) -> N
     doc = wait_job(client, submit(client, body), timeout=240)
     assert doc["status"] == "succeeded" and doc["result"]["verdict"] == "SAME", doc
     _check_on_gpu(doc, gpu_farm["gpu"])
+
+
+def test_deep_cuda_job_is_published_by_cpu_validators_5_of_5(gpu_farm: dict[str, Any]) -> None:
+    """A 24-layer GPT-2 run on the GPU, its sampled records re-executed on the CPU worker:
+    all five validators find CUDA's records within the re-execution allowance
+    (docs/statistics.md §11) and vote for the verdict."""
+    client, dirs = gpu_farm["client"], gpu_farm["dirs"]
+    root = dirs["gpt2-a"].parent
+    deep = build_tiny_causal_lm(root / "deep-a", "gpt2", seed=0, layers=24, hidden=128)
+    deep_copy = copy_model(deep, root / "deep-a-copy")
+    body = {
+        "kind": "verify",
+        "reference": {"path": str(deep)},
+        "candidate": {"path": str(deep_copy)},
+        "device": "cuda",
+    }
+    doc = wait_job(client, submit(client, body), timeout=240)
+    assert doc["status"] == "succeeded", doc
+    assert doc["result"]["verdict"] == "SAME"
+    _check_on_gpu(doc, gpu_farm["gpu"])
+    consensus = doc["result"]["consensus"]
+    assert consensus["agreeing"] == 5 and consensus["agreed"] is True, consensus
+    assert [v["verdict"] for v in consensus["votes"]] == ["SAME"] * 5
 
 
 def test_gpu_worker_exports_its_gpu(gpu_farm: dict[str, Any]) -> None:
