@@ -9,6 +9,12 @@ service nor leak the caller's credentials:
 - every failure is an :class:`EndpointError` with one line of text (unreachable, not
   OpenAI-compatible, unknown model, ...); the API key never appears in one, in a log line or in
   the raw responses kept for the transcript (it is sent only in the Authorization header);
+- with ``allow`` or ``target`` (the farm always passes one), the egress guard
+  (:mod:`rev_tasks.endpoints.egress`) checks the URL, resolves it once and pins every
+  connection to the checked address; a redirect outside the allow-list raises
+  :class:`~rev_tasks.endpoints.egress.EgressRefused`. Without either (``rev verify
+  --endpoint``, run by an operator on a URL of their choosing) no guard applies. Redirects
+  are never followed;
 - :class:`Cost` counts requests, retries, prompt and completion tokens and wall time.
 """
 
@@ -23,6 +29,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+from rev_tasks.endpoints.egress import AllowList, Target, check_url, pinned_client
 
 __all__ = ["Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
 
@@ -134,6 +142,8 @@ class EndpointClient:
         max_retries: int = 4,
         backoff_s: float = 0.5,
         max_in_flight: int = 4,
+        allow: AllowList | None = None,
+        target: Target | None = None,
     ) -> None:
         self.base_url = normalise_base_url(base_url)
         self.public_url = _public_url(self.base_url)
@@ -146,12 +156,24 @@ class EndpointClient:
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(
-            base_url=self.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            follow_redirects=False,
-        )
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        if target is None and allow is not None:
+            target = check_url(self.base_url, allow)  # EgressRefused: not allowed
+        self.target = target
+        if target is not None:
+            # Checked once; every connection goes to target.address (no second lookup).
+            if urlsplit(self.base_url).hostname != target.host:
+                raise ValueError("the pinned target is not the endpoint's host")
+            self._http = pinned_client(
+                target, allow=allow, base_url=self.base_url + "/", headers=headers, timeout=timeout
+            )
+        else:
+            self._http = httpx.Client(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=timeout,
+                follow_redirects=False,
+            )
 
     def close(self) -> None:
         self._http.close()
@@ -215,6 +237,10 @@ class EndpointClient:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
+        if 300 <= status < 400:
+            raise EndpointError(
+                f"endpoint {url} redirected (HTTP {status}); redirects are not followed"
+            )
         if status == 401 or status == 403:
             raise EndpointError(f"endpoint {url} refused the credentials (HTTP {status})")
         if status == 404 and not isinstance(body, dict):
