@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from rev_tasks import redact
 from rev_tasks.endpoints.egress import AllowList, Target, check_url, pinned_client
 
 __all__ = ["Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
@@ -145,6 +146,9 @@ class EndpointClient:
         allow: AllowList | None = None,
         target: Target | None = None,
     ) -> None:
+        if target is None and allow is not None:
+            # The guard first: a refused URL is an EgressRefused, whatever else is wrong.
+            target = check_url(base_url, allow)  # resolves the host, once
         self.base_url = normalise_base_url(base_url)
         self.public_url = _public_url(self.base_url)
         self.model = model
@@ -156,13 +160,12 @@ class EndpointClient:
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+            redact.remember_secret(api_key)  # no log line of this process shows it
         timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
-        if target is None and allow is not None:
-            target = check_url(self.base_url, allow)  # EgressRefused: not allowed
         self.target = target
         if target is not None:
             # Checked once; every connection goes to target.address (no second lookup).
-            if urlsplit(self.base_url).hostname != target.host:
+            if (urlsplit(self.base_url).hostname or "").rstrip(".") != target.host:
                 raise ValueError("the pinned target is not the endpoint's host")
             self._http = pinned_client(
                 target, allow=allow, base_url=self.base_url + "/", headers=headers, timeout=timeout

@@ -171,8 +171,8 @@ def is_public(address: IPAddress) -> bool:
 def _split_host_port(entry: str) -> tuple[str, int | None]:
     """``host``, ``host:port``, ``[v6]``, ``[v6]:port``, ``v6`` or a CIDR (no port)."""
     if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        if rest and not rest.startswith(":"):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
             raise ValueError(f"{ENV_VAR}: cannot read {entry!r}")
         return host, _port(rest[1:], entry) if rest else None
     if entry.count(":") == 1:
