@@ -8,7 +8,14 @@ service nor leak the caller's credentials:
 - at most ``max_in_flight`` requests at once (a semaphore shared by all threads);
 - every failure is an :class:`EndpointError` with one line of text (unreachable, not
   OpenAI-compatible, unknown model, ...); the API key never appears in one, in a log line or in
-  the raw responses kept for the transcript (it is sent only in the Authorization header);
+  the raw responses kept for the transcript (it is sent only in the Authorization header, and
+  a reply that echoes it is discarded with an error);
+- with ``allow`` or ``target`` (the farm always passes one), the egress guard
+  (:mod:`rev_tasks.endpoints.egress`) checks the URL, resolves it once and pins every
+  connection to the checked address; a redirect outside the allow-list raises
+  :class:`~rev_tasks.endpoints.egress.EgressRefused`. Without either (``rev verify
+  --endpoint``, run by an operator on a URL of their choosing) no guard applies. Redirects
+  are never followed;
 - :class:`Cost` counts requests, retries, prompt and completion tokens and wall time.
 """
 
@@ -23,6 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+from rev_tasks import redact
+from rev_tasks.endpoints.egress import AllowList, Target, check_url, pinned_client
 
 __all__ = ["Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
 
@@ -134,7 +144,12 @@ class EndpointClient:
         max_retries: int = 4,
         backoff_s: float = 0.5,
         max_in_flight: int = 4,
+        allow: AllowList | None = None,
+        target: Target | None = None,
     ) -> None:
+        if target is None and allow is not None:
+            # The guard first: a refused URL is an EgressRefused, whatever else is wrong.
+            target = check_url(base_url, allow)  # resolves the host, once
         self.base_url = normalise_base_url(base_url)
         self.public_url = _public_url(self.base_url)
         self.model = model
@@ -146,12 +161,23 @@ class EndpointClient:
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(
-            base_url=self.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            follow_redirects=False,
-        )
+            redact.remember_secret(api_key)  # no log line of this process shows it
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.target = target
+        if target is not None:
+            # Checked once; every connection goes to target.address (no second lookup).
+            if (urlsplit(self.base_url).hostname or "").rstrip(".") != target.host:
+                raise ValueError("the pinned target is not the endpoint's host")
+            self._http = pinned_client(
+                target, allow=allow, base_url=self.base_url + "/", headers=headers, timeout=timeout
+            )
+        else:
+            self._http = httpx.Client(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=timeout,
+                follow_redirects=False,
+            )
 
     def close(self) -> None:
         self._http.close()
@@ -170,6 +196,13 @@ class EndpointClient:
         if self._key:
             text = text.replace(self._key, "***")
         return text[:300]
+
+    def _echoes_key(self, raw: bytes) -> bool:
+        """Whether the reply carries the API key (plain or JSON-escaped)."""
+        if not self._key:
+            return False
+        escaped = json.dumps(self._key)[1:-1]
+        return any(form.encode() in raw for form in {self._key, escaped})
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Reply:
         url = f"{self.public_url}/{path}"
@@ -192,6 +225,12 @@ class EndpointClient:
                     with self.cost._lock:
                         self.cost.wall_s += time.monotonic() - start
                         self.cost.requests += 1
+            if not reason and self._echoes_key(raw):
+                # The reply would be recorded byte for byte in the transcript: refuse it.
+                raise EndpointError(
+                    f"endpoint {url} echoed the API key in its reply (HTTP {resp_status}); "
+                    "the reply was discarded"
+                )
             if not reason:
                 wants_logprobs = bool(payload and payload.get("logprobs") is not None)
                 if wants_logprobs and resp_status >= 400 and "logprob" in _error_message(raw):
@@ -215,6 +254,10 @@ class EndpointClient:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
+        if 300 <= status < 400:
+            raise EndpointError(
+                f"endpoint {url} redirected (HTTP {status}); redirects are not followed"
+            )
         if status == 401 or status == 403:
             raise EndpointError(f"endpoint {url} refused the credentials (HTTP {status})")
         if status == 404 and not isinstance(body, dict):
