@@ -103,3 +103,18 @@ def test_pooled_on_device_equals_host_pooling_on_cpu(model: object) -> None:
     for s in sites:
         assert isinstance(dev[s], torch.Tensor) and dev[s].dtype == torch.float64
         assert np.array_equal(dev[s].numpy(), host[s])
+
+
+@pytest.mark.gpu
+def test_cuda_device_path_within_the_reexecution_allowance(tiny_gpt2: dict[str, Path]) -> None:
+    """On a GPU the device path (the CUDA default) against the host path on the same GPU."""
+    from rev_tasks.engine import reexecution_allowance
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu = load_model(tiny_gpt2["a"], device="cuda")
+    sites = gpu.sites
+    host = _host_reference(gpu, sites)
+    device = _side(gpu, sites)  # auto: on the device
+    allow = reexecution_allowance(BITS * len(sites))
+    assert max(differing_bits(a, b, sites) for a, b in zip(host, device, strict=True)) <= allow

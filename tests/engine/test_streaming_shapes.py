@@ -42,6 +42,8 @@ def test_streamed_signatures_equal_in_memory(shaped: Path) -> None:
     full = load_model(shaped)
     streamed = load_streamed(shaped, memory_budget_mb=64)
     assert streamed.tokenizer.backend == "tokenizers", streamed.tokenizer.reason
+    # a second model of the same folder (the other side of `rev verify M M`) shares it
+    assert load_streamed(shaped, memory_budget_mb=64).tokenizer is streamed.tokenizer
     assert streamed.sites == full.sites
     lengths = set()
     for batch in (PROMPTS[:8], PROMPTS[8:], ODD, ODD[:1]):

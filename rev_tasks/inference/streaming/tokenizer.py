@@ -112,7 +112,9 @@ class StreamTokenizer:
             tok = cls._fast(folder, model_type)
         except _FastPathRefused as why:
             tok = cls._transformers(folder, str(why))
-        if key is not None:
+        if key is not None and tok.backend == "tokenizers":
+            # only the fast backend: transformers' tokenizer re-sets padding and truncation on
+            # every call, so two models' threads must not share one
             with _SHARED_LOCK:
                 _SHARED[key] = tok
         return tok
