@@ -25,8 +25,10 @@ ORDER = [
     "hamming",
     "inference",
     "inference-cuda",
+    "device-signatures",
     "memory",
     "streaming",
+    "streaming-shapes",
     "consensus",
     "api",
     "e2e",
@@ -43,6 +45,8 @@ TITLES = {
     "e2e": "End to end (submit to result)",
     "scaling": "Scaling (-c 1 vs -c 2, backlog drain)",
     "streaming": "Layer-streamed verification (1.13 GiB model, 512 MB budget)",
+    "streaming-shapes": "Layer-streamed verification: other shapes (>= 1 GiB, 512 MB budget)",
+    "device-signatures": "On-device signatures (pool, project, pack on the model's device)",
     "endpoint": "Endpoint verification (llama.cpp server, SmolLM2 GGUF variants)",
 }
 FINDINGS = common.ROOT / "bench" / "findings.md"

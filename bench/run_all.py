@@ -27,6 +27,8 @@ PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("api", "bench.bench_api", [], 240, 420),
     ("scaling", "bench.bench_scaling", [], 170, 420),
     ("streaming", "bench.bench_streaming", [], 120, 600),
+    ("streaming-shapes", "bench.bench_streaming", ["--shapes"], 420, 1200),
+    ("device-signatures", "bench.bench_device_signatures", [], 120, 600),
 ]
 
 

@@ -47,7 +47,7 @@ from rev_tasks.core.keys import derive, key_id
 from rev_tasks.core.merkle import merkle_root
 from rev_tasks.core.transcript import Record, build_transcript
 from rev_tasks.inference.loader import LoadedModel, default_sites
-from rev_tasks.inference.signatures import DEFAULT_BITS, site_signatures
+from rev_tasks.inference.signatures import DEFAULT_BITS, model_signatures
 
 FINGERPRINT_FORMAT = "rev-fingerprint/1"
 Progress = Callable[[int, int], None]
@@ -98,8 +98,7 @@ class ModelSide:
     def signatures(
         self, challenges: Sequence[Challenge], sites: Sequence[int], key: bytes, bits: int
     ) -> list[SiteSigs]:
-        pooled = self.model.pooled_states([c.prompt for c in challenges], list(sites))
-        return site_signatures(pooled, key, bits)
+        return model_signatures(self.model, [c.prompt for c in challenges], list(sites), key, bits)
 
 
 class FingerprintSide:
@@ -211,11 +210,11 @@ def calibrate_reference(
     copy of the weights at a time.
     """
     prompts = [c.prompt for c in calibration_challenges(key, n)]
-    base = site_signatures(model.pooled_states(prompts, list(sites)), key, bits)
+    base = model_signatures(model, prompts, list(sites), key, bits)
     counts: dict[str, list[int]] = {}
     for dtype in CALIBRATION_DTYPES:
         rounded = rounded_copy(model, dtype)
-        sigs = site_signatures(rounded.pooled_states(prompts, list(sites)), key, bits)
+        sigs = model_signatures(rounded, prompts, list(sites), key, bits)
         counts[dtype] = [differing_bits(a, b, sites) for a, b in zip(base, sigs, strict=True)]
         del rounded
     return Calibration(challenges=n, total_bits=bits * len(sites), differing_bits=counts)

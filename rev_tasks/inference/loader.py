@@ -161,15 +161,20 @@ class LoadedModel(SiteModel):
     descriptor: dict[str, Any]
     device: str = "cpu"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    device_pooling = True  # pooled_states(..., on_device=True): signatures.model_signatures
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, Any]:
         return tokenize_batch(self.tokenizer, prompts)
 
-    def pooled_states(self, prompts: Sequence[str], sites: Sequence[int]) -> dict[int, np.ndarray]:
+    def pooled_states(
+        self, prompts: Sequence[str], sites: Sequence[int], on_device: bool = False
+    ) -> dict[int, Any]:
         """Attention-masked mean of each site's hidden states, float64, shape (batch, hidden).
 
         Hooks on the blocks capture their outputs in one forward pass; the pooling runs in
-        float64 so that it adds no rounding of its own.
+        float64 so that it adds no rounding of its own. ``on_device=True`` pools on the
+        model's device and returns float64 tensors there (the on-device signature path);
+        otherwise numpy arrays pooled on the host.
         """
         import torch
 
@@ -196,16 +201,31 @@ class LoadedModel(SiteModel):
             for h in handles:
                 h.remove()
         mask = enc["attention_mask"].to(torch.float64).unsqueeze(-1)
-        return {site: pool_masked(captured[site], mask) for site in sites}
+        pool = pool_masked_on_device if on_device else pool_masked
+        return {site: pool(captured[site], mask) for site in sites}
 
 
 def pool_masked(hidden: Any, mask: Any) -> np.ndarray:
-    """Masked mean over tokens in float64 (shared with the streamed engine)."""
+    """Masked mean over tokens in float64 on the host (shared with the streamed engine)."""
     import torch
 
     h = hidden.detach().to("cpu", torch.float64)
     summed = (h * mask).sum(dim=1)
     return (summed / mask.sum(dim=1).clamp(min=1.0)).numpy()
+
+
+def pool_masked_on_device(hidden: Any, mask: Any) -> Any:
+    """:func:`pool_masked` where ``hidden`` lies: a float64 tensor on its device.
+
+    The same ops in the same order; on the CPU they are the host path's bits. On a GPU the
+    sum over tokens may add in another order (ulp-level differences, docs/statistics.md).
+    """
+    import torch
+
+    h = hidden.detach().to(torch.float64)
+    m = mask.to(h.device)
+    summed = (h * m).sum(dim=1)
+    return summed / m.sum(dim=1).clamp(min=1.0)
 
 
 def _family(config: Any) -> str:

@@ -8,6 +8,7 @@ residual adds happen inside LayerNorm's argument (``LayerNorm(dense(x) + input)`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +125,7 @@ class BertBlocks:
         )
         return _State(hidden=embeddings, mask=mask)
 
-    def block(self, index: int, w: dict[str, Tensor], state: _State) -> _State:
+    def block(self, index: int, w: Mapping[str, Tensor], state: _State) -> _State:
         p = f"encoder.layer.{index}."
         hidden = state.hidden
         bsz, tgt_len, _ = hidden.size()

@@ -11,7 +11,7 @@ same ops, same order, same dtypes, same tensor layouts. Changing an expression t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,7 +69,7 @@ class BlockModel(Protocol):
         """The hidden states entering block 0 and whatever context the blocks share."""
         ...
 
-    def block(self, index: int, w: dict[str, Tensor], state: Any) -> Any:
+    def block(self, index: int, w: Mapping[str, Tensor], state: Any) -> Any:
         """Run block ``index`` on ``state`` (returns the new state)."""
         ...
 

@@ -9,6 +9,7 @@ too; and token type ids, when the tokenizer returns them, are embedded with ``wt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +106,7 @@ class GPT2Blocks:
             hidden = hidden + gather_embedding(weights, "wte.weight", batch.token_type_ids)
         return _State(hidden=hidden, mask=mask)
 
-    def block(self, index: int, w: dict[str, Tensor], state: _State) -> _State:
+    def block(self, index: int, w: Mapping[str, Tensor], state: _State) -> _State:
         p = f"h.{index}."
         hidden = state.hidden
         residual = hidden
@@ -121,7 +122,7 @@ class GPT2Blocks:
         return _State(hidden=hidden, mask=state.mask)
 
     def _attention(
-        self, hidden: Tensor, w: dict[str, Tensor], p: str, mask: Tensor | None
+        self, hidden: Tensor, w: Mapping[str, Tensor], p: str, mask: Tensor | None
     ) -> Tensor:
         qkv = conv1d(hidden, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
         query, key, value = qkv.split(self.hidden_size, dim=2)

@@ -9,6 +9,7 @@ with padding it gets the boolean mask and repeated keys; keys/values pass the ca
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +153,7 @@ class LlamaBlocks:
             sin = emb.sin() * 1.0
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
-    def block(self, index: int, w: dict[str, Tensor], state: _State) -> _State:
+    def block(self, index: int, w: Mapping[str, Tensor], state: _State) -> _State:
         p = f"layers.{index}."
         hidden = state.hidden
         residual = hidden
@@ -170,7 +171,7 @@ class LlamaBlocks:
         hidden = residual + hidden
         return _State(hidden=hidden, mask=state.mask, cos=state.cos, sin=state.sin)
 
-    def _attention(self, hidden: Tensor, w: dict[str, Tensor], p: str, state: _State) -> Tensor:
+    def _attention(self, hidden: Tensor, w: Mapping[str, Tensor], p: str, state: _State) -> Tensor:
         input_shape = hidden.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = linear(hidden, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))

@@ -10,6 +10,8 @@ tokenizer configures it. Any other folder falls back to the loader's own tokeniz
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,19 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "eos_token": "<|endoftext|>",
         "model_input_names": ["input_ids", "attention_mask"],
     },
+    # LlamaTokenizerFast.__init__: its post-processor adds bos (and eos) itself, see
+    # _llama_post_processor; add_prefix_space defaults to None there, not False.
+    "LlamaTokenizer": {
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": None,
+        "model_input_names": ["input_ids", "attention_mask"],
+    },
 }
+_NOT_TOKENS = ("model_input_names", "add_bos_token", "add_eos_token", "add_prefix_space")
 _MODEL_TYPE_TOKENIZER = {"bert": "BertTokenizer", "gpt2": "GPT2Tokenizer"}
 
 
@@ -82,10 +96,28 @@ class StreamTokenizer:
 
     @classmethod
     def load(cls, folder: Path, model_type: str) -> StreamTokenizer:
+        """The folder's tokenizer, shared with any live model of the same unchanged folder.
+
+        A large vocabulary costs ~30 MiB resident in the backend (49,152 tokens and their
+        merges); ``rev verify MODEL MODEL`` and a worker holding a model for both sides used
+        to load it twice. Encoding never mutates the shared object (padding and truncation
+        are fixed here), so sharing it changes no token.
+        """
+        key = _cache_key(folder, model_type)
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key) if key is not None else None
+        if shared is not None:
+            return shared
         try:
-            return cls._fast(folder, model_type)
+            tok = cls._fast(folder, model_type)
         except _FastPathRefused as why:
-            return cls._transformers(folder, str(why))
+            tok = cls._transformers(folder, str(why))
+        if key is not None and tok.backend == "tokenizers":
+            # only the fast backend: transformers' tokenizer re-sets padding and truncation on
+            # every call, so two models' threads must not share one
+            with _SHARED_LOCK:
+                _SHARED[key] = tok
+        return tok
 
     @classmethod
     def _fast(cls, folder: Path, model_type: str) -> StreamTokenizer:
@@ -99,20 +131,25 @@ class StreamTokenizer:
         cfg_path = folder / "tokenizer_config.json"
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-            tj = json.loads(tj_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            tok = Tokenizer.from_file(str(tj_path))
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers errors
             raise ModelLoadError(f"cannot read the tokenizer in {folder}: {exc}") from exc
+        tj = _backend_settings(tok)
         klass = cfg.get("tokenizer_class") or _MODEL_TYPE_TOKENIZER.get(model_type)
         klass = (klass or "").removesuffix("Fast")
         if klass not in _CLASS_DEFAULTS:
             raise _FastPathRefused(f"tokenizer class {klass or 'unknown'}")
-        if cfg.get("split_special_tokens") or cfg.get("from_slow") or cfg.get("add_bos_token"):
+        defaults = _CLASS_DEFAULTS[klass]
+        llama = klass == "LlamaTokenizer"
+        if cfg.get("split_special_tokens") or cfg.get("from_slow"):
             raise _FastPathRefused("tokenizer options that rewrite the backend")
+        if not llama and (cfg.get("add_bos_token") or cfg.get("add_eos_token")):
+            raise _FastPathRefused("tokenizer options that rewrite the backend")
+        if llama and cfg.get("add_prefix_space") is not None:
+            raise _FastPathRefused("LlamaTokenizerFast with add_prefix_space converts the slow one")
         # Which special tokens transformers ends up with (tokenizer_config wins; the legacy
         # special_tokens_map.json overrides it only when there is no added_tokens_decoder).
-        values: dict[str, Any] = {
-            k: v for k, v in _CLASS_DEFAULTS[klass].items() if k != "model_input_names"
-        }
+        values: dict[str, Any] = {k: v for k, v in defaults.items() if k not in _NOT_TOKENS}
         values.update({k: cfg[k] for k in _SPECIAL_KEYS_ALL if k in cfg})
         stm_path = folder / "special_tokens_map.json"
         if "added_tokens_decoder" not in cfg and stm_path.is_file():
@@ -120,7 +157,7 @@ class StreamTokenizer:
             values.update({k: stm[k] for k in _SPECIAL_KEYS_ALL if k in stm})
             if stm.get("additional_special_tokens"):
                 raise _FastPathRefused("additional special tokens")
-        if cfg.get("additional_special_tokens"):
+        if cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens"):
             raise _FastPathRefused("additional special tokens")
         added = {int(t["id"]): t for t in tj.get("added_tokens", [])}
         added_contents = {t.get("content") for t in added.values()}
@@ -142,13 +179,12 @@ class StreamTokenizer:
         if klass == "BertTokenizer" and not _bert_normalizer_matches(tj, cfg):
             raise _FastPathRefused("BERT normalizer options differ from tokenizer_config")
 
-        tok = Tokenizer.from_file(str(tj_path))
         pad_id = tok.token_to_id(pad_text)
         if pad_id is None:
             raise _FastPathRefused(f"pad token {pad_text!r} not in the vocabulary")
         tok.encode_special_tokens = False
         # PreTrainedTokenizerFast.__init__: align the pre-tokenizer's add_prefix_space
-        add_prefix_space = cfg.get("add_prefix_space", False)
+        add_prefix_space = cfg.get("add_prefix_space", defaults.get("add_prefix_space", False))
         try:
             state = json.loads(tok.pre_tokenizer.__getstate__())
             if state.get("add_prefix_space", add_prefix_space) != add_prefix_space:
@@ -157,6 +193,13 @@ class StreamTokenizer:
                 tok.pre_tokenizer = pre_class(**state)
         except Exception:  # noqa: BLE001, S110 - transformers ignores failures here too
             pass
+        if llama:
+            tok.post_processor = _llama_post_processor(
+                tok,
+                specials,
+                bool(cfg.get("add_bos_token", defaults["add_bos_token"])),
+                bool(cfg.get("add_eos_token", defaults["add_eos_token"])),
+            )
         truncation = tj.get("truncation") or {}
         direction = cfg.get("truncation_side") or truncation.get("direction") or "right"
         tok.enable_truncation(
@@ -166,7 +209,7 @@ class StreamTokenizer:
         tok.enable_padding(
             direction="right", pad_id=pad_id, pad_type_id=pad_type_id, pad_token=pad_text
         )
-        names = cfg.get("model_input_names") or _CLASS_DEFAULTS[klass]["model_input_names"]
+        names = cfg.get("model_input_names") or defaults["model_input_names"]
         return cls(
             backend="tokenizers",
             _tok=tok,
@@ -190,6 +233,86 @@ class StreamTokenizer:
             else None
         )
         return TokenBatch(ids, mask, types)
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+)
+_SHARED: weakref.WeakValueDictionary[tuple[Any, ...], StreamTokenizer] = (
+    weakref.WeakValueDictionary()
+)
+_SHARED_LOCK = threading.Lock()
+
+
+def _cache_key(folder: Path, model_type: str) -> tuple[Any, ...] | None:
+    """The folder and the size and mtime of each tokenizer file: a rewritten file is a miss."""
+    try:
+        root = folder.resolve()
+        stats = []
+        for name in _TOKENIZER_FILES:
+            f = root / name
+            if f.is_file():
+                st = f.stat()
+                stats.append((name, st.st_size, st.st_mtime_ns))
+    except OSError:
+        return None
+    return (str(root), model_type, tuple(stats))
+
+
+def _backend_settings(tok: Any) -> dict[str, Any]:
+    """The parts of ``tokenizer.json`` the checks read, taken from the loaded backend.
+
+    Parsing ``tokenizer.json`` a second time in Python (a 50k vocabulary and its merges as
+    dicts and lists) left ~14 MiB of freed-but-resident heap behind for the process's life
+    (issue 17): the backend already holds everything needed.
+    """
+    added = [
+        {
+            "id": int(i),
+            "content": t.content,
+            "single_word": t.single_word,
+            "lstrip": t.lstrip,
+            "rstrip": t.rstrip,
+            "normalized": t.normalized,
+            "special": t.special,
+        }
+        for i, t in tok.get_added_tokens_decoder().items()
+    ]
+    normalizer = json.loads(tok.normalizer.__getstate__()) if tok.normalizer else None
+    return {
+        "added_tokens": added,
+        "padding": tok.padding,
+        "truncation": tok.truncation,
+        "normalizer": normalizer,
+    }
+
+
+def _llama_post_processor(
+    tok: Any, specials: Mapping[str, str | None], add_bos: bool, add_eos: bool
+) -> Any:
+    """``LlamaTokenizerFast.update_post_processor``: bos/eos templates replace tokenizer.json's."""
+    from tokenizers import processors
+
+    bos, eos = specials.get("bos_token"), specials.get("eos_token")
+    if add_bos and bos is None:
+        raise ModelLoadError("add_bos_token = True but the tokenizer has no bos_token")
+    if add_eos and eos is None:
+        raise ModelLoadError("add_eos_token = True but the tokenizer has no eos_token")
+    single = f"{(f'{bos}:0 ') if add_bos else ''}$A:0{(f' {eos}:0') if add_eos else ''}"
+    pair = f"{single}{(f' {bos}:1') if add_bos else ''} $B:1{(f' {eos}:1') if add_eos else ''}"
+    special_tokens = []
+    if add_bos:
+        special_tokens.append((bos, tok.token_to_id(bos)))
+    if add_eos:
+        special_tokens.append((eos, tok.token_to_id(eos)))
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_tokens)
 
 
 def _bert_normalizer_matches(tj: Mapping[str, Any], cfg: Mapping[str, Any]) -> bool:
