@@ -27,6 +27,7 @@ ORDER = [
     "inference-cuda",
     "memory",
     "streaming",
+    "llm",
     "consensus",
     "api",
     "e2e",
@@ -44,6 +45,7 @@ TITLES = {
     "scaling": "Scaling (-c 1 vs -c 2, backlog drain)",
     "streaming": "Layer-streamed verification (1.13 GiB model, 512 MB budget)",
     "endpoint": "Endpoint verification (llama.cpp server, SmolLM2 GGUF variants)",
+    "llm": "Real LLM (SmolLM2-135M)",
 }
 FINDINGS = common.ROOT / "bench" / "findings.md"
 DEFAULT_OUT = common.ROOT / "docs" / "performance.md"
