@@ -27,6 +27,7 @@ PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("api", "bench.bench_api", [], 240, 420),
     ("scaling", "bench.bench_scaling", [], 170, 420),
     ("streaming", "bench.bench_streaming", [], 120, 600),
+    ("llm", "bench.bench_llm", [], 300, 900),
 ]
 
 
