@@ -333,12 +333,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         met[f"{which}_child_peak_rss_mb"] = _worst(after, "peak_rss_mb") <= limit
         ratios[f"{which}_batch_time_after_over_before"] = round(t_after / t_before, 3)
         floor = after[-1]["parent_before_fork"]["rss"]
+        step = {st["step"].split(",")[0].split(" (")[0]: st["rss_mb"] for st in stages["steps"]}
+        parts = [
+            f"torch +{step['torch'] - step['numpy']:.0f} at import",
+            f"transformers +{step['transformers'] - step['torch']:.0f} (dynamo, sympy and "
+            "DTensor already deferred)",
+            f"Celery app + task modules (SQLAlchemy, psycopg, kombu) "
+            f"+{step['Celery app + task modules'] - step['transformers']:.0f}",
+        ]
         cause = (
             ""
             if met[f"{which}_distinct_mb"]
-            else f" (missed: the main process alone, before any model, holds {floor:.0f} MB: "
-            "python, torch, transformers (dynamo, sympy and DTensor already deferred), Celery; "
-            "see the steps below)"
+            else f" (missed: the main process alone, before any model, holds {floor:.0f} MB of "
+            f"the {HEADROOM_MB:.0f} MB allowance: python + numpy {step['numpy']:.0f}, "
+            + ", ".join(parts)
+            + f"; the child then copies {_span(after, 'copied_on_write_mb')} MB of it on write"
+            "; see the steps below)"
         )
         child_cause = (
             ""
