@@ -76,7 +76,7 @@ calibrate: setup
 
 # ---- benchmarks (bench/run_all.py): each figure beside a baseline from the same run and the
 # reference figures of bench/common.py, rendered into docs/performance.md; budgeted to finish in under
-# 20 minutes on the 2-core development VM. The first line rebuilds the C popcount extension
+# 40 minutes on the 2-core development VM. The first line rebuilds the C popcount extension
 # if its source changed (the setup stamp only tracks pyproject.toml and the lock file).
 bench: setup
 	$(BIN)/python setup.py -q build_ext --inplace
@@ -84,7 +84,7 @@ bench: setup
 
 .PHONY: bench-endpoint calibrate-endpoint
 # Black-box verification against real llama.cpp servers of SmolLM2 GGUF variants (outside
-# `make bench`'s 20-minute budget): queries to a decision per case and mode, then the report.
+# `make bench`'s 40-minute budget): queries to a decision per case and mode, then the report.
 bench-endpoint: setup
 	bash scripts/llama_wheel.sh
 	$(BIN)/python -m bench.bench_endpoint --json

@@ -194,18 +194,21 @@ def child_stages(which: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     mark("torch")
-    # what importing transformers pulls in unconditionally, one by one (transformers 5:
-    # model_debugging_utils -> torch.distributed.tensor -> sympy; flex_attention -> dynamo)
-    import sympy  # noqa: F401
+    # the worker's preload: transformers with torch._dynamo, sympy and DTensor deferred
+    # (rev_tasks.ops.memory.lean_imports; transformers imports them unconditionally:
+    # model_debugging_utils -> torch.distributed.tensor -> sympy, PreTrainedModel and
+    # masking_utils -> dynamo)
+    from rev_tasks.ops.memory import lean_imports
 
-    mark("sympy")
-    import torch._dynamo  # noqa: F401
+    with lean_imports() as lean:
+        import transformers.modeling_utils  # noqa: F401
+        from transformers import AutoModel  # noqa: F401
 
-    mark("torch._dynamo")
-    import transformers.modeling_utils  # noqa: F401
-    from transformers import AutoModel  # noqa: F401
-
-    mark("rest of transformers (the worker's preload)")
+    mark(
+        "transformers, dynamo/sympy/DTensor deferred (the worker's preload)"
+        if lean
+        else "transformers (the worker's preload)"
+    )
     import rev_tasks.celery as celery_module
 
     for name in celery_module.app.conf.include:
@@ -219,6 +222,12 @@ def child_stages(which: str) -> dict[str, Any]:
     mark("first batch")
     _batches(model, 3)
     mark("3 more batches")
+    deferred = [
+        m for m in ("torch._dynamo", "sympy", "torch.distributed.tensor") if m in sys.modules
+    ]
+    import torch._dynamo  # noqa: F401  what the deferral keeps out, imported after all
+
+    mark("what-if: torch._dynamo + sympy + DTensor imported after all")
     return {
         "steps": [
             {
@@ -230,7 +239,8 @@ def child_stages(which: str) -> dict[str, Any]:
             for s, r in steps
         ],
         "modules": len(sys.modules),
-        "sympy_imported": "sympy" in sys.modules,
+        "lean_imports": lean,
+        "imported_by_the_batches": deferred,
     }
 
 
@@ -323,12 +333,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         met[f"{which}_child_peak_rss_mb"] = _worst(after, "peak_rss_mb") <= limit
         ratios[f"{which}_batch_time_after_over_before"] = round(t_after / t_before, 3)
         floor = after[-1]["parent_before_fork"]["rss"]
+        step = {st["step"].split(",")[0].split(" (")[0]: st["rss_mb"] for st in stages["steps"]}
+        parts = [
+            f"torch +{step['torch'] - step['numpy']:.0f} at import",
+            f"transformers +{step['transformers'] - step['torch']:.0f} (dynamo, sympy and "
+            "DTensor already deferred)",
+            f"Celery app + task modules (SQLAlchemy, psycopg, kombu) "
+            f"+{step['Celery app + task modules'] - step['transformers']:.0f}",
+        ]
         cause = (
             ""
             if met[f"{which}_distinct_mb"]
-            else f" (missed: the main process alone, before any model, holds {floor:.0f} MB: "
-            "python, torch, transformers and what it imports unconditionally, Celery; see "
-            "the steps below)"
+            else f" (missed: the main process alone, before any model, holds {floor:.0f} MB of "
+            f"the {HEADROOM_MB:.0f} MB allowance: python + numpy {step['numpy']:.0f}, "
+            + ", ".join(parts)
+            + f"; the child then copies {_span(after, 'copied_on_write_mb')} MB of it on write"
+            "; see the steps below)"
         )
         child_cause = (
             ""
@@ -375,7 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 " -> ".join(
                     f"{s['step']} {s['rss_mb']:.0f} ({s['anon_mb']:.0f})" for s in stages["steps"]
                 ),
-                f"{stages['modules']} modules; sympy imported: {stages['sympy_imported']}",
+                f"{stages['modules']} modules in the end; imported by loading and running the model "
+                f"of dynamo/sympy/DTensor: {', '.join(stages['imported_by_the_batches']) or 'none'}",
             ),
         ]
     if args.malloc_rounds > 0:
@@ -401,7 +422,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "process and its pool child, each counted once (the honest figure: RSS double-counts "
         "shared pages, PSS divides them with unrelated processes on this shared machine)",
         "as it was / as it is: REV_WORKER_MEMORY_TUNING=0 / 1 in the same run, alternated "
-        "(gc.freeze() after the preload in the main process: rev_tasks/ops/memory.py)",
+        "(both in the main process, rev_tasks/ops/memory.py: transformers imported with "
+        "torch._dynamo, sympy and DTensor deferred, and gc.freeze() after the preload)",
         "the child is the real worker_process_init handler with -c 2 (one torch thread) and "
         "the worker's model cache; batches: 8 challenges, pooled states + 4,096-bit "
         "signatures at every site, after one warm-up batch",

@@ -29,6 +29,7 @@ ORDER = [
     "memory",
     "streaming",
     "streaming-shapes",
+    "llm",
     "consensus",
     "api",
     "e2e",
@@ -48,6 +49,7 @@ TITLES = {
     "streaming-shapes": "Layer-streamed verification: other shapes (>= 1 GiB, 512 MB budget)",
     "device-signatures": "On-device signatures (pool, project, pack on the model's device)",
     "endpoint": "Endpoint verification (llama.cpp server, SmolLM2 GGUF variants)",
+    "llm": "Real LLM (SmolLM2-135M)",
 }
 FINDINGS = common.ROOT / "bench" / "findings.md"
 DEFAULT_OUT = common.ROOT / "docs" / "performance.md"

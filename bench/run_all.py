@@ -29,6 +29,7 @@ PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("streaming", "bench.bench_streaming", [], 120, 600),
     ("streaming-shapes", "bench.bench_streaming", ["--shapes"], 420, 1200),
     ("device-signatures", "bench.bench_device_signatures", [], 120, 600),
+    ("llm", "bench.bench_llm", [], 300, 900),
 ]
 
 
@@ -54,7 +55,7 @@ def _failed(name: str, module: str, why: str, log: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--budget", type=float, default=1200.0, help="seconds for all benchmarks")
+    ap.add_argument("--budget", type=float, default=2400.0, help="seconds for all benchmarks")
     ap.add_argument("--only", help="comma-separated result names to run (default: all)")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None

@@ -86,20 +86,25 @@ def _preload_inference_stack(**_: Any) -> None:
     load, and a child replaces a killed one (OOM killer, ``worker_max_memory_per_child``)
     exactly when the farm is already in trouble. Imported here, the modules are inherited
     through fork (copy-on-write) and then frozen out of the garbage collector's reach so
-    that the children keep sharing them (:mod:`rev_tasks.ops.memory`). Importing touches no
+    that the children keep sharing them, and what transformers imports but a worker never
+    runs (torch._dynamo, DTensor, sympy) is deferred (:mod:`rev_tasks.ops.memory`). Importing touches no
     device: CUDA is still initialised only inside a child. ``REV_WORKER_PRELOAD=0`` turns
     it off.
     """
     if os.environ.get("REV_WORKER_PRELOAD", "1").strip() == "0":
         return
     start = time.perf_counter()
+    from rev_tasks.ops.memory import lean_imports
+
     try:
         import torch  # noqa: F401
-        import transformers.modeling_utils  # noqa: F401
-        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
 
-        import rev_tasks.engine  # noqa: F401
-        import rev_tasks.inference.loader  # noqa: F401
+        with lean_imports():  # without torch._dynamo, sympy, DTensor: ~70 MB
+            import transformers.modeling_utils  # noqa: F401
+            from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
+
+            import rev_tasks.engine  # noqa: F401
+            import rev_tasks.inference.loader  # noqa: F401
     except Exception:  # noqa: BLE001 - the children will import lazily instead
         log.warning("preloading the inference stack failed", exc_info=True)
         return

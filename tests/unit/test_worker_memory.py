@@ -7,6 +7,7 @@ ones the child copied). Linux only (/proc/self/smaps_rollup).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rev_tasks.testing.harness import ROOT
+from rev_tasks.testing.variants import build_tiny_llama
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc/self/smaps_rollup"
@@ -67,3 +69,73 @@ def test_frozen_objects_stay_shared_after_fork() -> None:
     # unfrozen, the child's collection copies the pages of every object it visits
     assert copied_plain > 20, copied_plain
     assert copied_frozen < copied_plain / 3, (copied_frozen, copied_plain)
+
+
+LEAN = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import torch
+    from rev_tasks.ops.memory import lean_imports
+    from rev_tasks.testing.variants import minilm_path
+
+    with lean_imports() as on:
+        import transformers.modeling_utils
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from rev_tasks.inference import load_model, site_signatures
+    heavy = ("torch._dynamo", "sympy", "torch.distributed.tensor")
+    after_import = [m for m in heavy if m in sys.modules]
+    from rev_tasks.core.challenges import generate_challenges
+    from rev_tasks.core.keys import DEMO_KEY
+
+    prompts = [c.prompt for c in generate_challenges(DEMO_KEY, 6)]  # different lengths: padded
+    digests = {}
+    for name, path in (("llama", sys.argv[1]), ("minilm", minilm_path())):
+        model = load_model(str(path))
+        sigs = site_signatures(model.pooled_states(prompts, model.sites), DEMO_KEY, 512)
+        h = hashlib.sha256()
+        for per in sigs:
+            for site in sorted(per):
+                h.update(per[site].tobytes())
+        digests[name] = h.hexdigest()
+    after_run = [m for m in heavy if m in sys.modules]
+
+    import torch._dynamo
+    from torch._dynamo import trace_rules
+    from transformers.modeling_utils import PreTrainedModel
+
+    replayed = id(PreTrainedModel.can_record_outputs.fget) in trace_rules._allowed_callable_ids
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3)).tolist()
+    print(json.dumps({"on": on, "after_import": after_import, "after_run": after_run,
+                      "digests": digests, "real": not hasattr(torch._dynamo, "_rev_deferred"),
+                      "replayed": replayed, "compiled": compiled}))
+    """
+)
+
+
+def _lean(tuning: str, llama: Path) -> dict:
+    env = {**os.environ, "REV_WORKER_MEMORY_TUNING": tuning, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", LEAN, str(llama)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_lean_imports_defer_dynamo_and_keep_signatures(tmp_path: Path) -> None:
+    """The worker's preload without torch._dynamo, sympy and DTensor: padded batches of a
+    Llama (transformers' vmap masks) and MiniLM sign bit for bit as with the full import,
+    nothing heavy is imported by running them, and dynamo still works when asked for."""
+    # built here: save_pretrained (accelerate's unwrap_model) imports dynamo itself
+    llama = build_tiny_llama(tmp_path / "llama")
+    lean = _lean("1", llama)
+    full = _lean("0", llama)
+    assert lean["on"] and not full["on"]
+    assert lean["after_import"] == [] and lean["after_run"] == [], lean
+    assert "torch._dynamo" in full["after_import"]  # what the deferral saves
+    assert lean["digests"] == full["digests"]
+    for doc in (lean, full):
+        assert doc["real"] and doc["replayed"] and doc["compiled"] == [3.0, 3.0, 3.0]
