@@ -9,6 +9,9 @@ flag off every hook returns at once and changes nothing, whatever the other vari
                                    that OOM-kills its worker)
 ``REV_TEST_FORGE_INFERENCE_PATH``  :func:`computed_candidate`: a lying inference worker runs
                                    the reference in such a candidate's place
+``REV_TEST_FORGE_ENDPOINT``        :func:`endpoint_reply`: a lying endpoint worker shifts every
+                                   log-probability of the replies it records (``"1"``: all
+                                   endpoint jobs of this worker)
 ``REV_TEST_SLOW_BATCH_SECONDS``    :func:`after_batch`: a slow model, seconds per batch
 ``REV_TEST_SLOW_VALIDATION_SECONDS`` :func:`before_validation`: a slow validator, seconds per
                                    check (a worker killed while it holds one)
@@ -71,6 +74,7 @@ class Faults:
     slow_validation_seconds: float = 0.0
     kill_path: str = ""
     forge_path: str = ""
+    forge_endpoint: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -84,6 +88,7 @@ class Faults:
             slow_validation_seconds=_seconds(env, "REV_TEST_SLOW_VALIDATION_SECONDS"),
             kill_path=env.get("REV_TEST_KILL_INFERENCE_PATH", "").strip(),
             forge_path=env.get("REV_TEST_FORGE_INFERENCE_PATH", "").strip(),
+            forge_endpoint=env.get("REV_TEST_FORGE_ENDPOINT", "").strip() == "1",
         )
 
     @property
@@ -138,6 +143,35 @@ def computed_candidate(candidate_path: str, reference: Any, candidate: Any) -> A
         log.warning("fault injection: forging the transcript of %s", candidate_path)
         return reference
     return candidate
+
+
+#: How far a forging endpoint worker moves each recorded log-probability (nats): above the
+#: widest endpoint tolerance (0.4), so the validators' re-queries must notice.
+FORGE_SHIFT = 0.5
+
+
+def endpoint_reply(raw: bytes) -> bytes:
+    """The reply bytes an endpoint worker records: the endpoint's, or forged ones.
+
+    The forgery is consistent: the statistic, the Merkle tree and the decision are computed
+    from the forged bytes, so the transcript audits clean; only a validator that asks the
+    endpoint again sees that it never answered that.
+    """
+    if not active().forge_endpoint:
+        return raw
+    import json
+
+    try:
+        body = json.loads(raw)
+        for choice in body.get("choices") or []:
+            lp = choice.get("logprobs") or {}
+            for top in lp.get("top_logprobs") or []:
+                for piece in list(top or {}):
+                    top[piece] = float(top[piece]) - FORGE_SHIFT
+    except (ValueError, AttributeError, TypeError):
+        return raw
+    log.warning("fault injection: forging an endpoint reply")
+    return json.dumps(body).encode()
 
 
 def after_batch() -> None:
