@@ -5,7 +5,9 @@ the keys are. :class:`RedactSecrets` rewrites every record that passes a handler
 attached to: ``Authorization: Bearer <token>`` values, bare ``rev_<id>_<secret>`` tokens
 and ``password=``/``token=`` style pairs become ``[REDACTED]``; the public key id of a
 farm token is kept (``rev_<id>_[REDACTED]``) so that an operator can still tell which key
-was used. :func:`install` attaches it to the root logger's handlers and to the loggers
+was used. Values that match no pattern (tenants' endpoint credentials) are redacted once
+this process has handled them: :func:`remember_secret` (called by rev_tasks/credentials.py).
+:func:`install` attaches it to the root logger's handlers and to the loggers
 that gunicorn, werkzeug and Celery write through.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -31,8 +35,33 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )  # fmt: skip
 
 
+#: Secrets this process has seen (most recent last), and how many it keeps.
+_SECRETS: OrderedDict[str, None] = OrderedDict()
+_SECRETS_LOCK = threading.Lock()
+MAX_SECRETS = 4096
+#: Shorter values are not searched for (they would blank ordinary words).
+MIN_SECRET_CHARS = 4
+
+
+def remember_secret(value: str) -> None:
+    """Redact ``value`` wherever it appears from now on, in this process."""
+    if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
+        return
+    with _SECRETS_LOCK:
+        _SECRETS[value] = None
+        _SECRETS.move_to_end(value)
+        while len(_SECRETS) > MAX_SECRETS:
+            _SECRETS.popitem(last=False)
+
+
 def redact(text: str) -> str:
-    """``text`` with every credential pattern replaced by ``[REDACTED]``."""
+    """``text`` with every credential pattern and remembered secret replaced."""
+    if _SECRETS:
+        with _SECRETS_LOCK:
+            known = sorted(_SECRETS, key=len, reverse=True)
+        for secret in known:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return text

@@ -188,6 +188,7 @@ def _submit_endpoint(
         )
     public_url = services.endpoint_target(ep.url)
     with session_scope() as s:
+        services.check_credential(s, principal().tenant, ep.credential)
         reference_model_id = reference_path = None
         if isinstance(req, VerifyJobRequest):
             if isinstance(req.reference, PathRef):

@@ -389,6 +389,14 @@ def job_document(job: Job) -> dict[str, Any]:
     }
 
 
+def check_credential(session: Any, tenant: str, name: str | None) -> None:
+    """A job naming a credential the tenant does not have is a 422 at submit."""
+    from rev_tasks.endpoints.access import credential_exists
+
+    if not credential_exists(session, tenant, name):
+        raise Unprocessable(f"no credential named {name!r}", code="credential_missing")
+
+
 def endpoint_target(url: str) -> str:
     """Check an endpoint job's URL at submit (a 422 with the guard's reason); the public
     URL to store (no user info, query or fragment: a secret belongs in a credential)."""

@@ -1,5 +1,5 @@
 """The database tables as typed SQLAlchemy classes: jobs, models, fingerprints, transcripts,
-votes, API keys, certificates and their signing keys.
+votes, API keys, certificates and their signing keys, tenants' endpoint credentials.
 
 Big documents (transcripts, fingerprints) are zlib-compressed JSON in ``LargeBinary``
 columns: they are written once, read whole, and never queried inside. Small structured
@@ -311,3 +311,19 @@ class IdempotencyKey(Base):
         String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Credential(Base):
+    """A tenant's named endpoint credential, encrypted (rev_tasks/credentials.py).
+
+    ``ciphertext`` is a Fernet token over the value bound to (tenant, name): the plaintext is
+    never stored, and a token copied into another tenant's row does not decrypt there.
+    """
+
+    __tablename__ = "credentials"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from rev_tasks.endpoints.client import EndpointClient, EndpointError, normalise_base_url
 
 __all__ = ["EndpointRefused", "check_endpoint_url", "gate_for", "open_client"]
@@ -60,6 +58,11 @@ def reveal_credential(tenant: str, name: str | None) -> str | None:
         raise EndpointRefused(
             f"the tenant has no credential named {name!r}", code="credential_missing"
         ) from exc
+    except credentials.CredentialError as exc:  # the master key is absent or wrong
+        raise EndpointRefused(
+            f"the credential {name!r} cannot be decrypted here: {exc}",
+            code="credential_unavailable",
+        ) from exc
 
 
 def gate_for(url: str, settings: Any) -> Any:
@@ -93,15 +96,11 @@ def open_client(
     polite, budgeted, with the credential (when the job names one) revealed just now."""
     from rev_tasks.endpoints import egress
 
-    target = check_endpoint_url(str(endpoint["url"]))
+    allow = egress.allow_from_env()
+    url = str(endpoint["url"])
+    target = check_endpoint_url(url)
     api_key = reveal_credential(tenant, endpoint.get("credential"))
-    base = normalise_base_url(str(endpoint["url"]))
-    http = egress.pinned_client(
-        target,
-        base_url=base + "/",
-        timeout=httpx.Timeout(settings.endpoint_timeout, connect=5.0),
-        follow_redirects=False,
-    )
+    base = normalise_base_url(url)
     return EndpointClient(
         base,
         str(endpoint["model"]),
@@ -109,9 +108,19 @@ def open_client(
         timeout_s=settings.endpoint_timeout,
         max_retries=settings.endpoint_max_retries,
         max_in_flight=in_flight,
+        allow=allow,
+        target=target,
         gate=gate_for(base, settings),
-        http=http,
         max_requests=max_requests,
         max_tokens=max_tokens,
         observer=observer,
     )
+
+
+def credential_exists(session: Any, tenant: str, name: str | None) -> bool:
+    """Whether the tenant has the credential a job names (the coordinator's 422 check)."""
+    if not name:
+        return True
+    from rev_tasks import credentials
+
+    return bool(credentials.exists(session, tenant, name))

@@ -9,11 +9,17 @@ service nor leak the caller's credentials:
 - every failure is an :class:`EndpointError` with one line of text (unreachable, not
   OpenAI-compatible, unknown model, ...); the API key never appears in one, in a log line or in
   the raw responses kept for the transcript (it is sent only in the Authorization header);
+- with ``allow`` or ``target`` (the farm always passes one), the egress guard
+  (:mod:`rev_tasks.endpoints.egress`) checks the URL, resolves it once and pins every
+  connection to the checked address; a redirect outside the allow-list raises
+  :class:`~rev_tasks.endpoints.egress.EgressRefused`. Without either (``rev verify
+  --endpoint``, run by an operator on a URL of their choosing) no guard applies. Redirects
+  are never followed;
 - :class:`Cost` counts requests, retries, prompt and completion tokens and wall time;
 - on the farm (rev_tasks/tasks/endpoint.py) also: a shared :class:`~rev_tasks.endpoints.
   politeness.EndpointGate` before every request (a 429's ``Retry-After`` pauses every
-  worker), a request and a token budget (:class:`BudgetExceeded`), an ``observer`` that
-  records metrics, and an ``http`` client pinned to the address the egress guard checked.
+  worker), a request and a token budget (:class:`BudgetExceeded`) and an ``observer`` that
+  records metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+from rev_tasks import redact
+from rev_tasks.endpoints.egress import AllowList, Target, check_url, pinned_client
 
 __all__ = ["BudgetExceeded", "Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
 
@@ -143,12 +152,16 @@ class EndpointClient:
         max_retries: int = 4,
         backoff_s: float = 0.5,
         max_in_flight: int = 4,
+        allow: AllowList | None = None,
+        target: Target | None = None,
         gate: Any = None,
-        http: httpx.Client | None = None,
         max_requests: int | None = None,
         max_tokens: int | None = None,
         observer: Any = None,
     ) -> None:
+        if target is None and allow is not None:
+            # The guard first: a refused URL is an EgressRefused, whatever else is wrong.
+            target = check_url(base_url, allow)  # resolves the host, once
         self.base_url = normalise_base_url(base_url)
         self.public_url = _public_url(self.base_url)
         self.model = model
@@ -164,14 +177,23 @@ class EndpointClient:
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        if http is None:
-            http = httpx.Client(
+            redact.remember_secret(api_key)  # no log line of this process shows it
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.target = target
+        if target is not None:
+            # Checked once; every connection goes to target.address (no second lookup).
+            if (urlsplit(self.base_url).hostname or "").rstrip(".") != target.host:
+                raise ValueError("the pinned target is not the endpoint's host")
+            self._http = pinned_client(
+                target, allow=allow, base_url=self.base_url + "/", headers=headers, timeout=timeout
+            )
+        else:
+            self._http = httpx.Client(
                 base_url=self.base_url + "/",
-                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+                headers=headers,
+                timeout=timeout,
                 follow_redirects=False,
             )
-        http.headers.update(headers)
-        self._http = http
 
     def close(self) -> None:
         self._http.close()
@@ -275,6 +297,10 @@ class EndpointClient:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
+        if 300 <= status < 400:
+            raise EndpointError(
+                f"endpoint {url} redirected (HTTP {status}); redirects are not followed"
+            )
         if status == 401 or status == 403:
             raise EndpointError(f"endpoint {url} refused the credentials (HTTP {status})")
         if status == 404 and not isinstance(body, dict):

@@ -173,9 +173,14 @@ def _as_farm_error(exc: Exception) -> FarmError:
     from rev_tasks.endpoints.access import EndpointRefused
     from rev_tasks.endpoints.client import BudgetExceeded, NoLogprobs
 
+    from rev_tasks.endpoints.egress import EgressRefused
+
     if isinstance(exc, EndpointRefused):
         metrics.EndpointObserver.error("refused")
         return FarmError(exc.code, str(exc))
+    if isinstance(exc, EgressRefused):  # a redirect or connection outside the allow-list
+        metrics.EndpointObserver.error("refused")
+        return FarmError("endpoint_refused", f"egress guard: {exc.reason}")
     if isinstance(exc, BudgetExceeded):
         return FarmError("endpoint_budget_exceeded", str(exc))
     if isinstance(exc, NoLogprobs):
@@ -187,6 +192,7 @@ def _as_farm_error(exc: Exception) -> FarmError:
 def run_endpoint(self: Any, job_id: str) -> str:
     """Query the job's endpoint to a verdict (verify) or a ranking (identify); persist."""
     from rev_tasks.endpoints.client import EndpointError
+    from rev_tasks.endpoints.egress import EgressRefused
     from rev_tasks.endpoints.fingerprint import FingerprintError
     from rev_tasks.tasks.verify import _fail, _left, _LeftInference, _start, dispatch_consensus
 
@@ -209,7 +215,7 @@ def run_endpoint(self: Any, job_id: str) -> str:
         return _left(job_id)
     except FarmError as exc:
         return _fail(job_id, exc.code, exc.message)
-    except EndpointError as exc:
+    except (EndpointError, EgressRefused) as exc:
         err = _as_farm_error(exc)
         return _fail(job_id, err.code, err.message)
     except FingerprintError as exc:
