@@ -172,7 +172,6 @@ def _as_farm_error(exc: Exception) -> FarmError:
     """An endpoint failure as the job's error: a stable code and the one-line reason."""
     from rev_tasks.endpoints.access import EndpointRefused
     from rev_tasks.endpoints.client import BudgetExceeded, NoLogprobs
-
     from rev_tasks.endpoints.egress import EgressRefused
 
     if isinstance(exc, EndpointRefused):
