@@ -253,18 +253,16 @@ def _verify(spec: jobs.JobSpec) -> str:
 
     key = farm_key()
     params = endpoint_params(spec.request)
-    reference = _reference(spec)
-    n = committed_count(params, getattr(reference, "max_challenges", None))
-    if (
-        spec.commitment is not None
-        and commitment(generate_challenges(key, n)).hex() != spec.commitment
-    ):
-        raise FarmError(
-            "commitment_mismatch",
-            "the challenge set differs from the one committed at prepare (key rotated?)",
-        )
     client = _client(spec, params, 1)
     try:
+        client.check_model()  # fail fast, before a reference folder is loaded
+        reference = _reference(spec)
+        n = committed_count(params, getattr(reference, "max_challenges", None))
+        if commitment(generate_challenges(key, n)).hex() != spec.commitment:
+            raise FarmError(
+                "commitment_mismatch",
+                "the challenge set differs from the one committed at prepare (key rotated?)",
+            )
         outcome = verify_endpoint(
             reference, client, key, params, progress=_progress(spec.id, spec.attempts)
         )
