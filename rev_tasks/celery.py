@@ -100,6 +100,22 @@ def _child_exit(pid: int | None = None, **_: Any) -> None:
     telemetry.shutdown()
 
 
+def _redact_logs(**_: Any) -> None:
+    """Credentials never reach a worker's log (rev_tasks/redact.py): the filter goes on every
+    handler once logging is set up, in the main process and in each child."""
+    from rev_tasks import redact
+
+    redact.install("celery.task", "celery.worker", "celery.redirected")
+
+
+for _signal in (
+    signals.after_setup_logger,
+    signals.after_setup_task_logger,
+    signals.worker_ready,
+    signals.worker_process_init,
+):
+    _signal.connect(_redact_logs, weak=False)
+
 # Job and task ids on every log record of a task (JSON logs print them).
 signals.task_prerun.connect(logs.on_task_prerun, weak=False)
 signals.task_postrun.connect(logs.on_task_postrun, weak=False)

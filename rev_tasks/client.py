@@ -166,6 +166,16 @@ class FarmClient:
     def models(self) -> dict[str, Any]:
         return self._request("GET", "/v1/models")
 
+    def set_credential(self, name: str, value: str) -> dict[str, Any]:
+        """Create or rotate a credential; the answer names it, never repeats the value."""
+        return self._request("PUT", f"/v1/credentials/{name}", {"value": value})
+
+    def credentials(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/credentials")
+
+    def delete_credential(self, name: str) -> None:
+        self._send("DELETE", f"/v1/credentials/{name}")
+
     def wait(
         self,
         job_id: str,

@@ -40,12 +40,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         celery_app, settings.inspect_timeout, settings.inspect_cache_seconds, settings.redis_url
     )
 
-    from web import errors, health, jobs, openapi, registry
+    from web import credentials, errors, health, jobs, openapi, registry
 
     errors.register_error_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(registry.bp)
+    app.register_blueprint(credentials.bp)
     app.register_blueprint(openapi.bp)
 
     from web import certificates, reports

@@ -29,6 +29,10 @@ _COMPONENTS: dict[str, Any] = {
     "ModelDocument": (TypeAdapter(S.ModelDocument), "serialization"),
     "ModelList": (TypeAdapter(S.ModelList), "serialization"),
     "Health": (TypeAdapter(S.Health), "serialization"),
+    "CredentialSet": (TypeAdapter(S.CredentialSet), "validation"),
+    "CredentialValue": (TypeAdapter(S.CredentialValue), "validation"),
+    "CredentialDocument": (TypeAdapter(S.CredentialDocument), "serialization"),
+    "CredentialList": (TypeAdapter(S.CredentialList), "serialization"),
 }
 
 
@@ -208,6 +212,67 @@ def build_spec() -> dict[str, Any]:
                 "parameters": [_id_param("model_id")],
                 "responses": {"200": _ok("ModelDocument", "the model"), **_errors(400, 404)},
             }
+        },
+        "/v1/credentials": {
+            "post": {
+                "summary": "Store or rotate a named endpoint credential (the value is never "
+                "returned)",
+                "description": "Encrypted at rest with the farm's REV_CREDENTIAL_KEY and scoped "
+                "to the caller's tenant; an endpoint job names it. 201 when created, 200 when "
+                "an existing value was replaced (rotated_at).",
+                "operationId": "setCredential",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CredentialSet")}},
+                },
+                "responses": {
+                    "201": _ok("CredentialDocument", "created"),
+                    "200": _ok("CredentialDocument", "rotated"),
+                    **_errors(400, 408, 413, 415, 422),
+                },
+            },
+            "get": {
+                "summary": "List the tenant's credentials (names and timestamps, no values)",
+                "operationId": "listCredentials",
+                "responses": {
+                    "200": _ok("CredentialList", "the caller's tenant's credentials"),
+                    **_errors(400),
+                },
+            },
+        },
+        "/v1/credentials/{name}": {
+            "put": {
+                "summary": "Store or rotate the named credential",
+                "operationId": "putCredential",
+                "parameters": [_id_param("name")],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CredentialValue")}},
+                },
+                "responses": {
+                    "201": _ok("CredentialDocument", "created"),
+                    "200": _ok("CredentialDocument", "rotated"),
+                    **_errors(400, 408, 413, 415, 422),
+                },
+            },
+            "get": {
+                "summary": "One credential's name and timestamps",
+                "operationId": "getCredential",
+                "parameters": [_id_param("name")],
+                "responses": {
+                    "200": _ok("CredentialDocument", "the credential"),
+                    **_errors(400, 404),
+                },
+            },
+            "delete": {
+                "summary": "Delete the credential",
+                "operationId": "deleteCredential",
+                "parameters": [_id_param("name")],
+                "responses": {
+                    "204": {"description": "deleted", "headers": _headers(*_RATE_HEADERS)},
+                    **_errors(400, 404),
+                },
+            },
         },
         "/healthz": {
             "get": {

@@ -189,6 +189,44 @@ class ModelRegistration(_Strict):
     )
 
 
+CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+CredentialName = Annotated[
+    str,
+    StringConstraints(pattern=CREDENTIAL_NAME_PATTERN, min_length=1, max_length=64),
+    Field(description="the credential's name within the tenant (an endpoint job names it)"),
+]
+# A header value: one line, no edge spaces (they would be stripped on the way out).
+CredentialValueText = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=8192,
+        pattern=r"^[^\x00-\x1f\x7f ](?:[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f ])?$",
+    ),
+    Field(description="the secret (an endpoint API key); stored encrypted, never returned"),
+]
+
+
+class CredentialValue(_Strict):
+    """``PUT /v1/credentials/{name}``: create or rotate a credential."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"value": "sk-..."}]})
+
+    value: CredentialValueText
+
+
+class CredentialSet(_Strict):
+    """``POST /v1/credentials``: create or rotate a credential by name."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "openai", "value": "sk-..."}]}
+    )
+
+    name: CredentialName
+    value: CredentialValueText
+
+
 # ----------------------------------------------------------------------------- responses
 class ErrorBody(BaseModel):
     code: str
@@ -323,3 +361,15 @@ class Health(BaseModel):
     status: str
     checks: dict[str, Any] | None = None
     reason: str | None = None
+
+
+class CredentialDocument(BaseModel):
+    """A credential as the API shows it: its name and timestamps, never its value."""
+
+    name: str
+    created_at: str | None
+    rotated_at: str | None = Field(None, description="when the value was last replaced")
+
+
+class CredentialList(BaseModel):
+    credentials: list[CredentialDocument]

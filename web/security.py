@@ -13,8 +13,8 @@ deliberate:
    token not already in the key cache, *before* its database lookup) draw from a bucket
    per client IP instead (``REV_ANON_RATE_LIMIT_RPS``/``_BURST``), so a flood of made-up
    tokens or probe calls is refused in Redis, not served by PostgreSQL;
-3. **scope**: ``GET``/``HEAD`` need ``read``, ``POST`` needs ``submit``; ``admin`` implies
-   both → 403 with ``error="insufficient_scope"``.
+3. **scope**: ``GET``/``HEAD`` need ``read``, ``POST``/``PUT``/``DELETE`` need ``submit``;
+   ``admin`` implies both → 403 with ``error="insufficient_scope"``.
 
 Tenant isolation is applied by the views through :func:`can_see`: another tenant's job or
 model answers 404 exactly like a missing one, so ids cannot be probed. Unknown routes need
@@ -46,7 +46,15 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
 REALM = 'Bearer realm="rev-farm"'
-SCOPE_BY_METHOD = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "POST": "submit"}
+# PUT and DELETE: a tenant's own credentials (web/credentials.py), like a submit.
+SCOPE_BY_METHOD = {
+    "GET": "read",
+    "HEAD": "read",
+    "OPTIONS": "read",
+    "POST": "submit",
+    "PUT": "submit",
+    "DELETE": "submit",
+}
 LAST_USED_EVERY = 60.0  # seconds between last_used_at writes per key and process
 
 SECURITY_HEADERS = {

@@ -13,7 +13,17 @@ import argparse
 import sys
 from types import ModuleType
 
-from rev_tasks.cli import backup, endpoint, farm, health, keys, report, verify, worker
+from rev_tasks.cli import (
+    backup,
+    credentials,
+    endpoint,
+    farm,
+    health,
+    keys,
+    report,
+    verify,
+    worker,
+)
 from rev_tasks.cli.common import EXIT_USAGE, UserError
 from rev_tasks.inference.loader import ModelLoadError
 
@@ -24,6 +34,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     farm,  # submit, status, wait, cancel, jobs, models (HTTP client of the coordinator)
     report,  # report (over HTTP), certificate verify|issue|keygen
     keys,  # keys create|list|revoke|ensure-dev (on DATABASE_URL)
+    credentials,  # credentials set|list|delete (over HTTP), keygen, rekey (on DATABASE_URL)
     worker,  # worker --cpu|--gpu N|--consensus
     backup,  # backup now|list, restore
     health,  # health

@@ -8,7 +8,8 @@ service nor leak the caller's credentials:
 - at most ``max_in_flight`` requests at once (a semaphore shared by all threads);
 - every failure is an :class:`EndpointError` with one line of text (unreachable, not
   OpenAI-compatible, unknown model, ...); the API key never appears in one, in a log line or in
-  the raw responses kept for the transcript (it is sent only in the Authorization header);
+  the raw responses kept for the transcript (it is sent only in the Authorization header, and
+  a reply that echoes it is discarded with an error);
 - with ``allow`` or ``target`` (the farm always passes one), the egress guard
   (:mod:`rev_tasks.endpoints.egress`) checks the URL, resolves it once and pins every
   connection to the checked address; a redirect outside the allow-list raises
@@ -230,6 +231,13 @@ class EndpointClient:
                 "(retries included)"
             )
 
+    def _echoes_key(self, raw: bytes) -> bool:
+        """Whether the reply carries the API key (plain or JSON-escaped)."""
+        if not self._key:
+            return False
+        escaped = json.dumps(self._key)[1:-1]
+        return any(form.encode() in raw for form in {self._key, escaped})
+
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Reply:
         url = f"{self.public_url}/{path}"
         route = path.split("/")[-1] or "other"
@@ -257,6 +265,14 @@ class EndpointClient:
                     with self.cost._lock:
                         self.cost.wall_s += elapsed
                         self.cost.requests += 1
+            if not reason and self._echoes_key(raw):
+                # The reply would be recorded byte for byte in the transcript: refuse it.
+                self._observe("request", route, elapsed, "error")
+                self._observe("error", "invalid_reply")
+                raise EndpointError(
+                    f"endpoint {url} echoed the API key in its reply (HTTP {resp_status}); "
+                    "the reply was discarded"
+                )
             if not reason:
                 wants_logprobs = bool(payload and payload.get("logprobs") is not None)
                 if wants_logprobs and resp_status >= 400 and "logprob" in _error_message(raw):

@@ -9,7 +9,9 @@ DNS is faked, for the rebinding and SNI cases (there is no DNS server to rebind)
 from __future__ import annotations
 
 import datetime
+import io
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -29,6 +31,7 @@ from rev_tasks.endpoints.egress import (
     parse_allow,
     pinned_client,
 )
+from rev_tasks.redact import RedactSecrets
 
 
 class Trap:
@@ -76,6 +79,13 @@ class Recorder(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.server.seen.append((self.path, self.headers.get("Host")))  # type: ignore[attr-defined]
+        if self.server.echo:  # type: ignore[attr-defined]  # a hostile or buggy endpoint
+            body = json.dumps({"data": [{"id": self.headers.get("Authorization", "")}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         location = self.server.redirect_to  # type: ignore[attr-defined]
         if location:
             self.send_response(302)
@@ -100,6 +110,7 @@ def server() -> Iterator[Callable[..., ThreadingHTTPServer]]:
         srv.daemon_threads = True
         srv.seen = []  # type: ignore[attr-defined]
         srv.redirect_to = redirect_to  # type: ignore[attr-defined]
+        srv.echo = False  # type: ignore[attr-defined]
         if tls is not None:
             srv.socket = tls.wrap_socket(srv.socket, server_side=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -263,3 +274,51 @@ def test_https_pinned_keeps_sni_and_certificate_name(
         pytest.raises(httpx.ConnectError, match="(?i)certificate|hostname"),
     ):
         http.get(f"https://other.test:{srv.server_port}/v1/models")
+
+
+def test_a_reply_that_echoes_the_key_is_discarded(server: Any) -> None:
+    """Replies are recorded byte for byte in the transcript: one carrying the key is refused,
+    the error does not show it, and a log line that names it (through the farm's filter on a
+    real handler) shows [REDACTED]."""
+    srv = server()
+    srv.echo = True
+    secret = "sk-echo-" + "x1/y2" * 4
+    allow = parse_allow(f"127.0.0.1:{srv.server_port}")
+    with (
+        EndpointClient(
+            f"http://127.0.0.1:{srv.server_port}", "m", api_key=secret, allow=allow, max_retries=0
+        ) as c,
+        pytest.raises(EndpointError, match="echoed the API key") as err,
+    ):
+        c.models()
+    assert secret not in str(err.value)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactSecrets())
+    logger = logging.getLogger("test.egress.echo")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.warning("failed: %s (key %s)", err.value, secret)
+    assert secret not in stream.getvalue() and "[REDACTED]" in stream.getvalue()
+    srv.echo = False
+    with EndpointClient(
+        f"http://127.0.0.1:{srv.server_port}", "m", api_key=secret, allow=allow
+    ) as c:
+        assert c.models() == ["m"]
+
+
+def test_the_operator_cli_path_is_unguarded_but_follows_no_redirect(
+    trap: Trap, server: Any
+) -> None:
+    """Without allow or target (``rev verify --endpoint``) a loopback URL works as before, and
+    a redirect is still an error, not a request to its target."""
+    srv = server()
+    with EndpointClient(f"http://127.0.0.1:{srv.server_port}", "m") as c:
+        assert c.target is None and c.models() == ["m"]
+    srv.redirect_to = f"{trap.url}/v1/models"
+    with (
+        EndpointClient(f"http://127.0.0.1:{srv.server_port}", "m", max_retries=0) as c,
+        pytest.raises(EndpointError, match="redirects are not followed"),
+    ):
+        c.models()
+    assert trap.connections() == 0

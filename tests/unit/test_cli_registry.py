@@ -20,7 +20,7 @@ import rev_tasks.cli as cli
 EXPECTED_COMMANDS = {
     "verify", "fingerprint", "audit", "identify",
     "submit", "status", "wait", "cancel", "jobs", "models", "report", "certificate",
-    "keys", "worker", "backup", "restore", "health",
+    "keys", "credentials", "worker", "backup", "restore", "health",
 }  # fmt: skip
 
 BREAKER = """

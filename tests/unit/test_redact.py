@@ -56,3 +56,26 @@ def test_install_covers_root_handlers() -> None:
         root.removeHandler(handler)
     assert TOKEN not in stream.getvalue()
     assert REDACTED in stream.getvalue()
+
+
+def test_remembered_secrets_are_redacted_anywhere_in_a_record() -> None:
+    """A tenant's endpoint credential matches no pattern: once this process has handled it
+    (rev_tasks/credentials.py remembers every value it stores or reveals), it is redacted
+    from messages, arguments and tracebacks."""
+    from rev_tasks.redact import remember_secret
+
+    value = "plainsecret-" + "q7Zx" * 4  # no key=, no bearer, no rev_ prefix
+    logger, stream = _logger("test.redact.remembered")
+    logger.info("before: %s", value)
+    assert value in stream.getvalue()  # not a pattern: unknown values pass ...
+    remember_secret(value)
+    remember_secret("abc")  # too short to search for: ordinary words stay
+    logger.info("calling with %s", value)
+    logger.info("abc stays")
+    try:
+        raise RuntimeError(f"endpoint said {value!r}")
+    except RuntimeError:
+        logger.exception("failed")
+    after = stream.getvalue().split("before:", 1)[1].split("\n", 1)[1]
+    assert value not in after and after.count(REDACTED) == 2
+    assert "abc stays" in after
