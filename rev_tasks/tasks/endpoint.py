@@ -107,7 +107,6 @@ def _request_budget(params: Any, references: int) -> int:
 def _client(spec: jobs.JobSpec, params: Any, references: int) -> Any:
     """The job's client: egress re-checked, credential revealed, gate, budgets, metrics."""
     from rev_tasks.endpoints.access import open_client
-    from rev_tasks.endpoints.client import Reply
 
     ep = jobs.endpoint_of(spec.request) or {}
     settings = get_settings()
@@ -123,15 +122,7 @@ def _client(spec: jobs.JobSpec, params: Any, references: int) -> Any:
         observer=metrics.EndpointObserver,
         in_flight=IN_FLIGHT,
     )
-    if faults.active().forge_endpoint:  # a lying worker (the farm's own tests only)
-        honest = client.completion
-
-        def forged(*args: Any, **kwargs: Any) -> Any:
-            raw = faults.endpoint_reply(honest(*args, **kwargs).raw)
-            return Reply(raw, json.loads(raw))
-
-        client.completion = forged
-    return client
+    return faults.endpoint_client(client)  # the farm's own fault tests only
 
 
 def _reference(spec: jobs.JobSpec) -> Any:

@@ -9,7 +9,7 @@ flag off every hook returns at once and changes nothing, whatever the other vari
                                    that OOM-kills its worker)
 ``REV_TEST_FORGE_INFERENCE_PATH``  :func:`computed_candidate`: a lying inference worker runs
                                    the reference in such a candidate's place
-``REV_TEST_FORGE_ENDPOINT``        :func:`endpoint_reply`: a lying endpoint worker shifts every
+``REV_TEST_FORGE_ENDPOINT``        :func:`endpoint_client`: a lying endpoint worker shifts every
                                    log-probability of the replies it records (``"1"``: all
                                    endpoint jobs of this worker)
 ``REV_TEST_SLOW_BATCH_SECONDS``    :func:`after_batch`: a slow model, seconds per batch
@@ -150,15 +150,8 @@ def computed_candidate(candidate_path: str, reference: Any, candidate: Any) -> A
 FORGE_SHIFT = 0.5
 
 
-def endpoint_reply(raw: bytes) -> bytes:
-    """The reply bytes an endpoint worker records: the endpoint's, or forged ones.
-
-    The forgery is consistent: the statistic, the Merkle tree and the decision are computed
-    from the forged bytes, so the transcript audits clean; only a validator that asks the
-    endpoint again sees that it never answered that.
-    """
-    if not active().forge_endpoint:
-        return raw
+def forged_reply(raw: bytes) -> bytes:
+    """A completion reply with every top log-probability moved by :data:`FORGE_SHIFT`."""
     import json
 
     try:
@@ -170,8 +163,31 @@ def endpoint_reply(raw: bytes) -> bytes:
                     top[piece] = float(top[piece]) - FORGE_SHIFT
     except (ValueError, AttributeError, TypeError):
         return raw
-    log.warning("fault injection: forging an endpoint reply")
     return json.dumps(body).encode()
+
+
+def endpoint_client(client: Any) -> Any:
+    """The client an endpoint job records its replies through: its own, or a forging one.
+
+    The forgery is consistent: the statistic, the Merkle tree and the decision are computed
+    from the forged bytes, so the transcript audits clean; only a validator that asks the
+    endpoint again sees that it never answered that.
+    """
+    if not active().forge_endpoint:
+        return client
+    import json
+
+    from rev_tasks.endpoints.client import Reply
+
+    honest = client.completion
+
+    def forged(*args: Any, **kwargs: Any) -> Any:
+        log.warning("fault injection: forging an endpoint reply")
+        raw = forged_reply(honest(*args, **kwargs).raw)
+        return Reply(raw, json.loads(raw))
+
+    client.completion = forged
+    return client
 
 
 def after_batch() -> None:

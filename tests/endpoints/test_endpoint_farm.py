@@ -271,6 +271,20 @@ def test_a_server_that_dies_mid_job_fails_it_and_the_worker_lives_on(farm, serve
     assert later["status"] == "succeeded" and later["result"]["verdict"] == "SAME"
 
 
+def test_the_query_and_token_budgets_fail_the_job_with_the_reason(farm, serve) -> None:
+    client = farm["client"]
+    url = serve("f32").url
+    few_tokens = submit(client, _endpoint_body(url, max_tokens=30))
+    few_requests = submit(client, _endpoint_body(url, max_requests=3))
+    tokens = wait_job(client, few_tokens, timeout=300)
+    requests = wait_job(client, few_requests, timeout=300)
+    assert tokens["status"] == "failed" and requests["status"] == "failed"
+    assert tokens["error"]["code"] == "endpoint_budget_exceeded", tokens["error"]
+    assert "token budget of 30 tokens" in tokens["error"]["message"]
+    assert requests["error"]["code"] == "endpoint_budget_exceeded", requests["error"]
+    assert "query budget of 3 requests" in requests["error"]["message"]
+
+
 # ----------------------------------------------------------------------------- consensus
 def test_a_worker_that_forges_the_replies_is_voted_invalid(farm, serve) -> None:
     """The forging worker shifts every recorded log-probability by 0.5 nats and computes a
