@@ -37,6 +37,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 #: Secrets this process has seen (most recent last), and how many it keeps.
 _SECRETS: OrderedDict[str, None] = OrderedDict()
+#: The same secrets by their first MIN_SECRET_CHARS characters: a log line is scanned once,
+#: whatever the number of secrets.
+_BY_PREFIX: dict[str, set[str]] = {}
 _SECRETS_LOCK = threading.Lock()
 MAX_SECRETS = 4096
 #: Shorter values are not searched for (they would blank ordinary words).
@@ -48,20 +51,37 @@ def remember_secret(value: str) -> None:
     if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
         return
     with _SECRETS_LOCK:
+        if value in _SECRETS:
+            _SECRETS.move_to_end(value)
+            return
         _SECRETS[value] = None
-        _SECRETS.move_to_end(value)
+        _BY_PREFIX.setdefault(value[:MIN_SECRET_CHARS], set()).add(value)
         while len(_SECRETS) > MAX_SECRETS:
-            _SECRETS.popitem(last=False)
+            old, _ = _SECRETS.popitem(last=False)
+            bucket = _BY_PREFIX.get(old[:MIN_SECRET_CHARS], set())
+            bucket.discard(old)
+            if not bucket:
+                _BY_PREFIX.pop(old[:MIN_SECRET_CHARS], None)
+
+
+def _remembered_in(text: str) -> list[str]:
+    """The remembered secrets that occur in ``text``, longest first."""
+    if not _BY_PREFIX:
+        return []
+    n = MIN_SECRET_CHARS
+    found: set[str] = set()
+    with _SECRETS_LOCK:
+        for i in range(len(text) - n + 1):
+            bucket = _BY_PREFIX.get(text[i : i + n])
+            if bucket:
+                found.update(v for v in bucket if text.startswith(v, i))
+    return sorted(found, key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    """``text`` with every credential pattern and remembered secret replaced."""
-    if _SECRETS:
-        with _SECRETS_LOCK:
-            known = sorted(_SECRETS, key=len, reverse=True)
-        for secret in known:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
+    """``text`` with every remembered secret and every credential pattern replaced."""
+    for secret in _remembered_in(text):
+        text = text.replace(secret, REDACTED)
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return text
