@@ -229,6 +229,21 @@ def test_same_and_different_jobs_get_five_votes_and_the_clis_verdicts(
     assert ident["result"]["ranking"][0]["verdict"] == "SAME"
 
 
+def test_a_text_mode_job_is_refuted_and_its_seeded_samples_re_asked(farm, serve) -> None:
+    """Text mode against a server without log-probabilities: another model reads DIFFERENT,
+    and the validators' re-queries with the recorded seeds get the recorded pieces."""
+    client = farm["client"]
+    doc = wait_job(
+        client,
+        submit(client, _endpoint_body(serve("other", logprobs=False).url, mode="text")),
+        timeout=300,
+    )
+    assert doc["status"] == "succeeded", doc["error"]
+    assert doc["result"]["verdict"] == "DIFFERENT" and doc["result"]["mode"] == "text"
+    votes = _votes(doc)
+    assert len(votes) == 5 and {v["verdict"] for v in votes} == {"DIFFERENT"}
+
+
 # ----------------------------------------------------------------------------- politeness
 def test_429_with_retry_after_is_honoured_and_the_credential_stays_secret(farm, serve) -> None:
     client = farm["client"]
