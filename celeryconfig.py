@@ -74,6 +74,8 @@ task_routes = {
     Task.PREPARE: {"queue": queues.DEFAULT},
     Task.RUN_INFERENCE: {"queue": queues.INFERENCE_CPU},
     Task.FINGERPRINT: {"queue": queues.INFERENCE_CPU},
+    # Endpoint jobs are I/O: a threads-pool worker on their own queue runs their queries.
+    Task.RUN_ENDPOINT: {"queue": queues.ENDPOINT},
     Task.VALIDATE: {"queue": queues.CONSENSUS},
     Task.TALLY: {"queue": queues.CONSENSUS},
     Task.CONSENSUS_FAILED: {"queue": queues.CONSENSUS},
@@ -87,6 +89,7 @@ include = [
     "rev_tasks.tasks.verify",
     "rev_tasks.tasks.consensus",
     "rev_tasks.tasks.registration",
+    "rev_tasks.tasks.endpoint",
     "rev_tasks.tasks.maintenance",
 ]
 

@@ -172,6 +172,13 @@ class JobSpec:
     resumes: int = 0
 
 
+def endpoint_of(request: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``candidate.endpoint`` of an endpoint job's request; None for a model job."""
+    candidate = (request or {}).get("candidate")
+    endpoint = candidate.get("endpoint") if isinstance(candidate, dict) else None
+    return endpoint if isinstance(endpoint, dict) else None
+
+
 # ----------------------------------------------------------------------------- moves
 def _states(states: Iterable[State]) -> Any:
     """A WHERE clause: the row is in one of ``states``."""

@@ -64,7 +64,7 @@ from prometheus_client.registry import Collector
 
 from rev_tasks.ops.backup_files import list_backups
 from rev_tasks.ops.gpu import GPU_METRIC_NAMES, GpuCollector
-from rev_tasks.queues import BASE_QUEUES
+from rev_tasks.queues import BASE_QUEUES, ENDPOINT
 from rev_tasks.settings import get_settings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -82,7 +82,7 @@ DEFAULT_WORKER_METRICS_ADDR = "127.0.0.1"
 DEFAULT_WORKER_METRICS_PORT = 9808
 
 #: Queues every farm declares; ``queue_depth`` reports these by default.
-DEFAULT_QUEUES: tuple[str, ...] = BASE_QUEUES
+DEFAULT_QUEUES: tuple[str, ...] = (*BASE_QUEUES, ENDPOINT)
 
 # Buckets bracket the latency targets (quoted in bench/common.py, GUIDE): inference 50-200 ms
 # (so 0.2 is an edge, which keeps the p99 > 200 ms alert exact), consensus 10-50 ms, API
@@ -159,6 +159,34 @@ CONSENSUS_ROUNDS = Counter(
     ["outcome"],
 )
 
+# --------------------------------------------------------------------------- endpoint jobs
+# Requests to tenants' endpoints (rev_tasks/tasks/endpoint.py): one request is 20 ms on a
+# loopback llama.cpp, seconds on a loaded service, the client's timeout at worst. No label
+# names the endpoint: its URL is the tenant's business and unbounded.
+_ENDPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ENDPOINT_REQUEST_DURATION = Histogram(
+    "rev_endpoint_request_duration_seconds",
+    "Requests endpoint jobs and their validators sent, by route and outcome (ok/error).",
+    ["route", "outcome"],
+    buckets=_ENDPOINT_BUCKETS,
+)
+ENDPOINT_ERRORS = Counter(
+    "rev_endpoint_errors",
+    "Failed endpoint requests and refusals, by class (timeout, connect, http_429, http_5xx, "
+    "http_4xx, invalid_reply, no_logprobs, budget, refused).",
+    ["error_class"],
+)
+ENDPOINT_TOKENS = Counter(
+    "rev_endpoint_tokens",
+    "Tokens endpoints counted for the farm's requests, by type (prompt, completion).",
+    ["type"],
+)
+ENDPOINT_RETRIES = Counter(
+    "rev_endpoint_retries",
+    "Endpoint requests sent again, by what the previous attempt met.",
+    ["reason"],
+)
+
 # --------------------------------------------------------------------------- watchdog
 WATCHDOG_ACTIONS = Counter(
     "rev_watchdog_actions",
@@ -183,6 +211,26 @@ WATCHDOG_STATES = frozenset({"queued", "prepared", "inference", "consensus"})
 CONSENSUS_OUTCOMES = frozenset({"published", "no_quorum", "failed"})
 #: Verdicts a finished job may carry (``none`` when it failed before deciding).
 VERDICTS = frozenset({"SAME", "DIFFERENT", "UNDECIDED", "none"})
+#: Routes of an OpenAI-compatible endpoint the farm calls; anything else is ``other``.
+ENDPOINT_ROUTES = frozenset({"models", "completions", "tokenize"})
+ENDPOINT_OUTCOMES = frozenset({"ok", "error"})
+#: Classes of endpoint failures (``rev_endpoint_errors_total``).
+ENDPOINT_ERROR_CLASSES = frozenset(
+    {
+        "timeout",
+        "connect",
+        "http_429",
+        "http_5xx",
+        "http_4xx",
+        "invalid_reply",
+        "no_logprobs",
+        "budget",
+        "refused",
+    }
+)
+#: What a retried request met (``rev_endpoint_retries_total``).
+ENDPOINT_RETRY_REASONS = frozenset({"timeout", "connect", "http_429", "http_5xx"})
+ENDPOINT_TOKEN_TYPES = ("prompt", "completion")
 #: Job kinds (the ``kind`` of ``POST /v1/jobs``).
 KINDS = ("verify", "identify")
 #: (status, verdict) of a finished job: a verdict only when it succeeded (an identify job
@@ -201,6 +249,9 @@ _COUNTERS = (
     CONSENSUS_ROUNDS,
     WATCHDOG_ACTIONS,
     BACKUP_FAILURES,
+    ENDPOINT_ERRORS,
+    ENDPOINT_TOKENS,
+    ENDPOINT_RETRIES,
 )
 _HISTOGRAMS = (
     HTTP_REQUEST_DURATION,
@@ -208,6 +259,7 @@ _HISTOGRAMS = (
     MODEL_LOAD_DURATION,
     CONSENSUS_DURATION,
     BACKUP_DURATION,
+    ENDPOINT_REQUEST_DURATION,
 )
 _GAUGES = (MODELS_CACHED, CONSENSUS_VALIDATORS_ACTIVE)
 #: Metrics only workers record. The coordinator defines them too (one module), and
@@ -226,6 +278,10 @@ WORKER_ONLY = frozenset(
         WATCHDOG_ACTIONS,
         BACKUP_FAILURES,
         BACKUP_DURATION,
+        ENDPOINT_REQUEST_DURATION,
+        ENDPOINT_ERRORS,
+        ENDPOINT_TOKENS,
+        ENDPOINT_RETRIES,
     )
 )
 #: Series produced at scrape time by the collectors below (not by a metric object).
@@ -370,6 +426,36 @@ def record_backup_failure() -> None:
     BACKUP_FAILURES.inc()
 
 
+class EndpointObserver:
+    """What an :class:`~rev_tasks.endpoints.client.EndpointClient` on the farm reports:
+    request durations, failures by class, tokens and retries (bounded labels only)."""
+
+    @staticmethod
+    @_never_fails
+    def request(route: str, seconds: float, outcome: str) -> None:
+        ENDPOINT_REQUEST_DURATION.labels(
+            route=_label(route, ENDPOINT_ROUTES), outcome=_label(outcome, ENDPOINT_OUTCOMES)
+        ).observe(seconds)
+
+    @staticmethod
+    @_never_fails
+    def error(error_class: str) -> None:
+        ENDPOINT_ERRORS.labels(error_class=_label(error_class, ENDPOINT_ERROR_CLASSES)).inc()
+
+    @staticmethod
+    @_never_fails
+    def tokens(prompt: int, completion: int) -> None:
+        if prompt > 0:
+            ENDPOINT_TOKENS.labels(type="prompt").inc(prompt)
+        if completion > 0:
+            ENDPOINT_TOKENS.labels(type="completion").inc(completion)
+
+    @staticmethod
+    @_never_fails
+    def retry(reason: str) -> None:
+        ENDPOINT_RETRIES.labels(reason=_label(reason, ENDPOINT_RETRY_REASONS)).inc()
+
+
 # --------------------------------------------------------------------------- first events
 def _at_zero(counter: Counter, label_sets: Iterable[tuple[str, ...]]) -> None:
     for labels in label_sets:
@@ -393,6 +479,9 @@ def preinitialise_worker() -> None:
         WATCHDOG_ACTIONS,
         ((a, s) for a in sorted(WATCHDOG_ACTION_NAMES) for s in sorted(WATCHDOG_STATES)),
     )
+    _at_zero(ENDPOINT_ERRORS, ((c,) for c in sorted(ENDPOINT_ERROR_CLASSES)))
+    _at_zero(ENDPOINT_RETRIES, ((r,) for r in sorted(ENDPOINT_RETRY_REASONS)))
+    _at_zero(ENDPOINT_TOKENS, ((t,) for t in ENDPOINT_TOKEN_TYPES))
 
 
 @_never_fails

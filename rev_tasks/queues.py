@@ -46,11 +46,13 @@ BASE_QUEUES: tuple[str, ...] = (DEFAULT, INFERENCE_CPU, CONSENSUS, MAINTENANCE)
 CPU_WORKER_QUEUES: tuple[str, ...] = (INFERENCE_CPU, CONSENSUS, DEFAULT, MAINTENANCE)
 #: What a validators worker consumes (``rev worker --consensus``, the local stack's second worker).
 CONSENSUS_WORKER_QUEUES: tuple[str, ...] = (CONSENSUS, DEFAULT, MAINTENANCE)
+#: What an endpoint worker consumes (``celery -A rev_tasks worker -Q endpoint -P threads``).
+ENDPOINT_WORKER_QUEUES: tuple[str, ...] = (ENDPOINT,)
 
 
 def declared_queues(gpu_count: int) -> list[str]:
     """Every queue a farm with ``gpu_count`` GPU queues declares, in ``celeryconfig`` order."""
-    return [DEFAULT, INFERENCE_CPU, *gpu_queues(gpu_count), CONSENSUS, MAINTENANCE]
+    return [DEFAULT, INFERENCE_CPU, *gpu_queues(gpu_count), CONSENSUS, MAINTENANCE, ENDPOINT]
 
 
 def prepare_task_id(job_id: str) -> str:
@@ -76,6 +78,8 @@ class Task:
 
     PREPARE = "rev_tasks.tasks.verify.prepare"
     RUN_INFERENCE = "rev_tasks.tasks.verify.run_inference"
+    #: An endpoint job's queries (verify or identify), on the ``endpoint`` queue.
+    RUN_ENDPOINT = "rev_tasks.tasks.endpoint.run_endpoint"
     FINGERPRINT = "rev_tasks.tasks.models.fingerprint"
     VALIDATE = "rev_tasks.tasks.consensus.validate"
     TALLY = "rev_tasks.tasks.consensus.tally"

@@ -109,6 +109,17 @@ class Settings:
     max_config_bytes: int = 4 << 20
     allow_pickle: bool = False
     hsts: bool = False
+    # --- endpoint jobs (docs/endpoints.md "On the farm"): politeness shared in Redis
+    # requests in flight at one endpoint (host:port) across all workers
+    endpoint_concurrency: int = 4
+    # requests per second to one endpoint across all workers (0: no rate limit)
+    endpoint_rate: float = 20.0
+    # seconds per request (read); connecting gets at most 5 s
+    endpoint_timeout: float = 30.0
+    # retries of one request (connection errors, 429, 5xx) before the job fails
+    endpoint_max_retries: int = 4
+    # a job's token budget (prompt + completion) unless the job names a smaller one
+    endpoint_max_tokens: int = 200_000
     # --- certificates and browser sessions (docs/certificates.md); None: under var_dir
     cert_key_file: Path | None = None
     session_key_file: Path | None = None
@@ -181,6 +192,11 @@ class Settings:
             max_config_bytes=max(1024, _int("REV_MAX_CONFIG_BYTES", 4 << 20)),
             allow_pickle=os.environ.get("REV_ALLOW_PICKLE", "").strip() == "1",
             hsts=_flag("REV_HSTS"),
+            endpoint_concurrency=max(1, _int("REV_ENDPOINT_CONCURRENCY", 4)),
+            endpoint_rate=max(0.0, _float("REV_ENDPOINT_RATE", 20.0)),
+            endpoint_timeout=max(0.1, _float("REV_ENDPOINT_TIMEOUT", 30.0)),
+            endpoint_max_retries=max(0, _int("REV_ENDPOINT_MAX_RETRIES", 4)),
+            endpoint_max_tokens=max(1, _int("REV_ENDPOINT_MAX_TOKENS", 200_000)),
             cert_key_file=_path_or_none("REV_CERT_KEY_FILE") or var_dir / "certificate.key",
             session_key_file=_path_or_none("REV_SESSION_KEY_FILE") or var_dir / "session.key",
         )

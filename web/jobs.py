@@ -21,6 +21,7 @@ from rev_tasks.db.session import after_commit, read_scope, session_scope
 from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_READY,
+    EndpointFingerprint,
     Fingerprint,
     Job,
     ModelRecord,
@@ -30,7 +31,13 @@ from rev_tasks.queues import Task
 from web import idempotency, services
 from web.errors import BadRequest, Conflict, NotFound, Unprocessable
 from web.inputs import check_query, json_body, validation_error
-from web.schemas import JOB_REQUEST, IdentifyJobRequest, PathRef, VerifyJobRequest
+from web.schemas import (
+    JOB_REQUEST,
+    EndpointRef,
+    IdentifyJobRequest,
+    PathRef,
+    VerifyJobRequest,
+)
 from web.security import can_see, principal
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -71,7 +78,8 @@ def _reference_model(session: Any, model_id: str) -> tuple[ModelRecord, Fingerpr
     return rec, fp
 
 
-def _candidate_path(session: Any, ref: str | PathRef, settings: Any) -> str:
+def _candidate_path(session: Any, ref: str | PathRef | EndpointRef, settings: Any) -> str:
+    assert not isinstance(ref, EndpointRef)
     if isinstance(ref, PathRef):
         return services.model_path(ref.path, settings)
     return _visible_model(session, ref).path
@@ -93,6 +101,8 @@ def submit() -> ResponseReturnValue:
         if known is not None:
             return idempotency.answer(known)
     job_id = str(uuid.uuid4())
+    if isinstance(req.candidate, EndpointRef):
+        return _submit_endpoint(req, req.candidate, settings, key, digest, job_id)
     with session_scope() as s:
         reference_model_id = reference_path = None
         budget = req.max_challenges
@@ -126,6 +136,77 @@ def submit() -> ResponseReturnValue:
             reference_path=reference_path,
             candidate_path=candidate_path,
             challenges_max=budget,
+        )
+        s.add(job)
+        status = job.status
+        if key is not None:
+            raced = idempotency_keys.remember(s, principal().tenant, key, digest, job_id)
+            if raced is not None:
+                raise idempotency.Replayed(raced)
+        services.enqueue_after_commit(
+            s,
+            current_app.extensions["rev_celery"],
+            Task.PREPARE,
+            [job_id],
+            queues.DEFAULT,
+            on_failure=lambda: _fail_unsent(job_id),
+            task_id=queues.prepare_task_id(job_id),
+        )
+    metrics.job_submitted(req.kind)
+    url = url_for("jobs.get_job", job_id=job_id)
+    return {"id": job_id, "status": status, "url": url}, 202, {"Location": url}
+
+
+def _endpoint_reference(session: Any, model_id: str) -> tuple[ModelRecord, EndpointFingerprint]:
+    """A registered reference for an endpoint job: ready, with its endpoint fingerprint."""
+    rec = _visible_model(session, model_id)
+    if rec.status == MODEL_FAILED:
+        raise Conflict(f"model {model_id!r} failed to register", code="model_failed")
+    efp = session.get(EndpointFingerprint, model_id)
+    if efp is None or efp.status == MODEL_FAILED:
+        raise Conflict(
+            f"model {model_id!r} has no endpoint fingerprint (register it with "
+            "endpoint_evidence: true; a model that is no causal LM cannot have one)",
+            code="endpoint_evidence_missing",
+        )
+    if rec.status != MODEL_READY or efp.status != MODEL_READY:
+        raise Conflict(f"model {model_id!r} is not ready yet", code="model_not_ready")
+    return rec, efp
+
+
+def _submit_endpoint(
+    req: Any, candidate: EndpointRef, settings: Any, key: str | None, digest: str, job_id: str
+) -> ResponseReturnValue:
+    """An endpoint job: the URL checked by the egress guard now (a 422 when refused) and
+    again by the worker; the job goes to the ``endpoint`` queue. The credential is stored
+    by name only: the worker reveals it."""
+    ep = candidate.endpoint
+    if req.memory_budget_mb is not None or req.batch_size is not None:
+        raise Unprocessable(
+            "memory_budget_mb and batch_size are for model candidates, not endpoints",
+            code="invalid_request",
+        )
+    public_url = services.endpoint_target(ep.url)
+    with session_scope() as s:
+        services.check_credential(s, principal().tenant, ep.credential)
+        reference_model_id = reference_path = None
+        if isinstance(req, VerifyJobRequest):
+            if isinstance(req.reference, PathRef):
+                reference_path = services.model_path(req.reference.path, settings)
+            else:
+                _endpoint_reference(s, req.reference)
+                reference_model_id = req.reference
+        job = jobs.new_job(
+            id=job_id,
+            tenant=principal().tenant,
+            kind=req.kind,
+            request=req.model_dump(mode="json"),
+            device="endpoint",
+            queue=queues.ENDPOINT,
+            reference_model_id=reference_model_id,
+            reference_path=reference_path,
+            candidate_path=public_url,
+            challenges_max=ep.max_queries or (64 if ep.mode == "logprobs" else 300),
         )
         s.add(job)
         status = job.status

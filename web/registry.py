@@ -17,7 +17,13 @@ from sqlalchemy import select
 
 from rev_tasks import queues
 from rev_tasks.db.session import read_scope, session_scope
-from rev_tasks.db.tables import MODEL_FAILED, MODEL_PENDING, Fingerprint, ModelRecord
+from rev_tasks.db.tables import (
+    MODEL_FAILED,
+    MODEL_PENDING,
+    EndpointFingerprint,
+    Fingerprint,
+    ModelRecord,
+)
 from rev_tasks.queues import Task
 from web import services
 from web.errors import Conflict, NotFound
@@ -52,7 +58,12 @@ def register() -> ResponseReturnValue:
         rec = ModelRecord(id=req.id, tenant=principal().tenant, path=path, status=MODEL_PENDING)
         s.add(rec)
         s.flush()
-        doc = services.model_document(rec, None)
+        efp = None
+        if req.endpoint_evidence:  # the fingerprint task computes it with the white-box one
+            efp = EndpointFingerprint(model_id=req.id, status=MODEL_PENDING)
+            s.add(efp)
+            s.flush()
+        doc = services.model_document(rec, None, efp)
         services.enqueue_after_commit(
             s,
             current_app.extensions["rev_celery"],
@@ -85,7 +96,14 @@ def list_models() -> ResponseReturnValue:
     with read_scope() as s:
         recs = list(s.scalars(models))
         fps = {fp.model_id: fp for fp in s.scalars(fingerprints)}
-        return {"models": [services.model_document(r, fps.get(r.id)) for r in recs]}
+        ids = [r.id for r in recs]
+        efps = {
+            e.model_id: e
+            for e in s.scalars(
+                select(EndpointFingerprint).where(EndpointFingerprint.model_id.in_(ids))
+            )
+        }
+        return {"models": [services.model_document(r, fps.get(r.id), efps.get(r.id)) for r in recs]}
 
 
 @bp.get("/<model_id>")
@@ -95,4 +113,6 @@ def get_model(model_id: str) -> ResponseReturnValue:
         rec = s.get(ModelRecord, model_id) if _MODEL_ID.fullmatch(model_id) else None
         if rec is None or not can_see(rec.tenant):
             raise NotFound(f"no model {model_id[:128]!r}", code="model_not_found")
-        return services.model_document(rec, s.get(Fingerprint, model_id))
+        return services.model_document(
+            rec, s.get(Fingerprint, model_id), s.get(EndpointFingerprint, model_id)
+        )

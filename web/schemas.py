@@ -42,9 +42,65 @@ class PathRef(_Strict):
 
 ModelRef = ModelId | PathRef
 
+CredentialName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    Field(description="name of one of the tenant's credentials (/v1/credentials)"),
+]
+
+
+class EndpointSpec(_Strict):
+    """A model behind an OpenAI-compatible URL (``/v1/models``, ``/v1/completions``)."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^[^\x00-\x20\x7f]+$",
+        description="base URL, e.g. https://api.example.com/v1; must pass the farm's "
+        "egress allow-list (REV_ENDPOINT_ALLOW); no user info or query",
+    )
+    model: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="the model name the endpoint serves",
+    )
+    mode: Literal["logprobs", "text"] = Field(
+        "logprobs", description="evidence: top-5 log-probabilities, or sampled text"
+    )
+    credential: CredentialName | None = None
+    tolerance: Literal["weights", "quantised"] = Field(
+        "weights", description="logprobs mode: the reference's weights at f32/f16, or quantised"
+    )
+    max_queries: int | None = Field(
+        None, ge=1, le=4096, description="the test's budget (default 64 logprobs, 300 text)"
+    )
+    max_requests: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="requests the job may send, retries included (default: twice what "
+        "its tests can use)",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description="token budget, prompt + completion (default and cap: REV_ENDPOINT_MAX_TOKENS)",
+    )
+
+
+class EndpointRef(_Strict):
+    """The candidate is an endpoint: run on the farm's ``endpoint`` queue."""
+
+    endpoint: EndpointSpec
+
+
+CandidateRef = ModelId | PathRef | EndpointRef
+
 
 class _JobParams(_Strict):
-    candidate: ModelRef
+    candidate: CandidateRef
     tolerance: Literal["exact", "precision"] = "exact"
     alpha: float = Field(0.01, gt=0.0, le=0.5, description="error rate of the sequential test")
     max_challenges: int = Field(64, ge=1, le=1024, description="challenge budget")
@@ -74,6 +130,18 @@ class VerifyJobRequest(_JobParams):
                     "reference": {"path": "gpt2-medium"},
                     "candidate": {"path": "gpt2-medium-copy"},
                     "memory_budget_mb": 512,
+                },
+                {
+                    "kind": "verify",
+                    "reference": "smollm2",
+                    "candidate": {
+                        "endpoint": {
+                            "url": "https://llm.example.com/v1",
+                            "model": "smollm2",
+                            "mode": "logprobs",
+                            "credential": "example-key",
+                        }
+                    },
                 },
                 {
                     "kind": "verify",
@@ -114,6 +182,11 @@ class ModelRegistration(_Strict):
 
     id: ModelId
     path: ServerPath
+    endpoint_evidence: bool = Field(
+        False,
+        description="also store an endpoint fingerprint (causal LMs), so that endpoint jobs "
+        "against this model run no reference inference",
+    )
 
 
 CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -274,6 +347,7 @@ class ModelDocument(BaseModel):
     descriptor: dict[str, Any] | None
     error: ErrorBody | None
     fingerprint: FingerprintInfo | None
+    endpoint_fingerprint: dict[str, Any] | None = None
     created_at: str
     updated_at: str
     url: str

@@ -16,7 +16,7 @@ from typing import Any
 
 from rev_tasks import queues
 from rev_tasks.db.session import after_commit
-from rev_tasks.db.tables import Fingerprint, Job, ModelRecord, iso
+from rev_tasks.db.tables import EndpointFingerprint, Fingerprint, Job, ModelRecord, iso
 from rev_tasks.inference.guard import within
 from rev_tasks.settings import Settings
 from web.errors import Conflict, ServiceUnavailable, Unprocessable
@@ -383,7 +383,50 @@ def job_document(job: Job) -> dict[str, Any]:
     }
 
 
-def model_document(rec: ModelRecord, fp: Fingerprint | None) -> dict[str, Any]:
+def check_credential(session: Any, tenant: str, name: str | None) -> None:
+    """A job naming a credential the tenant does not have is a 422 at submit."""
+    from rev_tasks.endpoints.access import credential_exists
+
+    if not credential_exists(session, tenant, name):
+        raise Unprocessable(f"no credential named {name!r}", code="credential_missing")
+
+
+def endpoint_target(url: str) -> str:
+    """Check an endpoint job's URL at submit (a 422 with the guard's reason); the public
+    URL to store (no user info, query or fragment: a secret belongs in a credential)."""
+    from urllib.parse import urlsplit
+
+    from rev_tasks.endpoints.access import EndpointRefused, check_endpoint_url
+    from rev_tasks.endpoints.client import _public_url, normalise_base_url
+
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise Unprocessable(
+            "endpoint URL must carry no user info, query or fragment (store an API key as a "
+            "named credential)",
+            code="endpoint_refused",
+        )
+    try:
+        check_endpoint_url(url)
+        return _public_url(normalise_base_url(url))
+    except EndpointRefused as exc:
+        raise Unprocessable(str(exc), code=exc.code) from exc
+
+
+def endpoint_fingerprint_document(efp: EndpointFingerprint | None) -> dict[str, Any] | None:
+    if efp is None:
+        return None
+    return {
+        "status": efp.status,
+        "key_id": efp.key_id,
+        "challenges": efp.n_challenges,
+        "error": efp.error,
+    }
+
+
+def model_document(
+    rec: ModelRecord, fp: Fingerprint | None, efp: EndpointFingerprint | None = None
+) -> dict[str, Any]:
     return {
         "id": rec.id,
         "tenant": rec.tenant,
@@ -402,6 +445,7 @@ def model_document(rec: ModelRecord, fp: Fingerprint | None) -> dict[str, Any]:
             if fp is not None
             else None
         ),
+        "endpoint_fingerprint": endpoint_fingerprint_document(efp),
         "created_at": iso(rec.created_at),
         "updated_at": iso(rec.updated_at),
         "url": f"/v1/models/{rec.id}",

@@ -1,10 +1,11 @@
-"""``rev worker --gpu N | --cpu | --consensus``: start a farm worker with the right queues.
+"""``rev worker --gpu N | --cpu | --consensus | --endpoint``: a farm worker on the right queues.
 
 GPU pinning is a deployment fact, decided here and nowhere else: ``--gpu N`` sets
 ``CUDA_VISIBLE_DEVICES=N`` (and ``REV_WORKER_DEVICE=cuda``) in the environment *before* the
 Celery process, and so torch, starts, then execs ``celery -A rev_tasks worker`` consuming
 that GPU's queue (``rev_tasks.queues.gpu_queue(N)``) with ``-c 1``: one process per device,
-and task code never picks one.
+and task code never picks one. ``--endpoint`` runs the endpoint jobs' I/O: the ``endpoint``
+queue on a threads pool (``-P threads -c 32``), since its tasks wait on HTTP.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rev_tasks.queues import CONSENSUS_WORKER_QUEUES, INFERENCE_CPU, gpu_queue
+from rev_tasks.queues import (
+    CONSENSUS_WORKER_QUEUES,
+    ENDPOINT_WORKER_QUEUES,
+    INFERENCE_CPU,
+    gpu_queue,
+)
 from rev_tasks.settings import get_settings
 
 
@@ -28,8 +34,9 @@ def worker_command(
     extra_queues: tuple[str, ...] = (),
     environ: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment for one worker of ``role`` (cpu | gpu | consensus)."""
+    """The argv and environment for one worker of ``role`` (cpu | gpu | consensus | endpoint)."""
     env = dict(os.environ if environ is None else environ)
+    pool = "prefork"
     if role == "gpu":
         if gpu is None or gpu < 0:
             raise ValueError("--gpu needs a device index ≥ 0")
@@ -53,12 +60,18 @@ def worker_command(
         queues = (INFERENCE_CPU,)
         concurrency = concurrency or 2
         name = hostname or "cpu@%h"
+    elif role == "endpoint":
+        env["REV_WORKER_DEVICE"] = "cpu"
+        queues = ENDPOINT_WORKER_QUEUES
+        pool = "threads"  # the tasks wait on HTTP: threads, not processes
+        concurrency = concurrency or 32
+        name = hostname or "endpoint@%h"
     else:
         raise ValueError(f"unknown worker role {role!r}")
     queues = tuple(dict.fromkeys(queues + tuple(extra_queues)))
     argv = [
         sys.executable, "-m", "celery", "-A", "rev_tasks", "worker",
-        "-P", "prefork", "-c", str(concurrency), "-Q", ",".join(queues), "-n", name,
+        "-P", pool, "-c", str(concurrency), "-Q", ",".join(queues), "-n", name,
         "-O", "fair", "-E", "--loglevel", loglevel,
     ]  # fmt: skip
     return argv, env
@@ -86,6 +99,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         role = "gpu"
     elif args.consensus:
         role = "consensus"
+    elif args.endpoint:
+        role = "endpoint"
     else:
         role = "cpu"
     try:
@@ -127,6 +142,11 @@ def add_commands(subparsers: Any) -> None:
     )
     role.add_argument(
         "--consensus", action="store_true", help=f"validators: {','.join(CONSENSUS_WORKER_QUEUES)}"
+    )
+    role.add_argument(
+        "--endpoint",
+        action="store_true",
+        help=f"endpoint jobs: {','.join(ENDPOINT_WORKER_QUEUES)} on a threads pool (-c 32)",
     )
     p.add_argument(
         "-c", "--concurrency", type=int, default=None, help="pool children (not with --gpu)"

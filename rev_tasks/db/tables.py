@@ -107,6 +107,30 @@ class Fingerprint(Base):
         return unpack_json(self.doc)
 
 
+class EndpointFingerprint(Base):
+    """A registered model's endpoint fingerprint (``rev-endpoint-fingerprint/1``) under the
+    farm key: what endpoint jobs against the model read instead of running its weights.
+
+    Asked for at registration (``endpoint_evidence``): ``pending`` until the fingerprint
+    task stores it (``ready``), or ``failed`` with the reason (a model that is no causal LM).
+    """
+
+    __tablename__ = "endpoint_fingerprints"
+
+    model_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default=MODEL_PENDING)
+    key_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    n_challenges: Mapped[int | None] = mapped_column(Integer, default=None)
+    doc: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def document(self) -> dict[str, Any] | None:
+        return None if self.doc is None else unpack_json(self.doc)
+
+
 class RetiredChallenge(Base):
     """A pool challenge a stored transcript has shown: no later job of the model draws it."""
 

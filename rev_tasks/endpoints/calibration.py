@@ -22,7 +22,7 @@ from rev_tasks.endpoints.evidence import first_top_logprobs, logprob_statistic, 
 from rev_tasks.endpoints.reference import Reference, detect_bos
 from rev_tasks.endpoints.verify import TOP_K
 
-__all__ = ["calibrate_variant", "self_noise", "summarise"]
+__all__ = ["calibrate_variant", "requery_gap", "self_noise", "summarise"]
 
 
 def _ask(client: EndpointClient, prompts: Sequence[str], width: int) -> list[Any]:
@@ -55,6 +55,20 @@ def _pairwise(a: Any, b: Any) -> float:
         return 0.0 if ta == tb else math.inf
     common = set(ta) & set(tb)
     return max((abs(ta[k] - tb[k]) for k in common), default=0.0)
+
+
+def requery_gap(recorded: Any, again: Any) -> float:
+    """How far the endpoint's answer now is from the recorded one (nats, the serving-noise
+    measure of :func:`self_noise`); +inf when the two top-k lists share no piece.
+
+    The farm's validators re-ask a sample of a job's challenges and hold this to the job's
+    tolerance delta: the endpoint against itself stays within the serving noise the
+    tolerances were calibrated on (docs/endpoints.md), a forged record does not.
+    """
+    ta, tb = first_top_logprobs(recorded), first_top_logprobs(again)
+    if ta is not None and tb is not None and not set(ta) & set(tb):
+        return math.inf
+    return _pairwise(recorded, again)
 
 
 def self_noise(client: EndpointClient, key: bytes, n: int) -> dict[str, list[float]]:

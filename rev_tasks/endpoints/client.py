@@ -16,11 +16,16 @@ service nor leak the caller's credentials:
   :class:`~rev_tasks.endpoints.egress.EgressRefused`. Without either (``rev verify
   --endpoint``, run by an operator on a URL of their choosing) no guard applies. Redirects
   are never followed;
-- :class:`Cost` counts requests, retries, prompt and completion tokens and wall time.
+- :class:`Cost` counts requests, retries, prompt and completion tokens and wall time;
+- on the farm (rev_tasks/tasks/endpoint.py) also: a shared :class:`~rev_tasks.endpoints.
+  politeness.EndpointGate` before every request (a 429's ``Retry-After`` pauses every
+  worker), a request and a token budget (:class:`BudgetExceeded`) and an ``observer`` that
+  records metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import threading
@@ -34,7 +39,7 @@ import httpx
 from rev_tasks import redact
 from rev_tasks.endpoints.egress import AllowList, Target, check_url, pinned_client
 
-__all__ = ["Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
+__all__ = ["BudgetExceeded", "Cost", "EndpointClient", "EndpointError", "NoLogprobs", "Reply"]
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER_S = 30.0
@@ -42,6 +47,10 @@ _MAX_RETRY_AFTER_S = 30.0
 
 class EndpointError(Exception):
     """A one-line, credential-free reason why the endpoint cannot be used."""
+
+
+class BudgetExceeded(EndpointError):
+    """The job's request or token budget is spent (not retried)."""
 
 
 class NoLogprobs(EndpointError):
@@ -146,6 +155,10 @@ class EndpointClient:
         max_in_flight: int = 4,
         allow: AllowList | None = None,
         target: Target | None = None,
+        gate: Any = None,
+        max_requests: int | None = None,
+        max_tokens: int | None = None,
+        observer: Any = None,
     ) -> None:
         if target is None and allow is not None:
             # The guard first: a refused URL is an EgressRefused, whatever else is wrong.
@@ -158,6 +171,10 @@ class EndpointClient:
         self.cost = Cost()
         self._key = api_key
         self._slots = threading.BoundedSemaphore(max(1, max_in_flight))
+        self.gate = gate
+        self.max_requests = max_requests
+        self.max_tokens = max_tokens
+        self.observer = observer
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -197,6 +214,23 @@ class EndpointClient:
             text = text.replace(self._key, "***")
         return text[:300]
 
+    def _observe(self, event: str, *args: Any) -> None:
+        """Tell the observer (the farm's metrics) what happened; never fails a request."""
+        if self.observer is None:
+            return
+        with contextlib.suppress(Exception):
+            getattr(self.observer, event)(*args)
+
+    def _check_request_budget(self) -> None:
+        with self.cost._lock:
+            spent = self.cost.requests
+        if self.max_requests is not None and spent >= self.max_requests:
+            self._observe("error", "budget")
+            raise BudgetExceeded(
+                f"the job's query budget of {self.max_requests} requests is spent "
+                "(retries included)"
+            )
+
     def _echoes_key(self, raw: bytes) -> bool:
         """Whether the reply carries the API key (plain or JSON-escaped)."""
         if not self._key:
@@ -206,27 +240,35 @@ class EndpointClient:
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Reply:
         url = f"{self.public_url}/{path}"
+        route = path.split("/")[-1] or "other"
         attempt = 0
         while True:
-            start = time.monotonic()
+            self._check_request_budget()
             retry_in: float | None = None
             reason = ""
-            with self._slots:
+            klass = ""
+            gate = self.gate.slot() if self.gate is not None else contextlib.nullcontext()
+            with self._slots, gate:
+                start = time.monotonic()
                 try:
                     resp = self._http.request(method, path, json=payload)
                 except httpx.TimeoutException:
-                    reason = f"endpoint {url} timed out"
+                    reason, klass = f"endpoint {url} timed out", "timeout"
                 except httpx.TransportError as exc:
                     reason = f"endpoint {url} unreachable: {self._clean(exc) or type(exc).__name__}"
+                    klass = "connect"
                 else:
                     resp_status = resp.status_code
                     raw = resp.content
                 finally:
+                    elapsed = time.monotonic() - start
                     with self.cost._lock:
-                        self.cost.wall_s += time.monotonic() - start
+                        self.cost.wall_s += elapsed
                         self.cost.requests += 1
             if not reason and self._echoes_key(raw):
                 # The reply would be recorded byte for byte in the transcript: refuse it.
+                self._observe("request", route, elapsed, "error")
+                self._observe("error", "invalid_reply")
                 raise EndpointError(
                     f"endpoint {url} echoed the API key in its reply (HTTP {resp_status}); "
                     "the reply was discarded"
@@ -235,16 +277,33 @@ class EndpointClient:
                 wants_logprobs = bool(payload and payload.get("logprobs") is not None)
                 if wants_logprobs and resp_status >= 400 and "logprob" in _error_message(raw):
                     # A refusal, not a transient failure: no retries.
+                    self._observe("request", route, elapsed, "error")
+                    self._observe("error", "no_logprobs")
                     raise NoLogprobs(self._clean(_error_message(raw))[:120])
                 if resp_status in _RETRY_STATUS:
                     retry_in = _retry_after(resp.headers.get("retry-after"))
                     reason = f"endpoint {url} answered HTTP {resp_status}"
+                    klass = "http_429" if resp_status == 429 else "http_5xx"
+                    if resp_status == 429 and retry_in and self.gate is not None:
+                        self.gate.pause(retry_in)  # every worker waits, not only this request
                 else:
-                    return self._parse(url, resp_status, raw)
+                    try:
+                        reply = self._parse(url, resp_status, raw)
+                    except EndpointError:
+                        self._observe("request", route, elapsed, "error")
+                        self._observe(
+                            "error", "http_4xx" if resp_status >= 400 else "invalid_reply"
+                        )
+                        raise
+                    self._observe("request", route, elapsed, "ok")
+                    return reply
+            self._observe("request", route, elapsed, "error")
+            self._observe("error", klass)
             if attempt >= self.max_retries:
                 raise EndpointError(f"{reason} (gave up after {attempt + 1} attempts)")
             with self.cost._lock:
                 self.cost.retries += 1
+            self._observe("retry", klass)
             delay = retry_in if retry_in is not None else self.backoff_s * (2**attempt)
             time.sleep(min(delay, _MAX_RETRY_AFTER_S))
             attempt += 1
@@ -329,9 +388,18 @@ class EndpointClient:
             )
         usage = reply.body.get("usage")
         if isinstance(usage, dict):
+            prompt_t = int(usage.get("prompt_tokens") or 0)
+            completion_t = int(usage.get("completion_tokens") or 0)
             with self.cost._lock:
-                self.cost.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-                self.cost.completion_tokens += int(usage.get("completion_tokens") or 0)
+                self.cost.prompt_tokens += prompt_t
+                self.cost.completion_tokens += completion_t
+                spent = self.cost.prompt_tokens + self.cost.completion_tokens
+            self._observe("tokens", prompt_t, completion_t)
+            if self.max_tokens is not None and spent > self.max_tokens:
+                self._observe("error", "budget")
+                raise BudgetExceeded(
+                    f"the job's token budget of {self.max_tokens} tokens is spent ({spent} used)"
+                )
         return reply
 
     def tokenize(self, text: str) -> list[int] | None:

@@ -89,6 +89,21 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
         # The validator runs the models as the inference did: a job that asked for a memory
         # budget is re-executed layer-streamed within it (same signatures, bit for bit).
         request = dict(job.request or {})
+        tenant, reference_model_id = job.tenant, job.reference_model_id
+
+    if jobs.endpoint_of(request) is not None:
+        # An endpoint job: re-derive from the recorded replies and re-ask the endpoint.
+        from rev_tasks.tasks.endpoint import check_endpoint_job
+
+        problems, indices = check_endpoint_job(
+            doc,
+            root=root,
+            request=request,
+            tenant=tenant,
+            job_commitment=commitment,
+            reference_model_id=reference_model_id,
+        )
+        return recorded, root, problems, indices
 
     problems = [f"audit: {p}" for p in audit(doc)]
     if doc.get("root") != root:

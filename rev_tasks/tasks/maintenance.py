@@ -77,7 +77,8 @@ def _dispatch(job_id: str, queue: str, transition: jobs.Transition) -> None:
             retry_policy=verify.PUBLISH_RETRY,
         )
     elif transition is jobs.RESUME_INFERENCE:
-        verify.run_inference.apply_async(
+        step = verify._run_endpoint() if queue == queues.ENDPOINT else verify.run_inference
+        step.apply_async(
             (job_id,),
             queue=queue,
             task_id=queues.inference_task_id(job_id),

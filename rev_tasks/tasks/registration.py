@@ -8,6 +8,7 @@ retired challenges leave too few (``prepare`` asks for it).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -18,6 +19,7 @@ from rev_tasks.db.tables import (
     MODEL_FAILED,
     MODEL_PENDING,
     MODEL_READY,
+    EndpointFingerprint,
     Fingerprint,
     ModelRecord,
     pack_json,
@@ -86,15 +88,61 @@ def fingerprint(model_id: str, top_up: bool = False) -> str:
         log.exception("model %s: unexpected error", model_id)
         _mark_failed(model_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
         raise
+    endpoint = _endpoint_fingerprint(model_id, path)
     with session_scope() as s:
         rec = s.get(ModelRecord, model_id)
         if rec is None:
             return "deleted"
         repo.store_fingerprint(s, model_id, doc)
+        if endpoint is not None:
+            row = s.get(EndpointFingerprint, model_id)
+            if row is not None:
+                for field, value in endpoint.items():
+                    setattr(row, field, value)
         rec.status = MODEL_READY
         rec.descriptor = doc["descriptor"]
         rec.error = None
     return "ready"
+
+
+def _endpoint_fingerprint(model_id: str, path: str) -> dict[str, Any] | None:
+    """The columns of the model's endpoint fingerprint when registration asked for one.
+
+    A ``rev-endpoint-fingerprint/1`` document under the farm key (its challenges 0..n-1,
+    ``REV_FINGERPRINT_CHALLENGES``): endpoint jobs against the model read it instead of
+    running the weights. A model that is no causal LM gets a failed row with the reason;
+    the model itself stays usable for model jobs.
+    """
+    from rev_tasks.core.keys import key_id
+    from rev_tasks.endpoints.fingerprint import make_endpoint_fingerprint
+    from rev_tasks.endpoints.reference import Reference
+
+    with session_scope() as s:
+        row = s.get(EndpointFingerprint, model_id)
+        if row is None or row.status != MODEL_PENDING:
+            return None
+    settings = get_settings()
+    try:
+        key = farm_key()
+        doc = make_endpoint_fingerprint(Reference(path), key, n=settings.fingerprint_challenges)
+    except DB_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - not a causal LM, or its tokenizer is missing
+        log.warning("model %s: no endpoint fingerprint: %s", model_id, exc)
+        return {
+            "status": MODEL_FAILED,
+            "error": {
+                "code": "no_endpoint_evidence",
+                "message": f"{type(exc).__name__}: {exc}"[:500],
+            },
+        }
+    return {
+        "status": MODEL_READY,
+        "key_id": key_id(key),
+        "n_challenges": int(doc["challenges"]),
+        "doc": pack_json(doc),
+        "error": None,
+    }
 
 
 def _top_up(model_id: str) -> str:

@@ -124,8 +124,9 @@ def _prepare(job_id: str, waiting_since: float | None) -> str:
         assert not isinstance(challenge_set, str)
         jobs.mark_prepared(s, job, key_id(key), **challenge_set)
         # Sent after the commit, so the inference task always sees the commitment.
+        step = run_inference if jobs.endpoint_of(job.request) is None else _run_endpoint()
         send = partial(
-            run_inference.apply_async,
+            step.apply_async,
             (job_id,),
             queue=job.queue,
             task_id=inference_task_id(job_id),
@@ -134,6 +135,13 @@ def _prepare(job_id: str, waiting_since: float | None) -> str:
         )
         after_commit(s, send)
     return "prepared"
+
+
+def _run_endpoint() -> Any:
+    """The endpoint jobs' task (rev_tasks/tasks/endpoint.py), imported when first needed."""
+    from rev_tasks.tasks.endpoint import run_endpoint
+
+    return run_endpoint
 
 
 #: Seconds between two prepares of a job that waits for its reference's pool top-up.
@@ -161,6 +169,10 @@ def _challenge_set(
 
     if job.commitment is not None or job.kind != "verify":
         return {}
+    if jobs.endpoint_of(job.request) is not None:  # the farm key's challenges 0..n-1
+        from rev_tasks.tasks.endpoint import endpoint_commitment
+
+        return endpoint_commitment(session, job, key)
     budget = int(job.request.get("max_challenges", 64))
     if job.reference_model_id is None:
         nonce = secrets.token_bytes(NONCE_BYTES)

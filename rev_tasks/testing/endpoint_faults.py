@@ -9,6 +9,7 @@ or send a 200 whose body is not JSON (``malformed``).
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -31,6 +32,8 @@ class FaultProxy:
         self.malformed = malformed
         self.requests = 0
         self.headers_seen: list[dict[str, str]] = []
+        #: (time.monotonic(), status) of each request as it arrived (0: connection dropped).
+        self.seen: list[tuple[float, int]] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -46,12 +49,15 @@ class FaultProxy:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if proxy.die_after is not None and n > proxy.die_after:
+                    proxy.seen.append((time.monotonic(), 0))
                     self.close_connection = True
                     self.connection.close()
                     return
                 if n <= proxy.rate_limited:
+                    proxy.seen.append((time.monotonic(), 429))
                     self._send(429, b'{"error": {"message": "slow down"}}', proxy.retry_after)
                     return
+                proxy.seen.append((time.monotonic(), 200))
                 if proxy.malformed and method == "POST":
                     self._send(200, b"{this is not json")
                     return

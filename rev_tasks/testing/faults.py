@@ -9,6 +9,9 @@ flag off every hook returns at once and changes nothing, whatever the other vari
                                    that OOM-kills its worker)
 ``REV_TEST_FORGE_INFERENCE_PATH``  :func:`computed_candidate`: a lying inference worker runs
                                    the reference in such a candidate's place
+``REV_TEST_FORGE_ENDPOINT``        :func:`endpoint_client`: a lying endpoint worker shifts every
+                                   log-probability of the replies it records (``"1"``: all
+                                   endpoint jobs of this worker)
 ``REV_TEST_SLOW_BATCH_SECONDS``    :func:`after_batch`: a slow model, seconds per batch
 ``REV_TEST_SLOW_VALIDATION_SECONDS`` :func:`before_validation`: a slow validator, seconds per
                                    check (a worker killed while it holds one)
@@ -109,6 +112,7 @@ class Faults:
     noisy_records: tuple[tuple[str, int], ...] = ()
     copy_reference_path: str = ""
     device_noise: tuple[tuple[str, float], ...] = ()
+    forge_endpoint: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -125,6 +129,7 @@ class Faults:
             noisy_records=_marked(env, "REV_TEST_NOISY_RECORDS", int),
             copy_reference_path=env.get("REV_TEST_COPY_REFERENCE_PATH", "").strip(),
             device_noise=_marked(env, "REV_TEST_DEVICE_NOISE", float),
+            forge_endpoint=env.get("REV_TEST_FORGE_ENDPOINT", "").strip() == "1",
         )
 
     @property
@@ -179,6 +184,51 @@ def computed_candidate(candidate_path: str, reference: Any, candidate: Any) -> A
         log.warning("fault injection: forging the transcript of %s", candidate_path)
         return reference
     return candidate
+
+
+#: How far a forging endpoint worker moves each recorded log-probability (nats): above the
+#: widest endpoint tolerance (0.4), so the validators' re-queries must notice.
+FORGE_SHIFT = 0.5
+
+
+def forged_reply(raw: bytes) -> bytes:
+    """A completion reply with every top log-probability moved by :data:`FORGE_SHIFT`."""
+    import json
+
+    try:
+        body = json.loads(raw)
+        for choice in body.get("choices") or []:
+            lp = choice.get("logprobs") or {}
+            for top in lp.get("top_logprobs") or []:
+                for piece in list(top or {}):
+                    top[piece] = float(top[piece]) - FORGE_SHIFT
+    except (ValueError, AttributeError, TypeError):
+        return raw
+    return json.dumps(body).encode()
+
+
+def endpoint_client(client: Any) -> Any:
+    """The client an endpoint job records its replies through: its own, or a forging one.
+
+    The forgery is consistent: the statistic, the Merkle tree and the decision are computed
+    from the forged bytes, so the transcript audits clean; only a validator that asks the
+    endpoint again sees that it never answered that.
+    """
+    if not active().forge_endpoint:
+        return client
+    import json
+
+    from rev_tasks.endpoints.client import Reply
+
+    honest = client.completion
+
+    def forged(*args: Any, **kwargs: Any) -> Any:
+        log.warning("fault injection: forging an endpoint reply")
+        raw = forged_reply(honest(*args, **kwargs).raw)
+        return Reply(raw, json.loads(raw))
+
+    client.completion = forged
+    return client
 
 
 def after_batch() -> None:

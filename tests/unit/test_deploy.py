@@ -34,8 +34,11 @@ COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rev-farm.json"
-DECLARED_QUEUES = set(queues.BASE_QUEUES)
-WORKER_SERVICES = ("worker-cpu", "worker-consensus", "worker-maintenance")
+DECLARED_QUEUES = {*queues.BASE_QUEUES, queues.ENDPOINT}
+WORKER_SERVICES = ("worker-cpu", "worker-consensus", "worker-maintenance", "worker-endpoint")
+#: Workers that call tenants' endpoints (endpoint jobs, their validators' re-queries): the
+#: only ones on the outbound network besides the backend.
+EGRESS_WORKERS = ("worker-endpoint", "worker-consensus")
 #: Series Prometheus itself provides.
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
@@ -155,11 +158,16 @@ def test_compose_services_and_networks() -> None:
     expected = {
         "proxy", "coordinator", "worker-cpu", "worker-consensus", "worker-maintenance", "beat",
         "flower", "migrate", "redis", "postgres", "prometheus", "alertmanager", "grafana",
+        "worker-endpoint",
     }  # fmt: skip
     assert expected <= set(services)
     assert c["networks"]["backend"]["internal"] is True
     for name in ("redis", "postgres", "beat", "migrate", *WORKER_SERVICES):
+        if name in EGRESS_WORKERS:
+            assert services[name]["networks"] == ["backend", "egress"], name
+            continue
         assert services[name]["networks"] == ["backend"], f"{name} must be backend-only"
+    assert "internal" not in c["networks"]["egress"] and not c["networks"]["egress"].get("ports")
     # only the TLS proxy is public; Prometheus only on the host's loopback
     published = {n: s["ports"] for n, s in services.items() if s.get("ports")}
     assert set(published) == {"proxy", "prometheus"}
@@ -258,7 +266,7 @@ def test_compose_worker_memory_fits_the_limit() -> None:
             max_kb = _default(svc["environment"]["REV_WORKER_MAX_MEMORY_KB"])
             _check_memory_budget(name, argv, max_kb, svc["deploy"]["resources"]["limits"]["memory"])
             checked += 1
-    assert checked == 5
+    assert checked == 6
 
 
 def test_compose_gpu_override_pins_one_worker_per_gpu() -> None:
@@ -344,7 +352,7 @@ def test_k8s_scaling_and_workers() -> None:
     deployments = {name: d for (kind, name), d in docs.items() if kind == "Deployment"}
     assert {
         "rev-coordinator", "rev-worker-cpu", "rev-worker-gpu", "rev-worker-consensus",
-        "rev-beat", "rev-flower",
+        "rev-beat", "rev-flower", "rev-worker-endpoint",
     } <= set(deployments)  # fmt: skip
 
     beat = deployments["rev-beat"]["spec"]
@@ -354,6 +362,16 @@ def test_k8s_scaling_and_workers() -> None:
     assert scaled["scaleTargetRef"]["name"] == "rev-worker-cpu"
     trigger = scaled["triggers"][0]
     assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queues.INFERENCE_CPU
+    # Endpoint workers: a threads pool on their own queue, scaled on its list length.
+    endpoint = docs[("ScaledObject", "rev-worker-endpoint")]["spec"]
+    assert endpoint["scaleTargetRef"]["name"] == "rev-worker-endpoint"
+    assert endpoint["triggers"][0]["type"] == "redis"
+    assert endpoint["triggers"][0]["metadata"]["listName"] == queues.ENDPOINT
+    endpoint_args = deployments["rev-worker-endpoint"]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    assert endpoint_args[endpoint_args.index("-Q") + 1] == queues.ENDPOINT
+    assert endpoint_args[endpoint_args.index("-P") + 1] == "threads"
     hpas = [d for (kind, _), d in docs.items() if kind == "HorizontalPodAutoscaler"]
     assert [h["spec"]["scaleTargetRef"]["name"] for h in hpas] == ["rev-coordinator"]
 
@@ -384,7 +402,7 @@ def test_k8s_scaling_and_workers() -> None:
         for (kind, _), d in docs.items()
         if kind == "PodDisruptionBudget"
     }
-    assert {"coordinator", "worker-cpu", "worker-consensus"} <= pdb_targets
+    assert {"coordinator", "worker-cpu", "worker-consensus", "worker-endpoint"} <= pdb_targets
     assert "beat" not in pdb_targets  # a PDB on a single pod blocks node drains
 
 
@@ -507,6 +525,10 @@ def test_dashboard_panels_and_datasource() -> None:
         "worker_memory_bytes",
         "models_cached",
         "rev_backup_last_success_timestamp_seconds",
+        "rev_endpoint_request_duration_seconds_bucket",
+        "rev_endpoint_errors_total",
+        "rev_endpoint_tokens_total",
+        "rev_endpoint_retries_total",
     ):
         assert needle in exprs, needle
     assert "by (verdict)" in exprs

@@ -198,7 +198,7 @@ def test_the_kill_hook_sigkills_only_a_marked_candidate() -> None:
 def test_production_code_calls_one_hook_per_point_and_nothing_else() -> None:
     """The tasks reach fault injection only through the hooks, one call per hook point."""
     hooks = {"before_inference", "computed_candidate", "recorded_sides", "device_noise"}
-    hooks |= {"after_batch"}
+    hooks |= {"after_batch", "endpoint_client"}
     hooks |= {"before_validation", "validator_verdict"}
     calls: list[str] = []
     for path in sorted((ROOT / "rev_tasks").rglob("*.py")):
@@ -236,3 +236,31 @@ def test_malformed_marker_faults_stop_the_process(name: str, value: str) -> None
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode != 0 and name in proc.stderr
+
+
+def test_the_endpoint_forgery_moves_every_top_logprob_and_nothing_else() -> None:
+    """What a forging endpoint worker records (REV_TEST_FORGE_ENDPOINT=1): each top-k value
+    shifted by FORGE_SHIFT, the rest of the reply as it was; without the flag, nothing."""
+    import json
+
+    raw = json.dumps(
+        {
+            "id": "x",
+            "choices": [
+                {"text": " Paris", "logprobs": {"top_logprobs": [{" Paris": -0.1, " a": -3.0}]}}
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+        }
+    ).encode()
+    out = json.loads(faults.forged_reply(raw))
+    top = out["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert top == {" Paris": -0.1 - faults.FORGE_SHIFT, " a": -3.0 - faults.FORGE_SHIFT}
+    assert out["choices"][0]["text"] == " Paris" and out["usage"]["prompt_tokens"] == 5
+    assert faults.forged_reply(b"not json") == b"not json"
+    marker = object()
+    assert faults.Faults.from_env({"REV_TEST_FORGE_ENDPOINT": "1"}).forge_endpoint is False
+    assert faults.Faults.from_env(
+        {faults.ENABLE: "1", "REV_TEST_FORGE_ENDPOINT": "1"}
+    ).forge_endpoint
+    faults.reset()
+    assert faults.endpoint_client(marker) is marker  # this process: the flag is off

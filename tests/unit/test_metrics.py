@@ -68,6 +68,10 @@ def test_metric_names_cover_the_guides_series() -> None:
         "rev_backup_failures_total",
         "rev_backup_duration_seconds_bucket",
         "rev_watchdog_actions_total",
+        "rev_endpoint_request_duration_seconds_bucket",
+        "rev_endpoint_errors_total",
+        "rev_endpoint_tokens_total",
+        "rev_endpoint_retries_total",
     ):
         assert name in metrics.METRIC_NAMES, name
 
@@ -89,6 +93,10 @@ def test_metric_names_equal_what_is_exposed(tmp_path: Path) -> None:
     metrics.record_backup_failure()
     metrics.HTTP_REQUESTS.labels(endpoint="/x", method="GET", status="200").inc()
     metrics.HTTP_REQUEST_DURATION.labels(endpoint="/x").observe(0.01)
+    metrics.EndpointObserver.request("completions", 0.02, "ok")
+    metrics.EndpointObserver.error("timeout")
+    metrics.EndpointObserver.tokens(5, 1)
+    metrics.EndpointObserver.retry("http_429")
     (tmp_path / "rev-20250101T030000Z.dump").write_bytes(b"PGDMP")
     registry = metrics.build_registry(
         [
@@ -438,3 +446,45 @@ def test_the_coordinator_reports_the_declared_queues_only(gpus: int) -> None:
     reported = {dict(labels)["queue"] for name, labels in _samples(text) if name == "queue_depth"}
     assert reported == set(queues.declared_queues(gpus))
     assert {q for q in reported if queues.is_gpu_queue(q)} == set(queues.gpu_queues(gpus))
+
+
+# --------------------------------------------------------------------------- endpoint jobs
+def test_endpoint_series_start_at_zero_for_every_class() -> None:
+    """A worker's first endpoint timeout, 429 retry or token must show in ``rate()``."""
+    metrics.preinitialise_worker()
+    text = generate_latest(REGISTRY).decode()
+    samples = _samples(text)
+    for cls in metrics.ENDPOINT_ERROR_CLASSES:
+        assert ("rev_endpoint_errors_total", frozenset({("error_class", cls)})) in samples, cls
+    for reason in metrics.ENDPOINT_RETRY_REASONS:
+        assert ("rev_endpoint_retries_total", frozenset({("reason", reason)})) in samples
+    for kind in metrics.ENDPOINT_TOKEN_TYPES:
+        assert ("rev_endpoint_tokens_total", frozenset({("type", kind)})) in samples
+
+
+def test_endpoint_observer_counts_and_bounds_its_labels() -> None:
+    """Durations, errors, tokens and retries land in their series; a label value outside
+    the closed sets (a URL, say) collapses into ``other`` instead of a new series."""
+    before = generate_latest(REGISTRY).decode()
+    obs = metrics.EndpointObserver
+    obs.request("completions", 0.03, "ok")
+    obs.request("https://tenant.example/v1/secret-path", 0.03, "error")
+    obs.error("http_429")
+    obs.error("a-url-or-anything")
+    obs.tokens(7, 1)
+    obs.retry("http_429")
+    after = generate_latest(REGISTRY).decode()
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert (
+        delta("rev_endpoint_request_duration_seconds_count", route="completions", outcome="ok") == 1
+    )
+    assert delta("rev_endpoint_request_duration_seconds_count", route="other", outcome="error") == 1
+    assert delta("rev_endpoint_errors_total", error_class="http_429") == 1
+    assert delta("rev_endpoint_errors_total", error_class="other") == 1
+    assert delta("rev_endpoint_tokens_total", type="prompt") == 7
+    assert delta("rev_endpoint_tokens_total", type="completion") == 1
+    assert delta("rev_endpoint_retries_total", reason="http_429") == 1
+    assert "secret-path" not in after

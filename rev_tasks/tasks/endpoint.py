@@ -1,0 +1,447 @@
+"""Endpoint jobs: verify or identify a model behind a tenant's OpenAI-compatible URL.
+
+``prepare`` (rev_tasks/tasks/verify.py) commits the challenges the job may ask (the farm
+key's challenges 0..n-1, :func:`committed_count`) and sends :func:`run_endpoint` to the
+``endpoint`` queue, whose workers run a threads pool (the work is waiting on HTTP). The
+worker re-checks the URL with the egress guard, reveals the tenant's credential (it goes
+to the Authorization header only), and runs the black-box test of rev_tasks/endpoints/
+verify.py against the reference: a registered model's endpoint fingerprint (no reference
+inference at job time) or a model folder. Every request passes the endpoint's farm-wide
+gate (rev_tasks/endpoints/politeness.py) and the job's request and token budgets; an
+endpoint that stops answering fails the job with the client's one-line reason after its
+bounded retries.
+
+Validators (:func:`check_endpoint_job`, called by rev_tasks/tasks/consensus.py) run on the
+``consensus`` queue like every other job's: not on the endpoint workers, so that the worker
+that recorded the replies never votes on them. Each re-derives the decision from the
+recorded bytes (``audit_endpoint``), checks the challenges against the commitment, and asks
+the endpoint again a random sample of the recorded challenges: the new answers must lie
+within the job's tolerance (the calibrated serving noise) of the recorded ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from rev_tasks import jobs, metrics
+from rev_tasks.celery import app
+from rev_tasks.db.session import after_commit, session_scope
+from rev_tasks.db.tables import MODEL_READY, EndpointFingerprint, ModelRecord
+from rev_tasks.queues import Task
+from rev_tasks.settings import get_settings
+from rev_tasks.tasks.common import (
+    DB_ERRORS,
+    DB_RETRY,
+    FarmError,
+    JobFailed,
+    check_folder,
+    farm_key,
+    heartbeat,
+)
+from rev_tasks.testing import faults
+
+log = logging.getLogger(__name__)
+
+#: Requests in flight per job (the CLI's ``--in-flight`` default: same batches, same verdict).
+IN_FLIGHT = 4
+#: Recorded challenges each validator asks the endpoint again.
+REQUERY_SAMPLE = 3
+
+
+def endpoint_params(request: dict[str, Any]) -> Any:
+    """The black-box test's parameters from a job request (the CLI's defaults otherwise)."""
+    from rev_tasks.endpoints.verify import EndpointParams
+
+    ep = jobs.endpoint_of(request) or {}
+    return EndpointParams(
+        mode=str(ep.get("mode", "logprobs")),
+        tolerance=str(ep.get("tolerance", "weights")),
+        alpha=float(request.get("alpha", 0.01)),
+        max_queries=ep.get("max_queries"),
+        batch=IN_FLIGHT,
+    )
+
+
+def committed_count(params: Any, n_max: int | None) -> int:
+    """How many of the farm key's challenges (0..n-1) the job may ask: what ``prepare``
+    commits. logprobs: the query budget (capped by a fingerprint's challenges, as
+    ``verify_endpoint`` caps it); text: the prompts it samples from."""
+    if params.mode == "text":
+        return int(params.text_prompts)
+    budget = int(params.budget())
+    if n_max is not None and params.max_queries is None:
+        budget = min(budget, n_max)
+    return budget
+
+
+def _fingerprint_size(session: Any, model_id: str | None) -> int | None:
+    if model_id is None:
+        return None
+    row = session.get(EndpointFingerprint, model_id)
+    return None if row is None else row.n_challenges
+
+
+def endpoint_commitment(session: Any, job: Any, key: bytes) -> dict[str, Any]:
+    """What ``prepare`` stores for an endpoint verify job: the root of its challenges."""
+    from rev_tasks.core.challenges import commitment, generate_challenges
+
+    n = committed_count(
+        endpoint_params(job.request), _fingerprint_size(session, job.reference_model_id)
+    )
+    return {"commitment": commitment(generate_challenges(key, n)).hex(), "challenges_max": n}
+
+
+def _request_budget(params: Any, references: int) -> int:
+    """Requests a job may send, retries included: twice what its tests can use."""
+    per = params.budget() + params.batch + 2
+    return 2 * max(1, references) * per
+
+
+def _client(spec: jobs.JobSpec, params: Any, references: int) -> Any:
+    """The job's client: egress re-checked, credential revealed, gate, budgets, metrics."""
+    from rev_tasks.endpoints.access import open_client
+
+    ep = jobs.endpoint_of(spec.request) or {}
+    settings = get_settings()
+    max_tokens = min(
+        int(ep.get("max_tokens") or settings.endpoint_max_tokens), settings.endpoint_max_tokens
+    )
+    client = open_client(
+        ep,
+        spec.tenant,
+        settings,
+        max_requests=int(ep.get("max_requests") or _request_budget(params, references)),
+        max_tokens=max_tokens,
+        observer=metrics.EndpointObserver,
+        in_flight=IN_FLIGHT,
+    )
+    return faults.endpoint_client(client)  # the farm's own fault tests only
+
+
+def _reference(spec: jobs.JobSpec) -> Any:
+    """A registered model's endpoint fingerprint, or the reference folder's weights."""
+    from rev_tasks.endpoints.fingerprint import FingerprintReference
+
+    if spec.reference_model_id is not None:
+        with session_scope() as s:
+            row = s.get(EndpointFingerprint, spec.reference_model_id)
+            doc = row.document() if row is not None and row.status == MODEL_READY else None
+        if doc is None:
+            raise FarmError(
+                "endpoint_evidence_missing",
+                f"model {spec.reference_model_id!r} has no endpoint fingerprint "
+                "(register it with endpoint_evidence: true)",
+            )
+        return FingerprintReference(doc)
+    assert spec.reference_path is not None
+    from rev_tasks.endpoints.reference import Reference
+
+    try:
+        check_folder(spec.reference_path)
+        return Reference(spec.reference_path)
+    except Exception as exc:  # noqa: BLE001 - a folder that is no causal LM: the job's failure
+        raise FarmError(
+            "model_load_error", f"reference: {type(exc).__name__}: {exc}"[:500]
+        ) from exc
+
+
+def _executed_on() -> dict[str, Any]:
+    from celery import current_task
+
+    hostname = getattr(getattr(current_task, "request", None), "hostname", None)
+    return {"worker": hostname, "device": "endpoint", "execution": "endpoint"}
+
+
+def _as_farm_error(exc: Exception) -> FarmError:
+    """An endpoint failure as the job's error: a stable code and the one-line reason."""
+    from rev_tasks.endpoints.access import EndpointRefused
+    from rev_tasks.endpoints.client import BudgetExceeded, NoLogprobs
+    from rev_tasks.endpoints.egress import EgressRefused
+
+    if isinstance(exc, EndpointRefused):
+        metrics.EndpointObserver.error("refused")
+        return FarmError(exc.code, str(exc))
+    if isinstance(exc, EgressRefused):  # a redirect or connection outside the allow-list
+        metrics.EndpointObserver.error("refused")
+        return FarmError("endpoint_refused", f"egress guard: {exc.reason}")
+    if isinstance(exc, BudgetExceeded):
+        return FarmError("endpoint_budget_exceeded", str(exc))
+    if isinstance(exc, NoLogprobs):
+        return FarmError("endpoint_no_logprobs", str(exc))
+    return FarmError("endpoint_error", str(exc))
+
+
+@app.task(name=Task.RUN_ENDPOINT, bind=True, throws=(JobFailed,), **DB_RETRY)
+def run_endpoint(self: Any, job_id: str) -> str:
+    """Query the job's endpoint to a verdict (verify) or a ranking (identify); persist."""
+    from rev_tasks.endpoints.client import EndpointError
+    from rev_tasks.endpoints.egress import EgressRefused
+    from rev_tasks.endpoints.fingerprint import FingerprintError
+    from rev_tasks.tasks.verify import _fail, _left, _LeftInference, _start, dispatch_consensus
+
+    try:
+        spec, outcome = _start(job_id, new_attempt=not self.request.retries)
+    except jobs.IllegalTransition as exc:
+        log.warning("%s; this delivery leaves the job alone", exc)
+        return "skipped"
+    if spec is None:
+        return outcome
+    try:
+        if spec.attempts > get_settings().max_attempts:
+            raise FarmError(
+                "worker_lost",
+                f"the endpoint job was interrupted {spec.attempts - 1} times; not retried again",
+            )
+        with heartbeat(job_id, spec.attempts):
+            outcome = _identify(spec) if spec.kind == "identify" else _verify(spec)
+    except _LeftInference:
+        return _left(job_id)
+    except FarmError as exc:
+        return _fail(job_id, exc.code, exc.message)
+    except (EndpointError, EgressRefused) as exc:
+        err = _as_farm_error(exc)
+        return _fail(job_id, err.code, err.message)
+    except FingerprintError as exc:
+        return _fail(job_id, "verification_error", str(exc))
+    except SoftTimeLimitExceeded:
+        return _fail(job_id, "timeout", "the job ran past REV_JOB_TIME_LIMIT")
+    except DB_ERRORS:
+        raise
+    except Exception as exc:
+        log.exception("job %s: unexpected error", job_id)
+        with session_scope() as s:
+            jobs.fail(s, job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    if outcome == "decided":
+        dispatch_consensus(job_id)
+    return outcome
+
+
+def _progress(job_id: str, attempt: int) -> Any:
+    """After each consumed reply: the job row (what the API shows); stop when it left."""
+    from rev_tasks.tasks.verify import _LeftInference
+
+    def report(done: int, maximum: int) -> None:
+        with session_scope() as s:
+            running = jobs.record_progress(s, job_id, done, maximum, attempt)
+        if not running:
+            raise _LeftInference(job_id)
+
+    return report
+
+
+def _verify(spec: jobs.JobSpec) -> str:
+    from rev_tasks import certificates as C
+    from rev_tasks.core.challenges import commitment, generate_challenges
+    from rev_tasks.endpoints.verify import verify_endpoint
+
+    key = farm_key()
+    params = endpoint_params(spec.request)
+    client = _client(spec, params, 1)
+    try:
+        client.check_model()  # fail fast, before a reference folder is loaded
+        reference = _reference(spec)
+        n = committed_count(params, getattr(reference, "max_challenges", None))
+        if commitment(generate_challenges(key, n)).hex() != spec.commitment:
+            raise FarmError(
+                "commitment_mismatch",
+                "the challenge set differs from the one committed at prepare (key rotated?)",
+            )
+        outcome = verify_endpoint(
+            reference, client, key, params, progress=_progress(spec.id, spec.attempts)
+        )
+    finally:
+        client.close()
+    result = dict(outcome.result)
+    result["challenges_used"] = int(result["queries_used"])
+    result["challenges_max"] = int(result["queries_max"])
+    result["executed_on"] = _executed_on()
+    if spec.reference_path is not None:
+        try:
+            result["reference_digest"] = C.weights_digest(spec.reference_path)
+        except (C.CertificateError, OSError) as exc:
+            log.error("no weights digest of %s: %s", spec.reference_path, exc)
+            result["reference_digest"] = None
+    with session_scope() as s:
+        decided = jobs.record_decision(s, spec.id, result, outcome.transcript)
+    if not decided:
+        log.info("job %s: decided by another delivery, or finished; result discarded", spec.id)
+        return "already decided"
+    return "decided"
+
+
+def _identify(spec: jobs.JobSpec) -> str:
+    from rev_tasks.core.keys import key_id
+    from rev_tasks.endpoints.fingerprint import FingerprintReference
+    from rev_tasks.endpoints.verify import identify_endpoint
+    from rev_tasks.tasks.verify import PUBLISH_RETRY
+
+    key = farm_key()
+    kid = key_id(key)
+    params = endpoint_params(spec.request)
+    with session_scope() as s:
+        # The job's own tenant's models only, as for model identify jobs.
+        rows = (
+            s.query(EndpointFingerprint)
+            .join(ModelRecord, ModelRecord.id == EndpointFingerprint.model_id)
+            .filter(
+                ModelRecord.tenant == spec.tenant,
+                ModelRecord.status == MODEL_READY,
+                EndpointFingerprint.status == MODEL_READY,
+                EndpointFingerprint.key_id == kid,
+            )
+            .order_by(EndpointFingerprint.model_id)
+        )
+        docs = {row.model_id: row.document() for row in rows}
+    refs = {m: FingerprintReference(doc) for m, doc in docs.items() if doc is not None}
+    ep = jobs.endpoint_of(spec.request) or {}
+    ranking: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"match": None, "none_of_these": True, "cost": {}}
+    if refs:
+        client = _client(spec, params, len(refs))
+        try:
+            out = identify_endpoint(refs, client, key, params)
+        finally:
+            client.close()
+        ranking = [
+            {
+                "model_id": r["reference"],
+                "verdict": r["verdict"],
+                "queries_used": r["queries_used"],
+                "mean_distance": r["mean_value"],
+                "inf_values": r["inf_values"],
+            }
+            for r in out["ranking"]
+        ]
+    result = {
+        "ranking": ranking,
+        "best": out["match"],
+        "verdict": ranking[0]["verdict"] if ranking else None,
+        "none_of_these": out["none_of_these"],
+        "compared": len(ranking),
+        "registered": len(refs),
+        "key_id": kid,
+        "mode": params.mode,
+        "endpoint": {"url": _public(ep), "model": ep.get("model")},
+        "cost": out["cost"],
+        "executed_on": _executed_on(),
+    }
+    used = max((r["queries_used"] for r in ranking), default=0)
+    with session_scope() as s:
+        identified = jobs.record_identification(s, spec.id, result, used)
+        if identified:
+            send = partial(
+                app.send_task, Task.CERTIFY, (spec.id,), retry=True, retry_policy=PUBLISH_RETRY
+            )
+            after_commit(s, send)
+    return "identified" if identified else "already finished"
+
+
+def _public(ep: dict[str, Any]) -> str:
+    from rev_tasks.endpoints.client import _public_url, normalise_base_url
+
+    return _public_url(normalise_base_url(str(ep.get("url", ""))))
+
+
+# ----------------------------------------------------------------------------- validators
+def check_endpoint_job(
+    doc: dict[str, Any],
+    *,
+    root: str,
+    request: dict[str, Any],
+    tenant: str,
+    job_commitment: str | None,
+    reference_model_id: str | None,
+) -> tuple[list[str], list[int]]:
+    """One validator's check of an endpoint job: (problems, re-queried record positions).
+
+    Re-derives the decision from the recorded bytes, checks the recorded challenges
+    against the commitment (with the farm key), then re-asks the endpoint a random sample
+    of them. An endpoint that cannot be reached now raises :class:`EndpointError`: the
+    validator abstains (no evidence of forgery either way).
+    """
+    from rev_tasks.core.blackbox import ENDPOINT_TOLERANCES
+    from rev_tasks.core.challenges import commitment, generate_challenges
+    from rev_tasks.core.keys import derive
+    from rev_tasks.endpoints.access import open_client
+    from rev_tasks.endpoints.calibration import requery_gap
+    from rev_tasks.endpoints.evidence import sampled_piece
+    from rev_tasks.endpoints.transcript import audit_endpoint
+    from rev_tasks.endpoints.verify import TOP_K
+    from rev_tasks.tasks.consensus import draw_sample
+
+    problems = [f"audit: {p}" for p in audit_endpoint(doc)]
+    if doc.get("root") != root:
+        problems.append("stored transcript root differs from the document's root")
+    ep = jobs.endpoint_of(request) or {}
+    params = endpoint_params(request)
+    if doc.get("mode") != params.mode:
+        problems.append(f"transcript mode {doc.get('mode')!r}, the job asked {params.mode!r}")
+    if doc.get("endpoint") != {"url": _public(ep), "model": ep.get("model")}:
+        problems.append("the transcript names another endpoint or model than the job")
+    recorded_params = doc.get("parameters") or {}
+    if recorded_params.get("alpha") != params.alpha:
+        problems.append("the transcript's alpha is not the job's")
+    if params.mode == "logprobs" and recorded_params.get("tolerance") != params.tolerance:
+        problems.append("the transcript's tolerance is not the job's")
+    key = farm_key()
+    with session_scope() as s:
+        n = committed_count(params, _fingerprint_size(s, reference_model_id))
+    derived = generate_challenges(key, n)
+    if job_commitment is not None and commitment(derived).hex() != job_commitment:
+        problems.append("challenges: the job's commitment is not that of the farm key's set")
+    records = doc.get("records") or []
+    for i, rec in enumerate(records):
+        index = rec.get("index") if isinstance(rec, dict) else None
+        if not isinstance(index, int) or not 0 <= index < n:
+            problems.append(f"challenges: record {i} names a challenge outside the committed set")
+        elif rec.get("challenge") != asdict(derived[index]):
+            problems.append(f"challenges: record {i} is not the committed challenge {index}")
+    if problems:
+        return problems, []
+    indices = draw_sample(len(records), REQUERY_SAMPLE)
+    if not indices:
+        return problems, []
+    settings = get_settings()
+    client = open_client(
+        ep,
+        tenant,
+        settings,
+        max_requests=4 * (len(indices) + 1),
+        observer=metrics.EndpointObserver,
+        in_flight=1,
+    )
+    delta = ENDPOINT_TOLERANCES[params.tolerance].delta
+    try:
+        for i in indices:
+            rec = records[i]
+            body = json.loads(base64.b64decode(rec["response_b64"]))
+            prompt = rec["challenge"]["prompt"]
+            if params.mode == "logprobs":
+                again = client.completion(
+                    prompt, max_tokens=1, temperature=0.0, logprobs=TOP_K
+                ).body
+                gap = requery_gap(body, again)
+                if not gap <= delta:
+                    problems.append(
+                        f"re-query: record {i}: the endpoint now answers {gap:.3f} nats from "
+                        f"the recorded reply (tolerance {delta})"
+                    )
+            else:
+                seed = int.from_bytes(derive(key, "endpoint-sample", i)[:4], "big")
+                again = client.completion(prompt, max_tokens=1, temperature=1.0, seed=seed).body
+                if sampled_piece(again) != sampled_piece(body):
+                    problems.append(
+                        f"re-query: record {i}: the endpoint samples another piece with the "
+                        "recorded seed"
+                    )
+    finally:
+        client.close()
+    return problems, indices
