@@ -9,7 +9,8 @@ a consensus worker (also ``default`` and ``maintenance``); an endpoint worker (q
 in its own process group, with a pid file in ``var/run`` and a log in ``var/log``, and
 carries ``REV_STACK_ID`` in its environment so that ``down`` can prove none is left.
 ``up`` returns once ``/readyz`` answers 200. It first creates, once and mode 0600, the farm's
-secret key and the certificate signing key (``REV_SECRET_KEY_FILE``, ``REV_CERT_KEY_FILE``).
+secret key, the certificate signing key and the credential master key
+(``REV_SECRET_KEY_FILE``, ``REV_CERT_KEY_FILE``, ``REV_CREDENTIAL_KEY_FILE``).
 
 The embedded Redis keeps an append-only file in ``var/redis``: a crash or a restart keeps
 its queued and unacked messages. Run again on a stack that is up, ``up`` restarts each
@@ -133,6 +134,21 @@ def make_private(var: Path) -> None:
     for child in var.iterdir():
         if child.is_file() and not child.is_symlink():
             child.chmod(0o600)  # rev.db (and -wal, -shm), stack.json, keys
+
+
+def ensure_credential_key(path: Path) -> Path:
+    """The master key that encrypts tenants' endpoint credentials, created once (0600)."""
+    if path.exists():
+        return path
+    from rev_tasks import credentials
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(credentials.generate_key() + "\n")
+        log(f"created credential master key {path}")
+    return path
 
 
 def ensure_certificate_key(path: Path) -> Path:
@@ -307,6 +323,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ensure_secret_key(key)
     cert_key = Path(os.environ.get("REV_CERT_KEY_FILE") or VAR / "certificate.key")
     ensure_certificate_key(cert_key)
+    cred_key = Path(os.environ.get("REV_CREDENTIAL_KEY_FILE") or VAR / "credential.key")
+    ensure_credential_key(cred_key)
     roots = os.environ.get("REV_MODEL_ROOTS") or os.pathsep.join(
         str(p) for p in (VAR / "models", minilm_dir()) if p is not None
     )
@@ -320,6 +338,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "REV_VAR_DIR": str(VAR),
             "REV_SECRET_KEY_FILE": str(key.resolve()),
             "REV_CERT_KEY_FILE": str(cert_key.resolve()),
+            "REV_CREDENTIAL_KEY_FILE": str(cred_key.resolve()),
             "REV_BACKUP_DIR": os.environ.get("REV_BACKUP_DIR") or str(VAR / "backups"),
             "REV_MODEL_ROOTS": roots,
             "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{VAR / 'rev.db'}",

@@ -227,6 +227,18 @@ def test_compose_processes() -> None:
         assert grace > limit, f"{name}: stop_grace_period {grace}s <= task_time_limit {limit}s"
 
 
+def test_the_credential_key_reaches_exactly_who_encrypts_or_reveals() -> None:
+    """The coordinator encrypts stored credentials; endpoint workers and the validators that
+    re-query an endpoint decrypt them: each of them, and no other service, mounts the key."""
+    services = _compose()["services"]
+    holders = {n for n, svc in services.items() if "rev_credential_key" in svc.get("secrets", [])}
+    assert holders == {"coordinator", "worker-endpoint", "worker-consensus"}
+    for name in holders:
+        env = services[name]["environment"]
+        assert env["REV_CREDENTIAL_KEY_FILE"] == "/run/secrets/rev_credential_key", name
+    assert "rev_credential_key" in _compose()["secrets"]
+
+
 def test_only_the_consensus_workers_hold_the_certificate_key() -> None:
     """The signing key reaches the pods that sign (the tally) and no other; every coordinator
     replica reads the one session key, so a browser stays logged in across replicas."""

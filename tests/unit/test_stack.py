@@ -49,6 +49,19 @@ def test_flower_credentials_are_created_once_owner_only(stack: ModuleType) -> No
     assert stack.ensure_flower_auth(stack.FLOWER_AUTH) == auth  # kept, like the API key
 
 
+def test_the_credential_master_key_is_created_once_owner_only(stack: ModuleType) -> None:
+    """`make up` makes the Fernet key the stack's credentials are encrypted with: usable by
+    rev_tasks.credentials, 0600, and never replaced (that would orphan every stored value)."""
+    from rev_tasks import credentials
+
+    path = stack.ensure_credential_key(stack.VAR / "credential.key")
+    assert _mode(path) == 0o600
+    first = path.read_text()
+    assert stack.ensure_credential_key(path).read_text() == first
+    keys = credentials.load_keys({"REV_CREDENTIAL_KEY_FILE": str(path)})
+    assert keys.decrypt(keys.encrypt(b"sk-test")) == b"sk-test"
+
+
 def test_files_the_stack_writes_are_owner_only(stack: ModuleType) -> None:
     var: Path = stack.VAR
     (var / "log").mkdir(parents=True)
