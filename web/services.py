@@ -378,6 +378,8 @@ def job_document(job: Job) -> dict[str, Any]:
         "progress": {
             "challenges_done": job.challenges_done,
             "challenges_max": job.challenges_max,
+            # An identify job waiting (queued) for pending fingerprints: which, until when.
+            "waiting": _waiting(job.waiting),
         },
         "result": job.result,
         "error": job.error,
@@ -387,6 +389,13 @@ def job_document(job: Job) -> dict[str, Any]:
         "url": f"/v1/jobs/{job.id}",
         "transcript_url": f"/v1/jobs/{job.id}/transcript" if job.kind == "verify" else None,
     }
+
+
+def _waiting(waiting: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not waiting:
+        return None
+    keys = ("for", "pending", "since", "until", "waited_s", "done")
+    return {k: waiting.get(k) for k in keys}
 
 
 def model_document(rec: ModelRecord, fp: Fingerprint | None) -> dict[str, Any]:
