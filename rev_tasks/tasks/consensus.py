@@ -34,7 +34,7 @@ from rev_tasks.celery import app
 from rev_tasks.certificates import vote_digest
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
-from rev_tasks.db.tables import Fingerprint, Job, Transcript, Vote
+from rev_tasks.db.tables import MODEL_READY, Fingerprint, Job, Transcript, Vote
 from rev_tasks.queues import Task
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
 from rev_tasks.tasks.common import (
@@ -135,6 +135,7 @@ def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, A
     model listed as pending must not have been ready before the job started.
     """
     from rev_tasks.core.identification import UNAVAILABLE
+    from rev_tasks.core.keys import key_id
 
     doc = tr.document()
     entries = {e.get("model_id"): e for e in doc.get("entries") or [] if isinstance(e, dict)}
@@ -142,6 +143,11 @@ def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, A
     started = _aware(job.started_at) if job.started_at is not None else None
     references: dict[str, Any] = {}
     problems: list[str] = []
+    try:
+        farm_key_id: str | None = key_id(farm_key())
+    except FarmError as exc:
+        farm_key_id = None
+        problems.append(f"listing not checked against the key: {exc.message}")
     for rec in repo.tenant_models(session, job.tenant):
         entry = entries.get(rec.id)
         if entry is None:
@@ -150,9 +156,21 @@ def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, A
             continue
         fp = session.get(Fingerprint, rec.id)
         if entry.get("status") == UNAVAILABLE:
-            pending = str(entry.get("reason", "")).startswith("fingerprint still pending")
-            if pending and fp is not None and started and _aware(fp.created_at) < started:
-                problems.append(f"listing: {rec.id} is listed pending, but was ready before")
+            # Unavailable is only believable for a model that had no usable fingerprint when
+            # the job started, or whose pool had no unused challenge left.
+            usable = (
+                fp is not None
+                and rec.status == MODEL_READY
+                and fp.key_id == farm_key_id
+                and started is not None
+                and _aware(fp.created_at) < started
+            )
+            exhausted = str(entry.get("reason", "")).startswith("no unused challenge")
+            if usable and not exhausted:
+                problems.append(
+                    f"listing: {rec.id} is listed unavailable, but its fingerprint was ready "
+                    "before the job started"
+                )
             continue
         if fp is None:
             problems.append(f"listing: {rec.id} is compared but has no fingerprint")

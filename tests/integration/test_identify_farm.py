@@ -20,6 +20,8 @@ import pytest
 from tests.integration.farm import purge, register, submit, wait_certificate
 
 pytestmark = pytest.mark.integration
+#: The first test's job, which the forgery test tampers with afterwards.
+_JOBS: dict[str, str] = {}
 
 
 def _post_model(client: Any, model_id: str, path: Path) -> None:
@@ -83,6 +85,7 @@ def test_identify_submitted_at_once_waits_and_lists_every_model(
     finally:
         worker.stop()
     assert doc["status"] == "succeeded", doc
+    _JOBS["first"] = job_id
     result = doc["result"]
     ranking = result["ranking"]
     assert [(r["model_id"], r["status"], r["verdict"]) for r in ranking] == [
@@ -117,6 +120,48 @@ def test_identify_submitted_at_once_waits_and_lists_every_model(
 
     html = report_html(doc, None, None, "", standalone=True)
     assert "incompatible" in html and "hidden size 384 vs 64" in html and "gpt2-b" in html
+
+
+def test_validators_catch_a_listing_that_hides_the_true_model(farm_env: dict[str, str]) -> None:
+    """A worker's self-consistent document that drops or demotes the true model is voted down.
+
+    The validator's own check (the one ``validate`` runs), in this process, on the stored
+    evidence of the first test's job, then on two forgeries written over it.
+    """
+    from rev_tasks.core.identification import (
+        audit_identification,
+        build_identification,
+        recorded_verdict,
+        unavailable_entry,
+    )
+    from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Transcript, pack_json
+    from rev_tasks.tasks.consensus import _check
+
+    job_id = _JOBS["first"]
+    recorded, _root, problems, sample = _check(job_id, 0)
+    assert (recorded, problems, len(sample)) == ("SAME", [], 2)
+
+    def forge(unavailable: list[dict[str, Any]]) -> list[str]:
+        with session_scope() as s:
+            tr = s.get(Transcript, job_id)
+            doc = tr.document()
+            kept = {m: t for m, t in doc["comparisons"].items() if m != "gpt2-a"}
+            forged = build_identification(
+                doc["key_id"], doc["candidate"], doc["parameters"], kept, unavailable
+            )
+            assert audit_identification(forged) == []  # consistent on its own
+            tr.doc, tr.root, tr.verdict = (
+                pack_json(forged),
+                forged["root"],
+                recorded_verdict(forged),
+            )
+        return _check(job_id, 0)[2]
+
+    hidden = forge([unavailable_entry("gpt2-a", "fingerprint failed: model_load_error: x")])
+    assert any("gpt2-a is listed unavailable" in p for p in hidden), hidden
+    dropped = forge([])
+    assert any("gpt2-a, registered before the job, is not listed" in p for p in dropped), dropped
 
 
 def test_pending_past_the_bound_and_failed_fingerprints_are_listed_unavailable(
