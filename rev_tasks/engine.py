@@ -757,7 +757,7 @@ def identify_registry(
     """Compare the candidate with every fingerprint, as a verify job would, and list them all.
 
     Each compatible model gets a :class:`Verification` against its fingerprint on the
-    challenges ``pools`` names for it (its unused pool in the farm; else its whole pool),
+    challenges ``pools`` names for it (its unretired pool in the farm; else its whole pool),
     with the same early stop, calibration and transcript as a verify job; an incompatible
     one gets the incompatible transcript (DIFFERENT, with the reason). A fingerprint that
     cannot be used (another key, malformed, no challenge left) and the models of

@@ -476,6 +476,8 @@ def _registry(
         job = s.get(Job, spec.id)
         waiting = dict(job.waiting) if job is not None and job.waiting else None
         created = job.created_at if job is not None else utcnow()
+        queue = job.queue if job is not None else None
+        retired = repo.retired_indices(s, [r.id for r in repo.tenant_models(s, spec.tenant)])
         # Only the job's own tenant's models: identify never reveals (or compares against)
         # another tenant's registry.
         for rec in repo.tenant_models(s, spec.tenant):
@@ -494,11 +496,13 @@ def _registry(
                 continue
             assert fp is not None
             fingerprints[rec.id] = fp.document()
-            # Compared on challenges no released transcript has shown and no other job holds
-            # (an identify job's evidence is checked by the validators, never released).
-            pools[rec.id] = repo.available_indices(s, fp, spec.id)
-            if not pools[rec.id]:
-                _request_topup(s, fp, spec.queue)
+            # Compared on challenges no released transcript has shown (an identify job's
+            # evidence goes to the validators only, so it shows none and holds none).
+            pools[rec.id] = [
+                i for i in repo.pool_indices(fingerprints[rec.id]) if i not in retired[rec.id]
+            ]
+            if not pools[rec.id] and queue is not None:
+                _request_topup(s, fp, queue)
     return fingerprints, pools, unavailable, waiting
 
 

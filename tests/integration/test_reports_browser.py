@@ -86,7 +86,7 @@ def jobs(
     docs = {name: wait_job(alpha if name != "beta" else beta, jid) for name, jid in ids.items()}
     assert [docs[n]["status"] for n in ("same", "different", "identify", "failed")] == [
         "succeeded", "succeeded", "succeeded", "failed",
-    ]  # fmt: skip
+    ], {n: d["error"] for n, d in docs.items()}  # fmt: skip
     assert docs["same"]["result"]["verdict"] == "SAME"
     assert docs["different"]["result"]["verdict"] == "DIFFERENT"
     assert docs["identify"]["result"]["best"] == "report-gpt2-a"
