@@ -467,7 +467,7 @@ def _executed_on(model: Any) -> dict[str, Any]:
 def _registry(
     spec: jobs.JobSpec, key_id: str
 ) -> tuple[dict[str, Any], dict[str, list[int]], dict[str, str], dict[str, Any] | None]:
-    """What the identify job compares: usable fingerprints, their unused pools, and why
+    """What the identify job compares: usable fingerprints, their unretired pools, and why
     every other model of the tenant is unavailable; and the job's wait record."""
     fingerprints: dict[str, Any] = {}
     pools: dict[str, list[int]] = {}
