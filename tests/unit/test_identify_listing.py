@@ -156,3 +156,17 @@ def test_nothing_comparable_has_no_best_and_votes_on_none() -> None:
     assert audit_identification(doc) == []
     with pytest.raises(ValueError, match="listed twice"):
         build_identification("0" * 32, {}, {}, {}, [unavailable_entry("m", "x")] * 2)
+
+
+def test_the_incompatibility_reason_names_what_differs() -> None:
+    from rev_tasks.core.compat import differences, incompatibility
+
+    minilm = {"model_type": "bert", "num_layers": 6, "hidden_size": 384}
+    tiny = {"model_type": "gpt2", "num_layers": 2, "hidden_size": 64}
+    assert differences(minilm, tiny) == ["layers 6 vs 2", "hidden size 384 vs 64"]
+    assert differences(minilm, {**minilm, "hidden_size": 128}) == ["hidden size 384 vs 128"]
+    assert incompatibility(minilm, minilm) is None
+    reason = incompatibility(minilm, tiny)
+    assert reason is not None and reason.startswith(
+        "architectures differ (layers 6 vs 2, hidden size 384 vs 64): reference bert"
+    )
