@@ -225,10 +225,13 @@ def build_statement(
             k: params.get(k) for k in ("delta", "p0", "p1", "max_challenges", "bits_per_site")
         }
     else:
-        predicate["ranking"] = [
-            {k: r.get(k) for k in ("model_id", "mean_distance", "verdict", "challenges_used")}
-            for r in result.get("ranking") or []
+        keys = ("model_id", "status", "mean_distance", "verdict", "challenges_used", "reason")
+        predicate["ranking"] = [{k: r.get(k) for k in keys} for r in result.get("ranking") or []]
+        # Never silently absent: the models that were not compared are named, with why.
+        predicate["unavailable"] = [
+            {k: r.get(k) for k in ("model_id", "reason")} for r in result.get("unavailable") or []
         ]
+        predicate["evidence_root"] = result.get("transcript_root")
     return {
         "_type": STATEMENT_TYPE,
         "subject": [subject],

@@ -29,7 +29,6 @@ from rev_tasks.core.calibration import (
 from rev_tasks.core.challenges import (
     Challenge,
     challenge_for,
-    challenges_at,
     commitment,
     generate_challenges,
     job_challenges,
@@ -43,6 +42,7 @@ from rev_tasks.core.decision import (
     decide,
 )
 from rev_tasks.core.hamming import hamming
+from rev_tasks.core.identification import UNAVAILABLE, build_identification, unavailable_entry
 from rev_tasks.core.keys import derive, key_id
 from rev_tasks.core.merkle import merkle_root
 from rev_tasks.core.transcript import Record, build_transcript
@@ -694,6 +694,121 @@ def _recheck_calibration(
     return problems
 
 
+class _SharedCandidate:
+    """The candidate side of every comparison of one identify job.
+
+    A challenge's signatures depend on the challenge, the sites and the signature size only,
+    so each is computed once and reused for every fingerprint that asks for it (pools of
+    registered models overlap: all start at the key's challenge 0).
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.side = as_side(model, b"")
+        self.descriptor = dict(self.side.descriptor)
+        self._known: dict[tuple[tuple[int, ...], int, bytes], SiteSigs] = {}
+
+    def signatures(
+        self, challenges: Sequence[Challenge], sites: Sequence[int], key: bytes, bits: int
+    ) -> list[SiteSigs]:
+        tag = (tuple(sites), bits)
+        missing = [c for c in challenges if (*tag, c.digest()) not in self._known]
+        if missing:
+            fresh = self.side.signatures(missing, sites, key, bits)
+            self._known.update(
+                {(*tag, c.digest()): sig for c, sig in zip(missing, fresh, strict=True)}
+            )
+        return [self._known[(*tag, c.digest())] for c in challenges]
+
+
+@dataclass
+class Identification:
+    """A finished identify run: the committed evidence and what the job reports."""
+
+    document: dict[str, Any]  # rev-identification/1 (rev_tasks.core.identification)
+    notes: list[str]
+    challenges_used: int
+    challenges_max: int
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """Every model, in rank order (compared, incompatible, unavailable)."""
+        return list(self.document["entries"])
+
+    @property
+    def ranking(self) -> list[dict[str, Any]]:
+        """The compared and incompatible models, nearest first."""
+        return [e for e in self.entries if e["status"] != UNAVAILABLE]
+
+    @property
+    def unavailable(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["status"] == UNAVAILABLE]
+
+
+def identify_registry(
+    candidate: Any,
+    fingerprints: dict[str, dict[str, Any]],
+    key: bytes,
+    params: VerifyParams | None = None,
+    pools: dict[str, Sequence[int]] | None = None,
+    unavailable: dict[str, str] | None = None,
+    progress: Progress | None = None,
+) -> Identification:
+    """Compare the candidate with every fingerprint, as a verify job would, and list them all.
+
+    Each compatible model gets a :class:`Verification` against its fingerprint on the
+    challenges ``pools`` names for it (its unretired pool in the farm; else its whole pool),
+    with the same early stop, calibration and transcript as a verify job; an incompatible
+    one gets the incompatible transcript (DIFFERENT, with the reason). A fingerprint that
+    cannot be used (another key, malformed, no challenge left) and the models of
+    ``unavailable`` (id → reason) are listed unavailable. ``progress`` gets the challenges
+    done over all comparisons and their total budget.
+    """
+    p = params or VerifyParams()
+    shared = _SharedCandidate(candidate)
+    out_of_reach = dict(unavailable or {})
+    runs: dict[str, Verification] = {}
+    notes: list[str] = []
+    for model_id, doc in fingerprints.items():
+        if model_id in out_of_reach:
+            continue
+        pool = (pools or {}).get(model_id)
+        try:
+            wanted = list(pool) if pool is not None else sorted(FingerprintSide(doc, key)._by_index)
+            if not wanted:
+                out_of_reach[model_id] = "no unused challenge left in its fingerprint's pool"
+                continue
+            runs[model_id] = Verification(doc, shared, key, p, indices=wanted)
+        except ValueError as exc:
+            out_of_reach[model_id] = f"fingerprint not usable: {exc}"
+    total = sum(
+        v.budget
+        for v in runs.values()
+        if incompatibility(v.reference.descriptor, shared.descriptor) is None
+    )
+    done = [0]
+
+    def report(n: int, _budget: int) -> None:
+        if progress is not None:
+            progress(done[0] + n, total)
+
+    transcripts: dict[str, dict[str, Any]] = {}
+    for model_id, verification in runs.items():
+        outcome = verification.run(progress=report)
+        done[0] += len(outcome.transcript["records"])
+        transcripts[model_id] = outcome.transcript
+        notes += [f"{model_id}: {n}" for n in verification.notes]
+    document = build_identification(
+        key_id(key),
+        shared.descriptor,
+        {"tolerance": p.tolerance, "alpha": p.alpha, "max_challenges": p.max_challenges},
+        transcripts,
+        [unavailable_entry(m, r) for m, r in sorted(out_of_reach.items())],
+    )
+    return Identification(
+        document=document, notes=notes, challenges_used=done[0], challenges_max=total
+    )
+
+
 def identify(
     candidate: LoadedModel,
     fingerprints: dict[str, dict[str, Any]],
@@ -701,54 +816,9 @@ def identify(
     params: VerifyParams | None = None,
     pools: dict[str, Sequence[int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rank registered fingerprints by mean distance to the candidate, best first.
-
-    ``pools`` names, per model, the challenge indices to compare on (its unretired pool;
-    the farm passes it); a model without one uses its first challenges. The candidate's
-    signature for one challenge is computed once per (sites, bits) and reused for every
-    compatible fingerprint. Each entry carries the sequential test's verdict on the same
-    distances, so the top match says SAME only when the test supports it.
-    """
-    p = params or VerifyParams()
-    cand = ModelSide(candidate)
-    cache: dict[tuple[tuple[int, ...], int], dict[int, SiteSigs]] = {}
-    ranked = []
-    for model_id, doc in fingerprints.items():
-        ref = FingerprintSide(doc, key)
-        if incompatibility(ref.descriptor, cand.descriptor) is not None:
-            continue
-        pool = (pools or {}).get(model_id)
-        wanted = list(pool) if pool is not None else sorted(ref._by_index)
-        n = min(len(wanted), p.max_challenges)
-        if n == 0:
-            continue
-        challenges = challenges_at(key, wanted[:n])
-        known = cache.setdefault((tuple(ref.sites), ref.bits), {})
-        missing = [c for c in challenges if c.index not in known]
-        for start in range(0, len(missing), p.batch_size):
-            batch = missing[start : start + p.batch_size]
-            sigs = cand.signatures(batch, ref.sites, key, ref.bits)
-            known.update({c.index: sig for c, sig in zip(batch, sigs, strict=True)})
-        ref_sigs = ref.signatures(challenges, ref.sites, key, ref.bits)
-        total = ref.bits * len(ref.sites)
-        dists = [
-            differing_bits(r, known[c.index], ref.sites) / total
-            for r, c in zip(ref_sigs, challenges, strict=True)
-        ]
-        cal = fingerprint_calibration(doc)
-        if cal is not None and cal.total_bits != total:
-            cal = None
-        decision = decide(dists, effective_spec(p.tolerance, cal), p.alpha, n)
-        ranked.append(
-            {
-                "model_id": model_id,
-                "mean_distance": float(np.mean(dists)),
-                "verdict": decision.verdict,
-                "challenges_used": decision.challenges_used,
-            }
-        )
-    ranked.sort(key=lambda r: (r["mean_distance"], r["model_id"]))
-    return ranked
+    """The ranking of :func:`identify_registry`: compared models nearest first, then the
+    incompatible ones (DIFFERENT, with their reason)."""
+    return identify_registry(candidate, fingerprints, key, params, pools).ranking
 
 
 def params_dict(params: VerifyParams) -> dict[str, Any]:

@@ -368,7 +368,11 @@ def heartbeat(session: Session, job_id: str, attempt: int | None = None) -> bool
 
 
 def record_decision(
-    session: Session, job_id: str, result: dict[str, Any], transcript: dict[str, Any]
+    session: Session,
+    job_id: str,
+    result: dict[str, Any],
+    transcript: dict[str, Any],
+    verdict: str | None = None,
 ) -> bool:
     """Store the transcript and hand the job to consensus; False when another delivery did.
 
@@ -388,8 +392,20 @@ def record_decision(
         decided_at=utcnow(),
         heartbeat_at=utcnow(),
     )
-    repo.store_transcript(session, job_id, result, transcript)
+    repo.store_transcript(session, job_id, result, transcript, verdict)
     return True
+
+
+def record_waiting(session: Session, job: Job, waiting: dict[str, Any]) -> None:
+    """An identify job (queued, read with :func:`load`) waits for pending fingerprints.
+
+    Not a transition (the job stays queued); the write also tells the watchdog that the
+    job's prepare is alive.
+    """
+    if State.of(job) not in (State.QUEUED, State.PREPARED):
+        raise IllegalTransition(job.id, State.of(job), PREPARE)
+    job.waiting = waiting
+    job.updated_at = utcnow()
 
 
 def record_identification(

@@ -449,18 +449,24 @@ def build_report(
             }
         )
     out["votes"] = votes
-    ranking = result.get("ranking")
-    if ranking:
-        best = 0 if ranking else None
-        out["ranking"] = ranking
-        out["charts"]["ranking"] = bar_chart(
-            [str(r.get("model_id")) for r in ranking],
-            [float(r.get("mean_distance") or 0.0) for r in ranking],
-            "Registered models by mean distance to the candidate",
-            "mean fraction of bits that differ",
-            "ranking",
-            highlight=best,
-        )
+    ranking = list(result.get("ranking") or [])
+    unavailable = list(result.get("unavailable") or [])
+    if ranking or unavailable:
+        # Every model of the registry: compared (nearest first), incompatible (DIFFERENT,
+        # with the reason), unavailable (not compared, with the reason). Only compared
+        # models have a distance, so only they are charted.
+        out["ranking"] = [{"status": "compared", **r} for r in ranking]
+        out["unavailable"] = unavailable
+        measured = [r for r in ranking if r.get("mean_distance") is not None]
+        if measured:
+            out["charts"]["ranking"] = bar_chart(
+                [str(r.get("model_id")) for r in measured],
+                [float(r["mean_distance"]) for r in measured],
+                "Compared models by mean distance to the candidate",
+                "mean fraction of bits that differ",
+                "ranking",
+                highlight=0,
+            )
     out["models"] = [
         (label, result.get(key))
         for label, key in (("reference", "reference"), ("candidate", "candidate"))

@@ -78,6 +78,12 @@ class Settings:
     inspect_timeout: float = 1.0
     inspect_cache_seconds: float = 5.0
     max_attempts: int = 5
+    # REV_IDENTIFY_WAIT_SECONDS: how long an identify job waits, queued, for the pending
+    # fingerprints of models registered before it; past it they are listed unavailable.
+    identify_wait_seconds: float = 600.0
+    # REV_IDENTIFY_POLL_SECONDS: how often the waiting job looks again (a prepare sent with
+    # this countdown; no worker process sleeps meanwhile).
+    identify_poll_seconds: float = 2.0
     visibility_timeout_override: int | None = None
     # --- the watchdog (rev_tasks/ops/watchdog.py, docs/operations.md)
     # a running job's worker writes jobs.heartbeat_at this often
@@ -173,6 +179,8 @@ class Settings:
             inspect_timeout=_float("REV_INSPECT_TIMEOUT", 1.0),
             inspect_cache_seconds=_float("REV_INSPECT_CACHE_SECONDS", 5.0),
             max_attempts=max(1, _int("REV_MAX_ATTEMPTS", 5)),
+            identify_wait_seconds=max(0.0, _float("REV_IDENTIFY_WAIT_SECONDS", 600.0)),
+            identify_poll_seconds=max(0.1, _float("REV_IDENTIFY_POLL_SECONDS", 2.0)),
             visibility_timeout_override=_int("REV_VISIBILITY_TIMEOUT", 0) or None,
             db_ping_idle_seconds=_float("REV_DB_PING_IDLE_SECONDS", 5.0),
             heartbeat_seconds=max(0.1, _float("REV_HEARTBEAT_SECONDS", 30.0)),

@@ -337,7 +337,11 @@ def get_transcript(job_id: str) -> ResponseReturnValue:
     with read_scope() as s:
         job = visible_job(s, job_id)
         if job.kind != "verify":
-            raise NotFound("identify jobs have no transcript", code="transcript_not_found")
+            raise NotFound(
+                "an identify job's evidence is checked by its validators and not released "
+                "(its challenges stay in the models' pools)",
+                code="transcript_not_found",
+            )
         tr = s.get(Transcript, job_id)
         if tr is None:
             if not jobs.finished(job):

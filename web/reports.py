@@ -255,7 +255,8 @@ def _load(job_id: str) -> tuple[dict[str, Any], dict[str, Any] | None, str | Non
         job = visible_job(s, job_id)  # another tenant's job: the same 404 as the API
         doc = services.job_document(job)
         tr = s.get(Transcript, job_id)
-        transcript = tr.document() if tr is not None else None
+        # An identify job's evidence stays with its validators (its challenges stay unused).
+        transcript = tr.document() if tr is not None and job.kind == "verify" else None
         certificate = attest.stored_certificate(s, job_id)
     return doc, transcript, certificate
 

@@ -244,14 +244,28 @@ class JobAccepted(BaseModel):
     url: str
 
 
+class Waiting(BaseModel):
+    for_: Literal["fingerprints"] = Field(alias="for")
+    pending: list[str] = Field(description="models registered before the job still pending")
+    since: str
+    until: str = Field(description="the bound: since + REV_IDENTIFY_WAIT_SECONDS")
+    waited_s: float
+    done: bool = Field(description="true once the job stopped waiting (all ready, or the bound)")
+
+
 class Progress(BaseModel):
     challenges_done: int
     challenges_max: int
+    waiting: Waiting | None = Field(
+        None, description="an identify job's wait for pending fingerprints (null: none)"
+    )
 
 
 class Vote(BaseModel):
     validator: int
-    verdict: Literal["SAME", "DIFFERENT", "UNDECIDED", "INVALID"]
+    verdict: Literal["SAME", "DIFFERENT", "UNDECIDED", "INVALID", "NONE"] = Field(
+        description="NONE: an identify job that could rank no model"
+    )
     digest: str
     reexecuted: list[int] | None = Field(
         None,
@@ -295,16 +309,32 @@ class IdentifyMatch(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model_id: str
-    mean_distance: float
-    verdict: str
+    status: Literal["compared", "incompatible", "unavailable"]
+    verdict: Literal["SAME", "DIFFERENT", "UNDECIDED"] | None
+    reason: str | None
+    mean_distance: float | None
+    statistic: float | None
+    challenges_used: int
+    challenges_max: int
+    transcript_root: str | None
 
 
 class IdentifyResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    ranking: list[IdentifyMatch]
+    ranking: list[IdentifyMatch] = Field(
+        description="compared models nearest first, then incompatible ones (DIFFERENT)"
+    )
+    unavailable: list[IdentifyMatch] = Field(
+        default_factory=list, description="models not compared (pending, failed), with reason"
+    )
     best: str | None
     verdict: str | None
+    compared: int
+    incompatible: int = 0
+    registered: int
+    transcript_root: str | None = None
+    consensus: Consensus | None = None
 
 
 class JobDocument(BaseModel):

@@ -372,6 +372,8 @@ def job_document(job: Job) -> dict[str, Any]:
         "progress": {
             "challenges_done": job.challenges_done,
             "challenges_max": job.challenges_max,
+            # An identify job waiting (queued) for pending fingerprints: which, until when.
+            "waiting": _waiting(job.waiting),
         },
         "result": job.result,
         "error": job.error,
@@ -422,6 +424,13 @@ def endpoint_fingerprint_document(efp: EndpointFingerprint | None) -> dict[str, 
         "challenges": efp.n_challenges,
         "error": efp.error,
     }
+
+
+def _waiting(waiting: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not waiting:
+        return None
+    keys = ("for", "pending", "since", "until", "waited_s", "done")
+    return {k: waiting.get(k) for k in keys}
 
 
 def model_document(

@@ -4,7 +4,7 @@ One row per (tenant, name); ``ciphertext`` is a Fernet token made with the farm'
 ``REV_CREDENTIAL_KEY`` (rev_tasks/credentials.py, docs/security.md "Credentials").
 
 Revision ID: 0010_credentials
-Revises: 0007_watchdog
+Revises: 0009_identify
 Create Date: 2026-12-01 00:00:00
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010_credentials"
-down_revision: str | None = "0007_watchdog"
+down_revision: str | None = "0009_identify"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -5,7 +5,7 @@ next-token log-probabilities of the farm key's challenges, rev_tasks/endpoints/f
 instead of running the weights at job time. One row per model, asked for at registration.
 
 Revision ID: 0011_endpoint_jobs
-Revises: 0010_credentials (0007_watchdog before ep15a merged; the lead re-chains)
+Revises: 0010_credentials
 Create Date: 2026-12-01 00:00:00
 """
 

@@ -42,6 +42,9 @@ def progress_bar(stream: Any = None) -> Any:
         filled = min(width, int(width * done / total))
         bar = "#" * filled + "." * (width - filled)
         line = f"\r[{bar}] {done}/{total} {doc['status']} ({doc.get('stage', '')})"
+        waiting = doc["progress"].get("waiting") or {}
+        if doc["status"] == "queued" and waiting and not waiting.get("done"):
+            line += f" waiting for {len(waiting.get('pending') or [])} fingerprint(s)"
         stream.write(line.ljust(70))
         if doc["status"] in TERMINAL:
             stream.write("\n")
@@ -65,7 +68,12 @@ def _summary(doc: dict[str, Any]) -> str:
             f"{doc['id']} cancelled after {p['challenges_done']}/{p['challenges_max']} challenges"
         )
     if doc["kind"] == "identify" and doc["status"] == "succeeded":
-        return f"{doc['id']} succeeded: best match {result.get('best')} ({result.get('verdict')})"
+        votes = (result.get("consensus") or {}).get("agreeing")
+        return (
+            f"{doc['id']} succeeded: best match {result.get('best')} ({result.get('verdict')}); "
+            f"{result.get('compared')} compared, {result.get('incompatible', 0)} incompatible, "
+            f"{len(result.get('unavailable') or [])} unavailable ({votes}/5 validators agree)"
+        )
     if doc["status"] == "succeeded":
         votes = (result.get("consensus") or {}).get("agreeing")
         return (

@@ -16,6 +16,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from rev_tasks.db.tables import (
+    MODEL_FAILED,
+    MODEL_PENDING,
     MODEL_READY,
     Fingerprint,
     Job,
@@ -59,15 +61,20 @@ def upsert(
 
 
 def store_transcript(
-    session: Session, job_id: str, outcome: dict[str, Any], transcript: dict[str, Any]
+    session: Session,
+    job_id: str,
+    outcome: dict[str, Any],
+    transcript: dict[str, Any],
+    verdict: str | None = None,
 ) -> None:
+    """``verdict``: what the validators vote on, when it is not the outcome's (identify)."""
     upsert(
         session,
         Transcript,
         {
             "job_id": job_id,
             "root": str(outcome["transcript_root"]),
-            "verdict": str(outcome["verdict"]),
+            "verdict": str(verdict if verdict is not None else outcome["verdict"]),
             "outcome": outcome,
             "doc": pack_json(transcript),
             "created_at": utcnow(),
@@ -150,6 +157,40 @@ def ready_fingerprints(
     if tenant is not None:
         stmt = stmt.where(ModelRecord.tenant == tenant)
     return {fp.model_id: fp.document() for fp in session.scalars(stmt)}
+
+
+def tenant_models(session: Session, tenant: str) -> list[ModelRecord]:
+    """Every model the tenant registered (what its identify jobs list), by id."""
+    stmt = select(ModelRecord).where(ModelRecord.tenant == tenant).order_by(ModelRecord.id)
+    return list(session.scalars(stmt))
+
+
+def pending_models(session: Session, tenant: str, registered_before: Any) -> list[str]:
+    """The tenant's models registered before ``registered_before`` whose fingerprint is pending."""
+    stmt = (
+        select(ModelRecord.id)
+        .where(
+            ModelRecord.tenant == tenant,
+            ModelRecord.status == MODEL_PENDING,
+            ModelRecord.created_at <= registered_before,
+        )
+        .order_by(ModelRecord.id)
+    )
+    return list(session.scalars(stmt))
+
+
+def unusable_reason(rec: ModelRecord, fp: Fingerprint | None, key_id: str) -> str | None:
+    """Why an identify job cannot compare with this model now (None: its fingerprint is usable)."""
+    if rec.status == MODEL_FAILED:
+        err = rec.error or {}
+        return f"fingerprint failed: {err.get('code', 'error')}: {err.get('message', '')}".strip()
+    if rec.status == MODEL_PENDING:
+        return "fingerprint still pending"
+    if fp is None:
+        return "no fingerprint stored"
+    if fp.key_id != key_id:
+        return "fingerprint made with another farm key; register the model again"
+    return None
 
 
 def fingerprint_doc(session: Session, model_id: str) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections import Counter
+from datetime import UTC
 from typing import Any
 
 from rev_tasks import attest, jobs, metrics
@@ -33,7 +34,7 @@ from rev_tasks.celery import app
 from rev_tasks.certificates import vote_digest
 from rev_tasks.db import repo
 from rev_tasks.db.session import session_scope
-from rev_tasks.db.tables import Job, Transcript, Vote
+from rev_tasks.db.tables import MODEL_READY, Fingerprint, Job, Transcript, Vote
 from rev_tasks.queues import Task
 from rev_tasks.settings import QUORUM, REEXEC_SAMPLE, VALIDATORS, get_settings
 from rev_tasks.tasks.common import (
@@ -75,6 +76,11 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
     from rev_tasks.core.transcript import audit, audit_challenges
     from rev_tasks.engine import reexecute_sample
 
+    with session_scope() as s:
+        job, tr = s.get(Job, job_id), s.get(Transcript, job_id)
+        facts = _identification_facts(s, job, tr) if job and tr and job.kind == "identify" else None
+    if facts is not None:  # the models load and run outside the transaction
+        return _check_identification(facts)
     with session_scope() as s:
         job = s.get(Job, job_id)
         tr = s.get(Transcript, job_id)
@@ -134,6 +140,139 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
         except Exception as exc:  # noqa: BLE001 - a model that no longer loads is a failed check
             problems.append(f"re-execution impossible: {type(exc).__name__}: {exc}"[:300])
     return recorded, root, problems, indices
+
+
+def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, Any]:
+    """What an identify job's check reads from the database, and the problems it finds there.
+
+    Every model the tenant registered before the job must be listed; each compared or
+    incompatible entry's reference must be that model's stored fingerprint (descriptor); a
+    model listed as pending must not have been ready before the job started.
+    """
+    from rev_tasks.core.identification import UNAVAILABLE
+    from rev_tasks.core.keys import key_id
+
+    doc = tr.document()
+    entries = {e.get("model_id"): e for e in doc.get("entries") or [] if isinstance(e, dict)}
+    comparisons: dict[str, Any] = doc.get("comparisons") or {}
+    started = _aware(job.started_at) if job.started_at is not None else None
+    references: dict[str, Any] = {}
+    problems: list[str] = []
+    try:
+        farm_key_id: str | None = key_id(farm_key())
+    except FarmError as exc:
+        farm_key_id = None
+        problems.append(f"listing not checked against the key: {exc.message}")
+    for rec in repo.tenant_models(session, job.tenant):
+        entry = entries.get(rec.id)
+        if entry is None:
+            if _aware(rec.created_at) <= _aware(job.created_at):
+                problems.append(f"listing: {rec.id}, registered before the job, is not listed")
+            continue
+        fp = session.get(Fingerprint, rec.id)
+        if entry.get("status") == UNAVAILABLE:
+            # Unavailable is only believable for a model that had no usable fingerprint when
+            # the job started, or whose pool had no unused challenge left.
+            usable = (
+                fp is not None
+                and rec.status == MODEL_READY
+                and fp.key_id == farm_key_id
+                and started is not None
+                and _aware(fp.created_at) < started
+            )
+            exhausted = str(entry.get("reason", "")).startswith("no unused challenge")
+            if usable and not exhausted:
+                problems.append(
+                    f"listing: {rec.id} is listed unavailable, but its fingerprint was ready "
+                    "before the job started"
+                )
+            continue
+        if fp is None:
+            problems.append(f"listing: {rec.id} is compared but has no fingerprint")
+            continue
+        references[rec.id] = fp.document()
+        if (comparisons.get(rec.id) or {}).get("reference") != references[rec.id]["descriptor"]:
+            problems.append(f"{rec.id}: the transcript's reference is not its fingerprint's")
+    return {
+        "doc": doc,
+        "recorded": tr.verdict,
+        "root": tr.root,
+        "problems": problems,
+        "references": references,
+        "candidate_path": job.candidate_path,
+        "request": dict(job.request or {}),
+    }
+
+
+def _check_identification(facts: dict[str, Any]) -> tuple[str, str, list[str], list[int]]:
+    """An identify job's check: the evidence, the registry it claims, and a re-execution.
+
+    The document must audit (every model's transcript: proofs, roots, distances, decision
+    replayed; the listing derived from them, ranked, rooted) and its challenge sets
+    re-derive with the farm key. Against the database: every model the tenant registered
+    before the job is listed; each compared or incompatible entry's reference is that
+    model's stored fingerprint (descriptor), and the candidate's architecture is the one
+    this validator loads; a model listed as pending was not ready before the job started.
+    Then two records drawn at random over all comparisons are re-executed (the reference
+    read back from the fingerprint, exactly; the candidate recomputed, within the noise
+    allowance), as for a verify job.
+    """
+    from rev_tasks.core.compat import COMPARED_FIELDS
+    from rev_tasks.core.identification import (
+        audit_identification,
+        audit_identification_challenges,
+        recorded_verdict,
+    )
+    from rev_tasks.engine import reexecute_sample
+
+    doc, recorded, root = facts["doc"], facts["recorded"], facts["root"]
+    references: dict[str, Any] = facts["references"]
+    comparisons: dict[str, Any] = doc.get("comparisons") or {}
+    problems = [f"audit: {p}" for p in audit_identification(doc)] + facts["problems"]
+    if doc.get("root") != root:
+        problems.append("stored root differs from the document's root")
+    if recorded_verdict(doc) != recorded:
+        problems.append("stored verdict differs from the document's")
+    try:
+        problems += [f"challenges: {p}" for p in audit_identification_challenges(doc, farm_key())]
+    except FarmError as exc:
+        problems.append(f"challenges not re-derived: {exc.message}")
+    flat = [
+        (m, pos)
+        for m, t in sorted(comparisons.items())
+        if m in references
+        for pos in range(len(t.get("records") or []))
+    ]
+    indices = draw_sample(len(flat))
+    if comparisons:
+        try:
+            key = farm_key()
+            path = facts["candidate_path"]
+            candidate = load_cached(path, memory_budget(facts["request"], path))
+            have = {f: candidate.descriptor.get(f) for f in COMPARED_FIELDS}
+            claimed = {f: (doc.get("candidate") or {}).get(f) for f in COMPARED_FIELDS}
+            if have != claimed:
+                problems.append(f"candidate: the document says {claimed}, the model is {have}")
+            by_model: dict[str, list[int]] = {}
+            for i in indices:
+                m, pos = flat[i]
+                by_model.setdefault(m, []).append(pos)
+            for m, positions in by_model.items():
+                problems += [
+                    f"re-execution: {m}: {p}"
+                    for p in reexecute_sample(
+                        comparisons[m], references[m], candidate, key, positions
+                    )
+                ]
+        except FarmError as exc:
+            problems.append(f"re-execution impossible: {exc.message}")
+        except Exception as exc:  # noqa: BLE001 - a model that no longer loads is a failed check
+            problems.append(f"re-execution impossible: {type(exc).__name__}: {exc}"[:300])
+    return recorded, root, problems, indices
+
+
+def _aware(ts: Any) -> Any:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 # Validator results are kept: the chord counts them before it calls ``tally``.

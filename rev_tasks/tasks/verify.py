@@ -108,6 +108,18 @@ def _prepare(job_id: str, waiting_since: float | None) -> str:
         if not jobs.allows(job, jobs.PREPARE):  # a redelivered prepare: inference has it
             return "already running"
         since = time.time() if waiting_since is None else waiting_since
+        if job.kind == "identify" and _waits_for_fingerprints(s, job, since):
+            # Models registered before the job still have their fingerprint pending: the
+            # job stays queued and prepare looks again after a countdown (no worker sleeps).
+            again = partial(
+                prepare.apply_async,
+                (job_id, since),
+                countdown=get_settings().identify_poll_seconds,
+                retry=True,
+                retry_policy=PUBLISH_RETRY,
+            )
+            after_commit(s, again)
+            return "waiting for fingerprints"
         challenge_set = _challenge_set(s, job, key, since)
         if challenge_set is _WAIT:
             # The reference's pool cannot serve this job yet: a top-up is on its way, and
@@ -206,6 +218,40 @@ def _challenge_set(
     return {"commitment": root, "challenges_max": need, "challenge_indices": drawn}
 
 
+def _waits_for_fingerprints(session: Any, job: Job, since: float) -> bool:
+    """Whether an identify job keeps waiting for the fingerprints of models registered
+    before it; the wait is recorded on the job (its ``progress`` shows it).
+
+    Bounded by ``REV_IDENTIFY_WAIT_SECONDS`` from the first prepare (kept in the job's
+    ``waiting``, so a prepare the watchdog sends again does not restart the clock); the
+    models still pending after it are listed unavailable by the identification.
+    """
+    pending = repo.pending_models(session, job.tenant, job.created_at)
+    previous = job.waiting or {}
+    first = float(previous.get("since_epoch", since))
+    bound = get_settings().identify_wait_seconds
+    now = time.time()
+    waits = bool(pending) and now - first < bound
+    if not pending and not previous:
+        return False  # nothing to wait for, and nothing was waited for: no record
+    jobs.record_waiting(
+        session,
+        job,
+        {
+            "for": "fingerprints",
+            "pending": pending,
+            "since": datetime.fromtimestamp(first, UTC).isoformat(),
+            "since_epoch": first,
+            "until": datetime.fromtimestamp(first + bound, UTC).isoformat(),
+            "waited_s": round(now - first, 3),
+            "done": not waits,
+        },
+    )
+    if waits:
+        log.info("identify job %s waits for the fingerprints of %s", job.id, ", ".join(pending))
+    return waits
+
+
 def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
@@ -258,7 +304,7 @@ def run_inference(self: Any, job_id: str) -> str:
             )
         with heartbeat(job_id, spec.attempts):  # the watchdog resumes a job that goes silent
             faults.before_inference(spec.candidate_path)
-            outcome = _identify(spec) if spec.kind == "identify" else _verify(spec, self)
+            outcome = _identify(spec, self) if spec.kind == "identify" else _verify(spec, self)
     except _LeftInference:
         return _left(job_id)
     except FarmError as exc:
@@ -434,51 +480,101 @@ def _executed_on(model: Any) -> dict[str, Any]:
     }
 
 
-def _identify(spec: jobs.JobSpec) -> str:
+def _registry(
+    spec: jobs.JobSpec, key_id: str
+) -> tuple[dict[str, Any], dict[str, list[int]], dict[str, str], dict[str, Any] | None]:
+    """What the identify job compares: usable fingerprints, their unretired pools, and why
+    every other model of the tenant is unavailable; and the job's wait record."""
+    fingerprints: dict[str, Any] = {}
+    pools: dict[str, list[int]] = {}
+    unavailable: dict[str, str] = {}
+    with session_scope() as s:
+        job = s.get(Job, spec.id)
+        waiting = dict(job.waiting) if job is not None and job.waiting else None
+        created = job.created_at if job is not None else utcnow()
+        queue = job.queue if job is not None else None
+        retired = repo.retired_indices(s, [r.id for r in repo.tenant_models(s, spec.tenant)])
+        # Only the job's own tenant's models: identify never reveals (or compares against)
+        # another tenant's registry.
+        for rec in repo.tenant_models(s, spec.tenant):
+            fp = s.get(Fingerprint, rec.id)
+            reason = repo.unusable_reason(rec, fp, key_id)
+            if reason == "fingerprint still pending":
+                if _aware(rec.created_at) > _aware(created):
+                    reason += " (registered after the job was submitted)"
+                elif waiting is not None:
+                    reason += (
+                        f" after the job waited {waiting['waited_s']:g} s "
+                        "(REV_IDENTIFY_WAIT_SECONDS)"
+                    )
+            if reason is not None:
+                unavailable[rec.id] = reason
+                continue
+            assert fp is not None
+            fingerprints[rec.id] = fp.document()
+            # Compared on challenges no released transcript has shown (an identify job's
+            # evidence goes to the validators only, so it shows none and holds none).
+            pools[rec.id] = [
+                i for i in repo.pool_indices(fingerprints[rec.id]) if i not in retired[rec.id]
+            ]
+            if not pools[rec.id] and queue is not None:
+                _request_topup(s, fp, queue)
+    return fingerprints, pools, unavailable, waiting
+
+
+def _identify(spec: jobs.JobSpec, task: Any = None) -> str:
+    """Compare the candidate with every model of the tenant and commit the evidence.
+
+    ``decided`` when this delivery stored the job's evidence: the validators' chord follows
+    (:func:`dispatch_consensus`), as for a verify job.
+    """
+    from rev_tasks.core.identification import COMPARED, INCOMPATIBLE, recorded_verdict
     from rev_tasks.core.keys import key_id
-    from rev_tasks.engine import identify
+    from rev_tasks.engine import identify_registry
     from rev_tasks.inference import ModelLoadError
 
     key = farm_key()
     params = _params(spec.request)
-    with session_scope() as s:
-        # Only the job's own tenant's models are candidates: identify never reveals (or
-        # compares against) another tenant's registry.
-        fingerprints = repo.ready_fingerprints(s, key_id=key_id(key), tenant=spec.tenant)
-        retired = repo.retired_indices(s, list(fingerprints))
-    # Compared on challenges no released transcript has shown (a ranking shows none).
-    pools = {
-        m: [i for i in repo.pool_indices(doc) if i not in retired[m]]
-        for m, doc in fingerprints.items()
-    }
+    fingerprints, pools, unavailable, waiting = _registry(spec, key_id(key))
     candidate = _load(spec.candidate_path, "candidate", spec.request)
+    family = str(candidate.descriptor.get("family", "unknown"))
+    report = _progress(spec.id, family, candidate.device, task, spec.attempts)
     try:
-        ranking = identify(candidate, fingerprints, key, params, pools=pools)
+        ident = identify_registry(
+            candidate, fingerprints, key, params, pools, unavailable, progress=report
+        )
     except ModelLoadError as exc:
         raise _load_error("candidate", exc) from exc
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
-    best = ranking[0] if ranking else None
+    doc = ident.document
+    statuses = [e["status"] for e in ident.entries]
     result = {
-        "ranking": ranking,
-        "best": best["model_id"] if best else None,
-        "verdict": best["verdict"] if best else None,
-        "compared": len(ranking),
-        "registered": len(fingerprints),
+        "ranking": ident.ranking,
+        "unavailable": ident.unavailable,
+        "best": doc["best"],
+        "verdict": doc["verdict"],
+        "compared": statuses.count(COMPARED),
+        "incompatible": statuses.count(INCOMPATIBLE),
+        "registered": len(statuses),
+        "transcript_root": doc["root"],
+        "challenges_used": ident.challenges_used,
+        "challenges_max": ident.challenges_max,
+        "tolerance": params.tolerance,
+        "alpha": params.alpha,
         "key_id": key_id(key),
+        "waited": waiting,
+        "notes": ident.notes,
         "candidate": candidate.descriptor,
         "executed_on": _executed_on(candidate),
         **attest.weights_digests(spec.candidate_path, None),
     }
-    used = max((r.get("challenges_used", 0) for r in ranking), default=0)
     with session_scope() as s:
-        identified = jobs.record_identification(s, spec.id, result, used)
-        if identified:  # signed on a consensus worker, which holds the key, after the commit
-            send = partial(
-                app.send_task, Task.CERTIFY, (spec.id,), retry=True, retry_policy=PUBLISH_RETRY
-            )
-            after_commit(s, send)
-    return "identified" if identified else "already finished"
+        decided = jobs.record_decision(s, spec.id, result, doc, verdict=recorded_verdict(doc))
+    if not decided:
+        log.info("job %s: identified by another delivery, or finished; discarded", spec.id)
+        return "already decided"
+    return "decided"
 
 
 def dispatch_consensus(job_id: str) -> None:

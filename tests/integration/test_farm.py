@@ -166,9 +166,13 @@ def test_identify_ranks_true_model_first(
     ranking = doc["result"]["ranking"]
     assert ranking[0]["model_id"] == "gpt2-a"
     assert doc["result"]["best"] == "gpt2-a"
-    ids = [r["model_id"] for r in ranking]
-    assert "minilm" not in ids  # incompatible architecture: skipped, not ranked
+    # Another architecture is listed last, DIFFERENT with the reason, never skipped.
+    assert (ranking[-1]["model_id"], ranking[-1]["status"]) == ("minilm", "incompatible")
+    assert (
+        ranking[-1]["verdict"] == "DIFFERENT" and "hidden size 384 vs 64" in ranking[-1]["reason"]
+    )
     assert ranking[0]["mean_distance"] < ranking[1]["mean_distance"]
+    assert doc["result"]["consensus"]["agreeing"] >= 4  # five validators, as for verify
     assert client.get(f"/v1/jobs/{doc['id']}/transcript").status_code == 404
 
 

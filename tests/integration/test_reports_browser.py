@@ -4,8 +4,8 @@ A real worker runs a SAME, a DIFFERENT, an identify and a failing job for tenant
 (and one for ``beta``); the coordinator is served on loopback by werkzeug's server in a
 thread, backed by the session's PostgreSQL and Redis; Debian's chromium, driven through
 its own chromedriver by Selenium, logs in with alpha's key and reads every report. The
-worker signs each published verdict with the farm's certificate key (the tally for verify
-jobs, the ``certify`` task for identify jobs); ``rev certificate verify`` checks them.
+worker signs each published verdict with the farm's certificate key (in the tally, for
+verify and identify jobs alike); ``rev certificate verify`` checks them.
 
 Screenshots go to ``$REV_TEST_ARTIFACTS`` (default ``var/test-artifacts/browser``); their
 paths are printed.
@@ -86,12 +86,12 @@ def jobs(
     docs = {name: wait_job(alpha if name != "beta" else beta, jid) for name, jid in ids.items()}
     assert [docs[n]["status"] for n in ("same", "different", "identify", "failed")] == [
         "succeeded", "succeeded", "succeeded", "failed",
-    ]  # fmt: skip
+    ], {n: d["error"] for n, d in docs.items()}  # fmt: skip
     assert docs["same"]["result"]["verdict"] == "SAME"
     assert docs["different"]["result"]["verdict"] == "DIFFERENT"
     assert docs["identify"]["result"]["best"] == "report-gpt2-a"
     assert docs["failed"]["error"]["code"] == "model_load_error"
-    # The tally signs in the transaction that publishes; identify's certify task just after.
+    # The tally signs in the transaction that publishes, for identify jobs too.
     for name in ("same", "different", "beta"):
         owner = alpha if name != "beta" else beta
         assert owner.get(f"/v1/jobs/{ids[name]}/certificate").status_code == 200, name
