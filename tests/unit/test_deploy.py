@@ -142,7 +142,7 @@ def test_env_k8s_example_holds_the_secrets_keys() -> None:
     secret = secrets["rev-secrets"]
     lines = (ROOT / ".env.k8s.example").read_text().splitlines()
     env = dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
-    assert set(env) == set(secret["stringData"]) - {"rev.key", "session.key"}
+    assert set(env) == set(secret["stringData"]) - {"rev.key", "session.key", "credential.key"}
     assert not [v for v in env.values() if v[:1] in {"'", '"'}]
     used = set()
     for _, doc in _k8s_docs():
@@ -261,12 +261,18 @@ def test_only_the_consensus_workers_hold_the_certificate_key() -> None:
                 for item in (secret or {}).get("items", []):
                     files[f"{mount['mountPath']}/{item['path']}"] = secret["secretName"]
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            for variable in ("REV_CERT_KEY_FILE", "REV_SESSION_KEY_FILE"):
+            for variable in (
+                "REV_CERT_KEY_FILE",
+                "REV_SESSION_KEY_FILE",
+                "REV_CREDENTIAL_KEY_FILE",
+            ):
                 if variable in env:
                     assert env[variable] in files, f"{doc['metadata']['name']}: {variable}"
     holders = {w for w, files in mounted.items() if "rev-certificate-key" in files.values()}
     assert holders == {"rev-worker-consensus"}
     assert "/run/secrets/rev/session.key" in mounted["rev-coordinator"]
+    credential = {w for w, files in mounted.items() if "/run/secrets/rev/credential.key" in files}
+    assert credential == {"rev-coordinator", "rev-worker-endpoint", "rev-worker-consensus"}
 
 
 def test_compose_worker_memory_fits_the_limit() -> None:
