@@ -137,22 +137,34 @@ def submit() -> ResponseReturnValue:
             candidate_path=candidate_path,
             challenges_max=budget,
         )
-        s.add(job)
-        status = job.status
-        if key is not None:
-            raced = idempotency_keys.remember(s, principal().tenant, key, digest, job_id)
-            if raced is not None:
-                raise idempotency.Replayed(raced)
-        services.enqueue_after_commit(
-            s,
-            current_app.extensions["rev_celery"],
-            Task.PREPARE,
-            [job_id],
-            queues.DEFAULT,
-            on_failure=lambda: _fail_unsent(job_id),
-            task_id=queues.prepare_task_id(job_id),
-        )
-    metrics.job_submitted(req.kind)
+        status = _add_and_enqueue(s, job, key, digest)
+    return _accepted(req.kind, job_id, status)
+
+
+def _add_and_enqueue(session: Any, job: Job, key: str | None, digest: str) -> str:
+    """Store the new job (and its idempotency key) and send its prepare task once the
+    transaction commits: a job is never sent that was not stored, nor stored unsent."""
+    session.add(job)
+    status = job.status
+    job_id = job.id
+    if key is not None:
+        raced = idempotency_keys.remember(session, principal().tenant, key, digest, job_id)
+        if raced is not None:
+            raise idempotency.Replayed(raced)
+    services.enqueue_after_commit(
+        session,
+        current_app.extensions["rev_celery"],
+        Task.PREPARE,
+        [job_id],
+        queues.DEFAULT,
+        on_failure=lambda: _fail_unsent(job_id),
+        task_id=queues.prepare_task_id(job_id),
+    )
+    return status
+
+
+def _accepted(kind: str, job_id: str, status: str) -> ResponseReturnValue:
+    metrics.job_submitted(kind)
     url = url_for("jobs.get_job", job_id=job_id)
     return {"id": job_id, "status": status, "url": url}, 202, {"Location": url}
 
@@ -208,24 +220,8 @@ def _submit_endpoint(
             candidate_path=public_url,
             challenges_max=ep.max_queries or (64 if ep.mode == "logprobs" else 300),
         )
-        s.add(job)
-        status = job.status
-        if key is not None:
-            raced = idempotency_keys.remember(s, principal().tenant, key, digest, job_id)
-            if raced is not None:
-                raise idempotency.Replayed(raced)
-        services.enqueue_after_commit(
-            s,
-            current_app.extensions["rev_celery"],
-            Task.PREPARE,
-            [job_id],
-            queues.DEFAULT,
-            on_failure=lambda: _fail_unsent(job_id),
-            task_id=queues.prepare_task_id(job_id),
-        )
-    metrics.job_submitted(req.kind)
-    url = url_for("jobs.get_job", job_id=job_id)
-    return {"id": job_id, "status": status, "url": url}, 202, {"Location": url}
+        status = _add_and_enqueue(s, job, key, digest)
+    return _accepted(req.kind, job_id, status)
 
 
 def _fail_unsent(job_id: str) -> None:

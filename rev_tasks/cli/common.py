@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
 
 EXIT_USAGE = 2
+#: The coordinator refused the request or could not be reached / a wait ran out.
+EXIT_REQUEST, EXIT_TIMEOUT = 2, 3
 
 
 class UserError(Exception):
@@ -20,3 +25,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
     return value
+
+
+def over_http(fn: Callable[[argparse.Namespace, Any], Any]) -> Callable[[argparse.Namespace], int]:
+    """A sub-command that talks to the coordinator: given a ``FarmClient`` for ``--api-url``;
+    a refused or failed request, or a wait that ran out, is one line on stderr and an exit
+    status, never a traceback."""
+    from rev_tasks.client import ClientError, FarmClient
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args, FarmClient(args.api_url)) or 0)
+        except ClientError as exc:
+            print(f"rev: {exc}", file=sys.stderr)
+            return EXIT_REQUEST
+        except TimeoutError as exc:
+            print(f"rev: {exc}", file=sys.stderr)
+            return EXIT_TIMEOUT
+
+    return wrapper

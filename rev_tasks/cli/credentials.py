@@ -22,10 +22,9 @@ import sys
 from typing import Any
 
 from rev_tasks import credentials
-from rev_tasks.cli.common import UserError
-from rev_tasks.client import ClientError, FarmClient
+from rev_tasks.cli.common import UserError, over_http
+from rev_tasks.client import FarmClient
 
-EXIT_REQUEST = 2
 _NAME = re.compile(credentials.NAME_PATTERN)
 
 
@@ -54,17 +53,6 @@ def read_value(stdin: Any = None) -> str:
     if "\n" in value or "\r" in value:
         raise UserError("a credential value is one line (it is sent as a request header)")
     return value
-
-
-def _remote(fn: Any) -> Any:
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args, FarmClient(args.api_url)) or 0)
-        except ClientError as exc:
-            print(f"rev: {exc}", file=sys.stderr)
-            return EXIT_REQUEST
-
-    return wrapper
 
 
 def cmd_set(args: argparse.Namespace, client: FarmClient) -> int:
@@ -128,15 +116,15 @@ def add_commands(subparsers: Any) -> None:
 
     s = remote("set", "create or rotate NAME; the value is read from stdin or a prompt")
     s.add_argument("name", type=_name)
-    s.set_defaults(func=_remote(cmd_set))
+    s.set_defaults(func=over_http(cmd_set))
 
     ls = remote("list", "the tenant's credentials: names and timestamps")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_remote(cmd_list))
+    ls.set_defaults(func=over_http(cmd_list))
 
     d = remote("delete", "delete NAME")
     d.add_argument("name", type=_name)
-    d.set_defaults(func=_remote(cmd_delete))
+    d.set_defaults(func=over_http(cmd_delete))
 
     k = sub.add_parser("keygen", help="print a new master key for REV_CREDENTIAL_KEY")
     k.set_defaults(func=cmd_keygen)

@@ -16,11 +16,12 @@ import sys
 import time
 from typing import Any
 
+from rev_tasks.cli.common import over_http
 from rev_tasks.client import TERMINAL, ClientError, FarmClient
 from rev_tasks.inference.budget import memory_budget_arg
 from rev_tasks.jobs import STATUSES
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_REQUEST, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB_FAILED = 0, 1
 
 
 def model_ref(value: str) -> Any:
@@ -82,20 +83,6 @@ def _summary(doc: dict[str, Any]) -> str:
         )
     p = doc["progress"]
     return f"{doc['id']} {doc['status']} ({doc['stage']}): {p['challenges_done']}/{p['challenges_max']}"
-
-
-def _run(fn: Any) -> Any:
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args, FarmClient(args.api_url)) or 0)
-        except ClientError as exc:
-            print(f"rev: {exc}", file=sys.stderr)
-            return EXIT_REQUEST
-        except TimeoutError as exc:
-            print(f"rev: {exc}", file=sys.stderr)
-            return EXIT_TIMEOUT
-
-    return wrapper
 
 
 def cmd_submit(args: argparse.Namespace, client: FarmClient) -> int:
@@ -222,32 +209,32 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--wait", action="store_true", help="wait for the result (exit 0/1)")
     _common(s)
     _waiting(s)
-    s.set_defaults(func=_run(cmd_submit))
+    s.set_defaults(func=over_http(cmd_submit))
 
     st = subparsers.add_parser("status", help="show a farm job")
     st.add_argument("job_id")
     _common(st)
-    st.set_defaults(func=_run(cmd_status))
+    st.set_defaults(func=over_http(cmd_status))
 
     w = subparsers.add_parser("wait", help="wait for a farm job (exit 0 succeeded, 1 failed)")
     w.add_argument("job_id")
     _common(w)
     _waiting(w)
-    w.set_defaults(func=_run(cmd_wait))
+    w.set_defaults(func=over_http(cmd_wait))
 
     c = subparsers.add_parser(
         "cancel", help="cancel a queued or running farm job (again: the same answer)"
     )
     c.add_argument("job_id")
     _common(c)
-    c.set_defaults(func=_run(cmd_cancel))
+    c.set_defaults(func=over_http(cmd_cancel))
 
     j = subparsers.add_parser("jobs", help="list farm jobs, newest first")
     j.add_argument("--limit", type=int, default=20)
     j.add_argument("--cursor", default=None)
     j.add_argument("--status", choices=STATUSES)
     _common(j)
-    j.set_defaults(func=_run(cmd_jobs))
+    j.set_defaults(func=over_http(cmd_jobs))
 
     m = subparsers.add_parser("models", help="list, show or register the farm's reference models")
     m.add_argument("action", nargs="?", choices=("list", "show", "register"), default="list")
@@ -256,4 +243,4 @@ def add_commands(subparsers: Any) -> None:
     m.add_argument("--wait", action="store_true", help="register: wait for the fingerprint")
     _common(m)
     _waiting(m)
-    m.set_defaults(func=_run(cmd_models))
+    m.set_defaults(func=over_http(cmd_models))
