@@ -34,7 +34,7 @@ from rev_tasks.core.challenges import (
     generate_challenges,
     job_challenges,
 )
-from rev_tasks.core.compat import incompatibility
+from rev_tasks.core.compat import dtype_mismatch, incompatibility
 from rev_tasks.core.decision import (
     TOLERANCES,
     Decision,
@@ -152,6 +152,23 @@ def as_side(obj: Any, key: bytes) -> Side:
     return obj
 
 
+class DtypeMismatch(ValueError):
+    """A stored fingerprint and a candidate computed in different dtypes: no comparison."""
+
+
+def check_dtypes(reference: Side, candidate: Side) -> None:
+    """Refuse a fingerprint reference whose compute dtype is not the candidate's.
+
+    Two loaded models always run in the dtype the job (or ``--dtype``) names; a fingerprint
+    was computed once, in the dtype it was registered with (its descriptor says which).
+    Raises :class:`DtypeMismatch` with the reason (:func:`rev_tasks.core.compat.dtype_mismatch`).
+    """
+    if isinstance(reference, FingerprintSide):
+        reason = dtype_mismatch(reference.descriptor, candidate.descriptor)
+        if reason is not None:
+            raise DtypeMismatch(reason)
+
+
 def differing_bits(a: SiteSigs, b: SiteSigs, sites: Sequence[int]) -> int:
     return sum(hamming(a[s], b[s]) for s in sites)
 
@@ -165,21 +182,29 @@ def calibration_challenges(key: bytes, n: int = CALIBRATION_CHALLENGES) -> list[
     return generate_challenges(derive(key, CALIBRATION_LABEL, 0), n)
 
 
-def rounded_copy(model: LoadedModel, dtype: str) -> LoadedModel:
-    """A copy of an in-memory model whose stored tensors are rounded to ``dtype`` and back.
+def rounded_copy(
+    model: LoadedModel, dtype: str, source: dict[str, Any] | None = None
+) -> LoadedModel:
+    """A copy of an in-memory model whose stored tensors are ``dtype`` casts of the weights.
 
-    The same model a ``save_pretrained`` in fp16/bf16 loaded with fp32 compute gives: every
-    floating tensor of the state dict rounded once, non-persistent buffers (rotary
-    frequencies) recomputed as on a load, computation in the original dtype.
+    The model a ``save_pretrained`` in fp16/bf16 gives once it is loaded the way ``model``
+    was: every floating tensor of the state dict rounded once to ``dtype``, then held in
+    ``model``'s own compute dtype, non-persistent buffers (rotary frequencies) as on a load.
+    ``source``: the float32 state dict to round (default: the model's own tensors, which are
+    the float32 weights for a float32 model). A model computed in fp16/bf16 no longer holds
+    its float32 weights; :func:`calibrate_reference` passes them, read again from its folder,
+    so that the copy is the cast *checkpoint* re-loaded in the job's dtype (for a bf16 job,
+    fp32 → fp16 → bf16), not a cast of the already rounded weights.
     """
     import torch
 
     target = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     module = copy.deepcopy(model.model)
     with torch.no_grad():
-        for tensor in module.state_dict().values():
+        for name, tensor in module.state_dict().items():
             if tensor.dtype.is_floating_point:
-                tensor.copy_(tensor.to(target).to(tensor.dtype))
+                src = tensor if source is None else source[name]
+                tensor.copy_(src.to(target).to(tensor.dtype))
     root = module.get_encoder() if model.descriptor["family"] == "encoder-decoder" else module
     from rev_tasks.inference.loader import _find_blocks
 
@@ -191,6 +216,16 @@ def rounded_copy(model: LoadedModel, dtype: str) -> LoadedModel:
         descriptor=dict(model.descriptor),
         device=model.device,
     )
+
+
+def _float32_weights(model: LoadedModel) -> dict[str, Any] | None:
+    """The float32 state dict of a model computed in fp16/bf16, read again from its folder
+    (on the CPU, transient); None for a float32 model, whose own tensors are those."""
+    if model.descriptor.get("dtype", "float32") == "float32":
+        return None
+    from rev_tasks.inference.loader import load_model
+
+    return load_model(model.path, dtype="float32", device="cpu").model.state_dict()
 
 
 def can_calibrate(model: Any) -> bool:
@@ -207,14 +242,18 @@ def calibrate_reference(
 ) -> Calibration:
     """The reference's own fp16 and bf16 cast distances on the calibration challenges.
 
-    Costs (1 + len(CALIBRATION_DTYPES)) forward passes of ``n`` prompts and one transient
-    copy of the weights at a time.
+    Measured in the model's compute dtype: a reference loaded in fp16/bf16 (a job's
+    ``dtype``) is compared with its casts loaded in that same dtype, which is how a cast
+    candidate runs in that job (docs/statistics.md §9). Costs (1 + len(CALIBRATION_DTYPES))
+    forward passes of ``n`` prompts and one transient copy of the weights at a time (plus
+    the float32 weights, read again, for a reference computed in fp16/bf16).
     """
     prompts = [c.prompt for c in calibration_challenges(key, n)]
     base = site_signatures(model.pooled_states(prompts, list(sites)), key, bits)
+    source = _float32_weights(model)
     counts: dict[str, list[int]] = {}
     for dtype in CALIBRATION_DTYPES:
-        rounded = rounded_copy(model, dtype)
+        rounded = rounded_copy(model, dtype, source)
         sigs = site_signatures(rounded.pooled_states(prompts, list(sites)), key, bits)
         counts[dtype] = [differing_bits(a, b, sites) for a, b in zip(base, sigs, strict=True)]
         del rounded
@@ -279,6 +318,7 @@ class Verification:
         self.params = params or VerifyParams()
         self.reference = as_side(reference, key)
         self.candidate = as_side(candidate, key)
+        check_dtypes(self.reference, self.candidate)
         self.notes: list[str] = []
         self.nonce = nonce
         self.indices = list(indices) if indices is not None else None
@@ -718,6 +758,8 @@ def identify(
         ref = FingerprintSide(doc, key)
         if incompatibility(ref.descriptor, cand.descriptor) is not None:
             continue
+        if dtype_mismatch(ref.descriptor, cand.descriptor) is not None:
+            continue  # the farm lists these (result["incompatible"]) before it calls identify
         pool = (pools or {}).get(model_id)
         wanted = list(pool) if pool is not None else sorted(ref._by_index)
         n = min(len(wanted), p.max_challenges)

@@ -395,6 +395,7 @@ def model_document(rec: ModelRecord, fp: Fingerprint | None) -> dict[str, Any]:
         "tenant": rec.tenant,
         "path": rec.path,
         "status": rec.status,
+        "dtype": rec.dtype or "float32",
         "descriptor": rec.descriptor,
         "error": rec.error,
         "fingerprint": (
