@@ -104,3 +104,44 @@ def test_a_fingerprint_is_compared_only_in_its_own_dtype(
     argv = ["verify", str(fp_file), str(tiny_gpt2["a_copy"]), "--key-file", str(key_file)]
     assert rev([*argv, "--bits", "256", "--max-challenges", "8"]) == 2
     assert rev([*argv, "--bits", "256", "--max-challenges", "8", "--dtype", "bfloat16"]) == 0
+
+
+def test_the_reexecution_allowance_follows_the_validators_dtype() -> None:
+    from rev_tasks.engine import reexecution_allowance
+
+    assert reexecution_allowance(16384) == reexecution_allowance(16384, "float32") == 4
+    assert reexecution_allowance(16384, "float16") == 17  # measured max 7 (bench.determinism)
+    assert reexecution_allowance(16384, "bfloat16") == 50  # measured max 24
+    assert reexecution_allowance(16384, "auto") == 4  # anything else: float32's
+
+
+def test_fp16_records_reexecuted_in_other_batches_pass_and_forgeries_fail(
+    minilm: Path, tmp_path: Path
+) -> None:
+    """A fp16 MiniLM job (batches of 8) re-executed two records at a time, as validators do:
+    every pair passes under the fp16 allowance, the job's own fp16 self-calibration is
+    re-measured within it, and a candidate forged from the reference's records is caught."""
+    from rev_tasks.engine import reexecute_sample
+
+    reference = load_model(minilm, dtype="float16")
+    cast = load_model(V.save_transformed(minilm, tmp_path / "bf16", V.cast("bfloat16")), "float16")
+    params = VerifyParams(tolerance="precision", max_challenges=16)
+    out = Verification(reference, cast, KEY, params, nonce=bytes(range(32))).run()
+    assert out.result["verdict"] == "SAME"
+    doc = out.transcript
+    n = len(doc["records"])
+    for i in range(0, n - 1, 2):
+        assert reexecute_sample(doc, reference, cast, KEY, [i, i + 1]) == [], i
+    noisy = load_model(
+        V.save_transformed(minilm, tmp_path / "noisy", V.gaussian_noise(0.01)), "float16"
+    )
+    exact = VerifyParams(max_challenges=8)
+    different = Verification(reference, noisy, KEY, exact, nonce=bytes(range(32))).run()
+    assert different.result["verdict"] == "DIFFERENT"
+    forged = json.loads(json.dumps(different.transcript))
+    for rec in forged["records"]:
+        rec["candidate"] = dict(rec["reference"])
+        rec["differing_bits"] = 0
+    problems = reexecute_sample(forged, reference, noisy, KEY, [0])
+    assert problems and problems[0].startswith("record 0: candidate signatures differ"), problems
+    assert "(allowance 17)" in problems[0]
