@@ -6,7 +6,8 @@ Run: ``.venv/bin/python -m bench.determinism [--processes 4] [--models minilm gp
 [--json FILE]``
 
 ``--dtype`` (default float32) is the compute dtype the models are loaded in, as a job's
-``dtype``: the data behind the per-dtype allowance (``engine.REEXECUTION_ALLOWANCE_BY_DTYPE``).
+``dtype``: the data behind computing half precision one prompt at a time
+(``engine.pooled_states``).
 
 For each model (the real all-MiniLM-L6-v2, and a 24-layer, 256-wide GPT-2 and Llama built
 from a seed by ``rev_tasks.testing.variants``) and each path (in-memory transformers,

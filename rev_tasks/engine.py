@@ -87,6 +87,28 @@ class Side(Protocol):
     ) -> list[SiteSigs]: ...
 
 
+#: Compute dtypes whose results depend on the batch a prompt is computed in.
+BATCH_VARIANT_DTYPES = ("float16", "bfloat16")
+
+
+def pooled_states(model: Any, prompts: Sequence[str], sites: Sequence[int]) -> dict[int, Any]:
+    """The model's pooled site states for ``prompts``, batch-invariant in every dtype.
+
+    In float32 a prompt's signatures do not depend on the batch it is computed with (0 bits
+    over batches 1, 2, 8 on MiniLM, docs/statistics.md §12), so the batch runs as one forward
+    pass. In float16/bfloat16 they do: the padding length and the kernels' blocking move a
+    prompt's signatures by up to 7 (fp16) and 24 (bf16) bits of 16,384
+    (``bench.determinism --dtype``). There each prompt runs on its own, which makes a
+    fingerprint, a job's candidate, ``rev verify`` and a validator's re-execution of two
+    records compute every prompt identically (docs/statistics.md §9), at the cost of
+    batching.
+    """
+    if str(model.descriptor.get("dtype")) not in BATCH_VARIANT_DTYPES or len(prompts) <= 1:
+        return model.pooled_states(list(prompts), list(sites))
+    parts = [model.pooled_states([p], list(sites)) for p in prompts]
+    return {s: np.concatenate([part[s] for part in parts], axis=0) for s in parts[0]}
+
+
 class ModelSide:
     """A loaded model: runs the challenges through it."""
 
@@ -98,7 +120,7 @@ class ModelSide:
     def signatures(
         self, challenges: Sequence[Challenge], sites: Sequence[int], key: bytes, bits: int
     ) -> list[SiteSigs]:
-        pooled = self.model.pooled_states([c.prompt for c in challenges], list(sites))
+        pooled = pooled_states(self.model, [c.prompt for c in challenges], sites)
         return site_signatures(pooled, key, bits)
 
 
@@ -249,12 +271,12 @@ def calibrate_reference(
     the float32 weights, read again, for a reference computed in fp16/bf16).
     """
     prompts = [c.prompt for c in calibration_challenges(key, n)]
-    base = site_signatures(model.pooled_states(prompts, list(sites)), key, bits)
+    base = site_signatures(pooled_states(model, prompts, sites), key, bits)
     source = _float32_weights(model)
     counts: dict[str, list[int]] = {}
     for dtype in CALIBRATION_DTYPES:
         rounded = rounded_copy(model, dtype, source)
-        sigs = site_signatures(rounded.pooled_states(prompts, list(sites)), key, bits)
+        sigs = site_signatures(pooled_states(rounded, prompts, sites), key, bits)
         counts[dtype] = [differing_bits(a, b, sites) for a, b in zip(base, sigs, strict=True)]
         del rounded
     return Calibration(challenges=n, total_bits=bits * len(sites), differing_bits=counts)
@@ -604,23 +626,9 @@ REEXECUTION_ALLOWANCE = 0.0002
 REEXECUTION_ALLOWANCE_MIN_BITS = 4
 
 
-#: The allowance by compute dtype. In float16/bfloat16 the batch a record is computed in
-#: (its padding length, the kernels' blocking) moves its signatures by whole half-precision
-#: roundings: on MiniLM, the validator's batch of 2 against the inference's batch of 8 flipped
-#: up to 7 bits of 16,384 in fp16 and up to 24 in bf16 over 64 challenges (0 in fp32;
-#: ``bench.determinism --dtype``). Twice the measured maximum, docs/statistics.md §11.
-REEXECUTION_ALLOWANCE_BY_DTYPE = {
-    "float32": REEXECUTION_ALLOWANCE,
-    "float16": 0.001,
-    "bfloat16": 0.003,
-}
-
-
-def reexecution_allowance(total_bits: int, dtype: str = "float32") -> int:
-    """Bits per side a re-execution in ``dtype`` may differ by
-    (:data:`REEXECUTION_ALLOWANCE_BY_DTYPE`; an unknown dtype gets float32's)."""
-    fraction = REEXECUTION_ALLOWANCE_BY_DTYPE.get(dtype, REEXECUTION_ALLOWANCE)
-    return max(REEXECUTION_ALLOWANCE_MIN_BITS, int(np.ceil(fraction * total_bits)))
+def reexecution_allowance(total_bits: int) -> int:
+    """Bits per side a re-execution may differ by (see :data:`REEXECUTION_ALLOWANCE`)."""
+    return max(REEXECUTION_ALLOWANCE_MIN_BITS, int(np.ceil(REEXECUTION_ALLOWANCE * total_bits)))
 
 
 def reexecute_sample(
@@ -651,11 +659,8 @@ def reexecute_sample(
     bits = int(params.get("bits_per_site", DEFAULT_BITS))
     total = bits * len(sites)
     delta = float(params.get("delta", 0.0))
+    allow = reexecution_allowance(total) if allowance_bits is None else int(allowance_bits)
     ref_side, cand_side = as_side(reference, key), as_side(candidate, key)
-    # The dtype this process computes in (the validator's own load, not the transcript's
-    # claim): a transcript cannot buy itself a larger allowance.
-    dtype = str(cand_side.descriptor.get("dtype", "float32"))
-    allow = reexecution_allowance(total, dtype) if allowance_bits is None else int(allowance_bits)
     nonce = (
         bytes.fromhex(transcript["challenge_nonce"]) if "challenge_nonce" in transcript else None
     )
