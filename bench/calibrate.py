@@ -1,7 +1,10 @@
 """Per-challenge distances of each variant of a real model: the data behind the tolerances.
 
 Run: ``.venv/bin/python -m bench.calibrate --model minilm|smollm2 [--challenges 64]
-[--json bench/results/calibration-minilm.json]``
+[--dtype float32|float16|bfloat16] [--json bench/results/calibration-minilm.json]``
+
+``--dtype`` loads the reference and every variant in that compute dtype, as a farm job with
+that ``dtype`` does (the self-calibration then measures the casts in that dtype too).
 
 For the real all-MiniLM-L6-v2 (6-layer encoder) or SmolLM2-135M (30-layer Llama), and every
 variant (byte copy, the same weights in another process with one thread, fp16/bf16 casts,
@@ -88,13 +91,13 @@ def _signatures(model: Any, n: int) -> list:
     return out
 
 
-def _other_process_signatures(path: Path, n: int, tmp: Path) -> list:
+def _other_process_signatures(path: Path, n: int, tmp: Path, dtype: str = "float32") -> list:
     """The same model fingerprinted in a separate process with one torch thread."""
     out = tmp / "fp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "99"}
     subprocess.run(
         [sys.executable, "-m", "rev_tasks.cli", "fingerprint", str(path), "-o", str(out),
-         "--challenges", str(n)],
+         "--challenges", str(n), "--dtype", dtype],
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     from rev_tasks.engine import FingerprintSide
@@ -108,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--challenges", type=int, default=64)
     parser.add_argument("--json", help="write the table as JSON here")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     src = source(args.model)
-    ref = load_model(src)
+    ref = load_model(src, dtype=args.dtype)
     sites = ref.sites
     total = BITS * len(sites)
     t0 = time.monotonic()
@@ -124,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         cases: dict[str, Any] = {"other process, 1 thread": None, **_builders(args.model)}
         for name, case in cases.items():
             if case is None:
-                sigs = _other_process_signatures(src, args.challenges, tmp_path)
+                sigs = _other_process_signatures(src, args.challenges, tmp_path, args.dtype)
             else:
                 if case[1] is None:
                     path, temporary = V.copy_model(src, tmp_path / "copy"), True
                 else:
                     path, temporary = _build(args.model, src, case[0], case[1], tmp_path)
-                sigs = _signatures(load_model(path), args.challenges)
+                sigs = _signatures(load_model(path, dtype=args.dtype), args.challenges)
                 if temporary:
                     V.shutil.rmtree(path, ignore_errors=True)
             d = np.array(
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     cal_d = cal.distances()
     print(
         f"{args.model}: {ref.descriptor['num_layers']} layers, {args.challenges} challenges, "
-        f"{len(sites)} sites × {BITS} bits = {total} bits, demo key, CPU fp32 compute"
+        f"{len(sites)} sites × {BITS} bits = {total} bits, demo key, CPU {args.dtype} compute"
     )
     means = {k: float(np.mean(v)) for k, v in cal_d.items()}
     print(
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "challenges": args.challenges,
             "total_bits": total,
+            "dtype": args.dtype,
             "calibration": cal.to_dict(),
             "rows": rows,
         }

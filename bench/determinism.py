@@ -2,7 +2,12 @@
 bits they flip: the data behind the validators' re-execution allowance.
 
 Run: ``.venv/bin/python -m bench.determinism [--processes 4] [--models minilm gpt2 llama]
-[--modes memory streamed] [--threads 1 2] [--batches 1 8] [--json FILE]``
+[--modes memory streamed] [--threads 1 2] [--batches 1 8] [--dtype float16] [--challenges 8]
+[--json FILE]``
+
+``--dtype`` (default float32) is the compute dtype the models are loaded in, as a job's
+``dtype``: the data behind computing half precision one prompt at a time
+(``engine.pooled_states``).
 
 For each model (the real all-MiniLM-L6-v2, and a 24-layer, 256-wide GPT-2 and Llama built
 from a seed by ``rev_tasks.testing.variants``) and each path (in-memory transformers,
@@ -40,17 +45,17 @@ DEEP_HIDDEN = 256
 _CHILD = r"""
 import base64, hashlib, json, sys
 import torch
-mode, path, key_hex, threads, batches = sys.argv[1:6]
+mode, path, key_hex, threads, batches, dtype, n = sys.argv[1:8]
 from rev_tasks.core.challenges import generate_challenges
 from rev_tasks.inference.signatures import site_signatures
 key = bytes.fromhex(key_hex)
-prompts = [c.prompt for c in generate_challenges(key, 8)]
+prompts = [c.prompt for c in generate_challenges(key, int(n))]
 if mode == "streamed":
     from rev_tasks.inference.streaming import load_streamed
-    model = load_streamed(path)
+    model = load_streamed(path, dtype=dtype)
 else:
     from rev_tasks.inference.loader import load_model
-    model = load_model(path)
+    model = load_model(path, dtype=dtype)
 out = {}
 for t in map(int, threads.split(",")):
     torch.set_num_threads(t)
@@ -89,10 +94,17 @@ def models(root: Path, names: list[str]) -> dict[str, Path]:
     return out
 
 
-def _run_child(mode: str, path: Path, threads: list[int], batches: list[int]) -> dict[str, Any]:
+def _run_child(
+    mode: str,
+    path: Path,
+    threads: list[int],
+    batches: list[int],
+    dtype: str = "float32",
+    challenges: int = CHALLENGES,
+) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, mode, str(path), KEY.hex(),
-         ",".join(map(str, threads)), ",".join(map(str, batches))],
+         ",".join(map(str, threads)), ",".join(map(str, batches)), dtype, str(challenges)],
         cwd=common.ROOT, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
@@ -106,10 +118,19 @@ def _bits(a: str, b: str) -> int:
 
 
 def measure(
-    path: Path, modes: list[str], threads: list[int], batches: list[int], processes: int
+    path: Path,
+    modes: list[str],
+    threads: list[int],
+    batches: list[int],
+    processes: int,
+    dtype: str = "float32",
+    challenges: int = CHALLENGES,
 ) -> dict[str, Any]:
     """Per-condition variant counts and the largest per-challenge bit flip, for one model."""
-    runs = {m: [_run_child(m, path, threads, batches) for _ in range(processes)] for m in modes}
+    runs = {
+        m: [_run_child(m, path, threads, batches, dtype, challenges) for _ in range(processes)]
+        for m in modes
+    }
     base = runs[modes[0]][0][f"{threads[0]},{batches[0]}"]["signatures"]
     conditions = []
     all_sets: set[tuple[str, ...]] = set()
@@ -149,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", choices=("memory", "streamed"), default=["memory", "streamed"])  # fmt: skip
     ap.add_argument("--threads", type=int, nargs="+", help="default: 1, 2 and all cores")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    ap.add_argument("--challenges", type=int, default=CHALLENGES, help="prompts per run")
     ap.add_argument("--json", help="write the figures as JSON here")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -159,18 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "processes": args.processes,
         "cores": cores,
-        "challenges": CHALLENGES,
+        "challenges": args.challenges,
+        "dtype": args.dtype,
         "bits_per_challenge": "4 sites x 4096",
         "models": {},
     }
     print(
         f"{args.processes} fresh processes per model and path; threads {threads} "
-        f"(all = {cores} cores); batch {batches}; {CHALLENGES} challenges, 4 sites × 4096 bits"
+        f"(all = {cores} cores); batch {batches}; {args.challenges} challenges, 4 sites × 4096 bits; "
+        f"{args.dtype} compute"
     )
     print("| model | path | threads | batch | pooled variants | signature variants | max bits |")
     print("|---|---|---|---|---|---|---|")
     for name, path in models(root, args.models).items():
-        res = measure(path, args.modes, threads, batches, args.processes)
+        res = measure(
+            path, args.modes, threads, batches, args.processes, args.dtype, args.challenges
+        )
         report["models"][name] = res
         for c in res["conditions"]:
             stable &= c["pooled_variants"] == 1

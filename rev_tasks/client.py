@@ -157,8 +157,13 @@ class FarmClient:
         query = f"?keyid={keyid}" if keyid else ""
         return bytes(self._send("GET", f"/v1/certificates/key{query}").content)
 
-    def register_model(self, model_id: str, path: str) -> dict[str, Any]:
-        return self._request("POST", "/v1/models", {"id": model_id, "path": path})
+    def register_model(self, model_id: str, path: str, dtype: str | None = None) -> dict[str, Any]:
+        """Register a model folder; ``dtype``: its fingerprint's compute dtype (server
+        default float32)."""
+        body: dict[str, Any] = {"id": model_id, "path": path}
+        if dtype is not None:
+            body["dtype"] = dtype
+        return self._request("POST", "/v1/models", body)
 
     def model(self, model_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/models/{model_id}")

@@ -33,7 +33,7 @@ from rev_tasks.core.challenges import (
     generate_challenges,
     job_challenges,
 )
-from rev_tasks.core.compat import incompatibility
+from rev_tasks.core.compat import dtype_mismatch, incompatibility
 from rev_tasks.core.decision import (
     TOLERANCES,
     Decision,
@@ -87,6 +87,29 @@ class Side(Protocol):
     ) -> list[SiteSigs]: ...
 
 
+#: Compute dtypes whose results depend on the batch a prompt is computed in.
+BATCH_VARIANT_DTYPES = ("float16", "bfloat16")
+
+
+def batch_invariant_signatures(
+    model: Any, prompts: Sequence[str], sites: Sequence[int], key: bytes, bits: int
+) -> list[SiteSigs]:
+    """The model's signatures of ``prompts``, batch-invariant in every dtype.
+
+    In float32 a prompt's signatures do not depend on the batch it is computed with (0 bits
+    over batches 1, 2, 8 on MiniLM, docs/statistics.md §12), so the batch runs as one forward
+    pass. In float16/bfloat16 they do: the padding length and the kernels' blocking move a
+    prompt's signatures by up to 7 (fp16) and 24 (bf16) bits of 16,384
+    (``bench.determinism --dtype``). There each prompt runs on its own, which makes a
+    fingerprint, a job's candidate, ``rev verify`` and a validator's re-execution of two
+    records compute every prompt identically (docs/statistics.md §9), at the cost of
+    batching. Either way on the device ``model_signatures`` picks.
+    """
+    if str(model.descriptor.get("dtype")) not in BATCH_VARIANT_DTYPES or len(prompts) <= 1:
+        return model_signatures(model, list(prompts), list(sites), key, bits)
+    return [sig for p in prompts for sig in model_signatures(model, [p], list(sites), key, bits)]
+
+
 class ModelSide:
     """A loaded model: runs the challenges through it."""
 
@@ -98,7 +121,8 @@ class ModelSide:
     def signatures(
         self, challenges: Sequence[Challenge], sites: Sequence[int], key: bytes, bits: int
     ) -> list[SiteSigs]:
-        return model_signatures(self.model, [c.prompt for c in challenges], list(sites), key, bits)
+        prompts = [c.prompt for c in challenges]
+        return batch_invariant_signatures(self.model, prompts, sites, key, bits)
 
 
 class FingerprintSide:
@@ -151,6 +175,23 @@ def as_side(obj: Any, key: bytes) -> Side:
     return obj
 
 
+class DtypeMismatch(ValueError):
+    """A stored fingerprint and a candidate computed in different dtypes: no comparison."""
+
+
+def check_dtypes(reference: Side, candidate: Side) -> None:
+    """Refuse a fingerprint reference whose compute dtype is not the candidate's.
+
+    Two loaded models always run in the dtype the job (or ``--dtype``) names; a fingerprint
+    was computed once, in the dtype it was registered with (its descriptor says which).
+    Raises :class:`DtypeMismatch` with the reason (:func:`rev_tasks.core.compat.dtype_mismatch`).
+    """
+    if isinstance(reference, FingerprintSide):
+        reason = dtype_mismatch(reference.descriptor, candidate.descriptor)
+        if reason is not None:
+            raise DtypeMismatch(reason)
+
+
 def differing_bits(a: SiteSigs, b: SiteSigs, sites: Sequence[int]) -> int:
     return sum(hamming(a[s], b[s]) for s in sites)
 
@@ -164,21 +205,29 @@ def calibration_challenges(key: bytes, n: int = CALIBRATION_CHALLENGES) -> list[
     return generate_challenges(derive(key, CALIBRATION_LABEL, 0), n)
 
 
-def rounded_copy(model: LoadedModel, dtype: str) -> LoadedModel:
-    """A copy of an in-memory model whose stored tensors are rounded to ``dtype`` and back.
+def rounded_copy(
+    model: LoadedModel, dtype: str, source: dict[str, Any] | None = None
+) -> LoadedModel:
+    """A copy of an in-memory model whose stored tensors are ``dtype`` casts of the weights.
 
-    The same model a ``save_pretrained`` in fp16/bf16 loaded with fp32 compute gives: every
-    floating tensor of the state dict rounded once, non-persistent buffers (rotary
-    frequencies) recomputed as on a load, computation in the original dtype.
+    The model a ``save_pretrained`` in fp16/bf16 gives once it is loaded the way ``model``
+    was: every floating tensor of the state dict rounded once to ``dtype``, then held in
+    ``model``'s own compute dtype, non-persistent buffers (rotary frequencies) as on a load.
+    ``source``: the float32 state dict to round (default: the model's own tensors, which are
+    the float32 weights for a float32 model). A model computed in fp16/bf16 no longer holds
+    its float32 weights; :func:`calibrate_reference` passes them, read again from its folder,
+    so that the copy is the cast *checkpoint* re-loaded in the job's dtype (for a bf16 job,
+    fp32 → fp16 → bf16), not a cast of the already rounded weights.
     """
     import torch
 
     target = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     module = copy.deepcopy(model.model)
     with torch.no_grad():
-        for tensor in module.state_dict().values():
+        for name, tensor in module.state_dict().items():
             if tensor.dtype.is_floating_point:
-                tensor.copy_(tensor.to(target).to(tensor.dtype))
+                src = tensor if source is None else source[name]
+                tensor.copy_(src.to(target).to(tensor.dtype))
     root = module.get_encoder() if model.descriptor["family"] == "encoder-decoder" else module
     from rev_tasks.inference.loader import _find_blocks
 
@@ -190,6 +239,16 @@ def rounded_copy(model: LoadedModel, dtype: str) -> LoadedModel:
         descriptor=dict(model.descriptor),
         device=model.device,
     )
+
+
+def _float32_weights(model: LoadedModel) -> dict[str, Any] | None:
+    """The float32 state dict of a model computed in fp16/bf16, read again from its folder
+    (on the CPU, transient); None for a float32 model, whose own tensors are those."""
+    if model.descriptor.get("dtype", "float32") == "float32":
+        return None
+    from rev_tasks.inference.loader import load_model
+
+    return load_model(model.path, dtype="float32", device="cpu").model.state_dict()
 
 
 def can_calibrate(model: Any) -> bool:
@@ -206,15 +265,19 @@ def calibrate_reference(
 ) -> Calibration:
     """The reference's own fp16 and bf16 cast distances on the calibration challenges.
 
-    Costs (1 + len(CALIBRATION_DTYPES)) forward passes of ``n`` prompts and one transient
-    copy of the weights at a time.
+    Measured in the model's compute dtype: a reference loaded in fp16/bf16 (a job's
+    ``dtype``) is compared with its casts loaded in that same dtype, which is how a cast
+    candidate runs in that job (docs/statistics.md §9). Costs (1 + len(CALIBRATION_DTYPES))
+    forward passes of ``n`` prompts and one transient copy of the weights at a time (plus
+    the float32 weights, read again, for a reference computed in fp16/bf16).
     """
     prompts = [c.prompt for c in calibration_challenges(key, n)]
-    base = model_signatures(model, prompts, list(sites), key, bits)
+    base = batch_invariant_signatures(model, prompts, sites, key, bits)
+    source = _float32_weights(model)
     counts: dict[str, list[int]] = {}
     for dtype in CALIBRATION_DTYPES:
-        rounded = rounded_copy(model, dtype)
-        sigs = model_signatures(rounded, prompts, list(sites), key, bits)
+        rounded = rounded_copy(model, dtype, source)
+        sigs = batch_invariant_signatures(rounded, prompts, sites, key, bits)
         counts[dtype] = [differing_bits(a, b, sites) for a, b in zip(base, sigs, strict=True)]
         del rounded
     return Calibration(challenges=n, total_bits=bits * len(sites), differing_bits=counts)
@@ -278,6 +341,7 @@ class Verification:
         self.params = params or VerifyParams()
         self.reference = as_side(reference, key)
         self.candidate = as_side(candidate, key)
+        check_dtypes(self.reference, self.candidate)
         self.notes: list[str] = []
         self.nonce = nonce
         self.indices = list(indices) if indices is not None else None
@@ -770,6 +834,10 @@ def identify_registry(
     notes: list[str] = []
     for model_id, doc in fingerprints.items():
         if model_id in out_of_reach:
+            continue
+        other_dtype = dtype_mismatch(doc.get("descriptor") or {}, shared.descriptor)
+        if other_dtype is not None:  # not judged: see core.compat.dtype_mismatch
+            out_of_reach[model_id] = other_dtype
             continue
         pool = (pools or {}).get(model_id)
         try:

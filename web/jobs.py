@@ -78,6 +78,18 @@ def _reference_model(session: Any, model_id: str) -> tuple[ModelRecord, Fingerpr
     return rec, fp
 
 
+def _check_dtype(rec: ModelRecord, dtype: str) -> None:
+    """A registered reference's signatures were computed in its registration dtype: a job
+    in another dtype cannot be compared with them (docs/statistics.md §9)."""
+    have = rec.dtype or "float32"
+    if have != dtype:
+        raise Unprocessable(
+            f"model {rec.id!r} was fingerprinted in {have}; this job computes in {dtype}: "
+            f"submit it with dtype {have!r}, or register the model again in {dtype}",
+            code="dtype_mismatch",
+        )
+
+
 def _candidate_path(session: Any, ref: str | PathRef | EndpointRef, settings: Any) -> str:
     assert not isinstance(ref, EndpointRef)
     if isinstance(ref, PathRef):
@@ -110,7 +122,8 @@ def submit() -> ResponseReturnValue:
             if isinstance(req.reference, PathRef):
                 reference_path = services.model_path(req.reference.path, settings)
             else:
-                _rec, fp = _reference_model(s, req.reference)
+                rec, fp = _reference_model(s, req.reference)
+                _check_dtype(rec, req.dtype)
                 reference_model_id = req.reference
                 budget = min(budget, fp.n_challenges)
         else:

@@ -55,7 +55,13 @@ def register() -> ResponseReturnValue:
     with session_scope() as s:
         if s.get(ModelRecord, req.id) is not None:
             raise Conflict(f"model {req.id!r} is already registered", code="model_exists")
-        rec = ModelRecord(id=req.id, tenant=principal().tenant, path=path, status=MODEL_PENDING)
+        rec = ModelRecord(
+            id=req.id,
+            tenant=principal().tenant,
+            path=path,
+            status=MODEL_PENDING,
+            dtype=req.dtype,
+        )
         s.add(rec)
         s.flush()
         efp = None

@@ -30,6 +30,20 @@ ServerPath = Annotated[
 ]
 
 
+# The compute dtype of a job's models, or of a registered model's fingerprint (as
+# ``rev verify --dtype``): float32 upcasts stored fp16/bf16 weights; float16 and bfloat16 run
+# the models in that precision (half the memory; the operations guide's choice on GPUs).
+Dtype = Annotated[
+    Literal["float32", "float16", "bfloat16"],
+    Field(
+        description=(
+            "compute dtype of the models (as `rev verify --dtype`); a registered reference "
+            "must have been registered with the same dtype"
+        )
+    ),
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -105,6 +119,7 @@ class _JobParams(_Strict):
     alpha: float = Field(0.01, gt=0.0, le=0.5, description="error rate of the sequential test")
     max_challenges: int = Field(64, ge=1, le=1024, description="challenge budget")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Dtype = "float32"
     batch_size: int | None = Field(None, ge=1, le=256, description="challenges per batch")
     memory_budget_mb: int | None = Field(
         None,
@@ -151,6 +166,7 @@ class VerifyJobRequest(_JobParams):
                     "alpha": 0.01,
                     "max_challenges": 64,
                     "device": "cpu",
+                    "dtype": "float32",
                     "batch_size": 8,
                 },
             ]
@@ -178,7 +194,14 @@ JOB_REQUEST = TypeAdapter(JobRequest)
 class ModelRegistration(_Strict):
     """Register a reference model folder; its fingerprint is computed asynchronously."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "minilm", "path": "minilm"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"id": "minilm", "path": "minilm"},
+                {"id": "smollm2-bf16", "path": "smollm2", "dtype": "bfloat16"},
+            ]
+        }
+    )
 
     id: ModelId
     path: ServerPath
@@ -187,6 +210,7 @@ class ModelRegistration(_Strict):
         description="also store an endpoint fingerprint (causal LMs), so that endpoint jobs "
         "against this model run no reference inference",
     )
+    dtype: Dtype = "float32"
 
 
 CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -271,6 +295,11 @@ class Vote(BaseModel):
         None,
         description="transcript record positions this validator re-executed on the models, "
         "drawn at random after the transcript was stored (null for votes before 0003)",
+    )
+    executed_on: dict[str, Any] | None = Field(
+        None,
+        description="where this validator re-executed: worker, device and dtype (null for "
+        "votes before 0008, and device/dtype null when it re-executed nothing)",
     )
 
 
@@ -374,6 +403,7 @@ class ModelDocument(BaseModel):
     tenant: str
     path: str
     status: Literal["pending", "ready", "failed"]
+    dtype: str = Field(description="compute dtype its fingerprint is computed in")
     descriptor: dict[str, Any] | None
     error: ErrorBody | None
     fingerprint: FingerprintInfo | None

@@ -441,6 +441,7 @@ def model_document(
         "tenant": rec.tenant,
         "path": rec.path,
         "status": rec.status,
+        "dtype": rec.dtype or "float32",
         "descriptor": rec.descriptor,
         "error": rec.error,
         "fingerprint": (

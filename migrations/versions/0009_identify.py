@@ -5,7 +5,7 @@ pending (at most ``REV_IDENTIFY_WAIT_SECONDS``); the wait (which models, since w
 when) is stored here and shown under the job's ``progress``.
 
 Revision ID: 0009_identify
-Revises: 0007_watchdog
+Revises: 0008_dtype
 Create Date: 2026-12-01 00:00:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009_identify"
-down_revision: str | None = "0007_watchdog"
+down_revision: str | None = "0008_dtype"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from rev_tasks.cli.common import over_http
 from rev_tasks.client import TERMINAL, ClientError, FarmClient
+from rev_tasks.core.compat import COMPUTE_DTYPES as JOB_DTYPES
 from rev_tasks.inference.budget import memory_budget_arg
 from rev_tasks.jobs import STATUSES
 
@@ -94,6 +95,8 @@ def cmd_submit(args: argparse.Namespace, client: FarmClient) -> int:
         "max_challenges": args.max_challenges,
         "device": args.device,
     }
+    if args.dtype != "float32":  # the server's default; a plain request stays as before
+        body["dtype"] = args.dtype
     if args.batch_size:
         body["batch_size"] = args.batch_size
     if args.memory_budget:
@@ -155,7 +158,8 @@ def cmd_models(args: argparse.Namespace, client: FarmClient) -> int:
     if args.action == "register":
         if not args.model_id or not args.path:
             raise ClientError("usage: rev models register ID PATH")
-        doc = client.register_model(args.model_id, os.path.abspath(os.path.expanduser(args.path)))
+        path = os.path.abspath(os.path.expanduser(args.path))
+        doc = client.register_model(args.model_id, path, dtype=args.dtype)
         if args.wait:
             deadline = time.monotonic() + (args.timeout or 3600)
             while doc["status"] == "pending":
@@ -175,7 +179,7 @@ def cmd_models(args: argparse.Namespace, client: FarmClient) -> int:
         _print(docs)
     else:
         for m in docs:
-            print(f"{m['id']}\t{m['status']}\t{m['path']}")
+            print(f"{m['id']}\t{m['status']}\t{m.get('dtype', 'float32')}\t{m['path']}")
     return EXIT_OK
 
 
@@ -201,6 +205,12 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--max-challenges", type=int, default=64)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument(
+        "--dtype",
+        choices=JOB_DTYPES,
+        default="float32",
+        help="compute dtype of the job's models (as rev verify --dtype)",
+    )
     s.add_argument(
         "--memory-budget",
         type=memory_budget_arg,
@@ -241,6 +251,12 @@ def add_commands(subparsers: Any) -> None:
     m.add_argument("model_id", nargs="?")
     m.add_argument("path", nargs="?")
     m.add_argument("--wait", action="store_true", help="register: wait for the fingerprint")
+    m.add_argument(
+        "--dtype",
+        choices=JOB_DTYPES,
+        default="float32",
+        help="register: compute the fingerprint in this dtype (jobs against it must match)",
+    )
     _common(m)
     _waiting(m)
     m.set_defaults(func=over_http(cmd_models))

@@ -34,3 +34,27 @@ def incompatibility(reference: dict[str, Any], candidate: dict[str, Any]) -> str
         f"candidate {candidate.get('model_type')} with {candidate.get('num_layers')} "
         f"layers × {candidate.get('hidden_size')} hidden; sites cannot be compared one for one"
     )
+
+
+#: The compute dtypes a job, a registration or ``rev verify --dtype`` may name.
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_mismatch(reference: dict[str, Any], candidate: dict[str, Any]) -> str | None:
+    """Why a stored reference (a fingerprint) and a candidate computed in another dtype
+    cannot be compared, or None when both name the same compute dtype (or one names none).
+
+    Signatures of the same weights computed in float32 and in bfloat16 differ by that
+    compute rounding, which neither tolerance is calibrated for: ``exact`` would call every
+    such pair DIFFERENT, and ``precision``'s δ (the reference's own weight casts, computed in
+    the reference's dtype) does not bound it. So the farm refuses the pair with this reason
+    instead of giving a verdict; docs/statistics.md §9 states the rule.
+    """
+    ref, cand = reference.get("dtype"), candidate.get("dtype")
+    if ref is None or cand is None or ref == cand:
+        return None
+    return (
+        f"compute dtypes differ: the reference's signatures were computed in {ref}, the "
+        f"candidate's in {cand}; run the candidate in {ref} (job or --dtype {ref}) or "
+        f"fingerprint the reference in {cand}"
+    )

@@ -92,8 +92,12 @@ def store_vote(
     digest: str,
     problems: list[str],
     reexecuted: list[int] | None = None,
+    executed_on: dict[str, Any] | None = None,
 ) -> None:
-    """First vote wins: a redelivered validator cannot change its recorded vote."""
+    """First vote wins: a redelivered validator cannot change its recorded vote.
+
+    ``executed_on``: the validator's worker, and the device and dtype it re-executed on.
+    """
     upsert(
         session,
         Vote,
@@ -104,6 +108,7 @@ def store_vote(
             "digest": digest,
             "problems": problems,
             "reexecuted": reexecuted,
+            "executed_on": executed_on,
             "created_at": utcnow(),
         },
         keys=["job_id", "validator"],

@@ -74,6 +74,8 @@ class ModelRecord(Base):
     )
     path: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=MODEL_PENDING)
+    # The compute dtype its fingerprint is (to be) computed in; jobs against it must match.
+    dtype: Mapped[str] = mapped_column(String(16), default="float32", server_default="float32")
     descriptor: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -239,6 +241,8 @@ class Vote(Base):
     problems: Mapped[list[Any]] = mapped_column(JSON, default=list)
     # Record positions this validator re-executed (drawn from OS randomness at validation).
     reexecuted: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    # Where the validator re-executed: {"worker", "device", "dtype"} (null before 0008).
+    executed_on: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -151,23 +151,31 @@ def memory_budget(request: dict[str, Any] | None, path: str) -> int | None:
     return default
 
 
-def load_cached(path: str, memory_budget_mb: int | None = None) -> Any:
+def job_dtype(request: dict[str, Any] | None) -> str:
+    """The compute dtype a job's models run in: its ``dtype`` field (jobs stored before the
+    field existed, and requests that leave it out, are float32)."""
+    return str((request or {}).get("dtype") or "float32")
+
+
+def load_cached(path: str, memory_budget_mb: int | None = None, dtype: str = "float32") -> Any:
     """A model from this child's LRU cache (checked first), timing real loads for /metrics.
 
-    With ``memory_budget_mb`` the model is layer-streamed (``memory_budget`` picks it).
+    With ``memory_budget_mb`` the model is layer-streamed (``memory_budget`` picks it);
+    ``dtype`` is the compute dtype (part of the cache key: one folder in two dtypes is two
+    entries).
     """
     from rev_tasks import modelcache
 
     check_folder(path)
     before = modelcache.stats()["misses"]
     start = time.perf_counter()
-    model = modelcache.get(path, memory_budget_mb=memory_budget_mb)
+    model = modelcache.get(path, dtype=dtype, memory_budget_mb=memory_budget_mb)
     elapsed = time.perf_counter() - start
     stats = modelcache.stats()
     metrics.set_models_cached(stats["size"])
     if stats["misses"] > before:
         how = f"streamed within {memory_budget_mb} MB" if memory_budget_mb else "in memory"
-        log.info("loaded %s (%s) into the worker cache in %.2fs", path, how, elapsed)
+        log.info("loaded %s (%s, %s) into the worker cache in %.2fs", path, how, dtype, elapsed)
         family = str(model.descriptor.get("family", "unknown"))
         metrics.observe_model_load(family, str(model.device), elapsed)
     return model

@@ -44,6 +44,7 @@ from rev_tasks.tasks.common import (
     JobFailed,
     farm_key,
     heartbeat,
+    job_dtype,
     load_cached,
     memory_budget,
 )
@@ -58,6 +59,7 @@ def _vote_doc(v: Vote) -> dict[str, Any]:
         "verdict": v.verdict,
         "digest": v.digest,
         "reexecuted": v.reexecuted,
+        "executed_on": v.executed_on,
     }
 
 
@@ -71,10 +73,17 @@ def draw_sample(n_records: int, k: int = REEXEC_SAMPLE) -> list[int]:
     return sorted(random.SystemRandom().sample(range(n_records), min(k, n_records)))
 
 
-def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]:
-    """(recorded verdict, root, problems, re-executed positions) for one validator's check."""
+def _check(
+    job_id: str, validator: int, executed_on: dict[str, Any] | None = None
+) -> tuple[str, str, list[str], list[int]]:
+    """(recorded verdict, root, problems, re-executed positions) for one validator's check.
+
+    ``executed_on`` (filled in): the device and dtype this validator re-executed on.
+    """
     from rev_tasks.core.transcript import audit, audit_challenges
     from rev_tasks.engine import reexecute_sample
+
+    executed_on = {} if executed_on is None else executed_on
 
     with session_scope() as s:
         job, tr = s.get(Job, job_id), s.get(Transcript, job_id)
@@ -127,10 +136,18 @@ def _check(job_id: str, validator: int) -> tuple[str, str, list[str], list[int]]
     if indices:
         try:
             key = farm_key()
-            candidate = load_cached(cand_path, memory_budget(request, cand_path))
+            dtype = job_dtype(request)  # the job's dtype, as the inference ran it
+            candidate = load_cached(cand_path, memory_budget(request, cand_path), dtype)
+            executed_on.update(device=str(candidate.device), dtype=candidate.descriptor["dtype"])
+            recorded_dtype = (doc.get("candidate") or {}).get("dtype")
+            if recorded_dtype is not None and recorded_dtype != executed_on["dtype"]:
+                problems.append(
+                    f"re-execution: the transcript's candidate ran in {recorded_dtype}, the job "
+                    f"asks for {executed_on['dtype']}"
+                )
             reference: Any = ref_fp
             if reference is None:
-                reference = load_cached(str(ref_path), memory_budget(request, str(ref_path)))
+                reference = load_cached(str(ref_path), memory_budget(request, str(ref_path)), dtype)
             problems += [
                 f"re-execution: {p}"
                 for p in reexecute_sample(doc, reference, candidate, key, indices)
@@ -149,6 +166,7 @@ def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, A
     incompatible entry's reference must be that model's stored fingerprint (descriptor); a
     model listed as pending must not have been ready before the job started.
     """
+    from rev_tasks.core.compat import dtype_mismatch
     from rev_tasks.core.identification import UNAVAILABLE
     from rev_tasks.core.keys import key_id
 
@@ -181,7 +199,12 @@ def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, A
                 and _aware(fp.created_at) < started
             )
             exhausted = str(entry.get("reason", "")).startswith("no unused challenge")
-            if usable and not exhausted:
+            # or one fingerprinted in another dtype than the job's (compared with none).
+            job_dtype = {"dtype": (job.request or {}).get("dtype") or "float32"}
+            other_dtype = fp is not None and (
+                dtype_mismatch(fp.document().get("descriptor") or {}, job_dtype) is not None
+            )
+            if usable and not exhausted and not other_dtype:
                 problems.append(
                     f"listing: {rec.id} is listed unavailable, but its fingerprint was ready "
                     "before the job started"
@@ -298,10 +321,14 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
             log.warning("validator %d: job %s has no transcript; not voting", validator, job_id)
             return abstain
         jobs.heartbeat(s, job_id)  # consensus is at work on it: the watchdog leaves it
+    from celery import current_task
+
+    hostname = getattr(getattr(current_task, "request", None), "hostname", None)
+    executed_on: dict[str, Any] = {"worker": hostname, "device": None, "dtype": None}
     try:
         with metrics.validator_running(), heartbeat(job_id):
             faults.before_validation(validator)
-            recorded, root, problems, indices = _check(job_id, validator)
+            recorded, root, problems, indices = _check(job_id, validator, executed_on)
     except DB_ERRORS:
         raise  # retried with backoff: an outage is not a validator fault
     except Exception as exc:  # noqa: BLE001 - a crashing validator abstains
@@ -316,7 +343,7 @@ def validate(job_id: str, validator: int) -> dict[str, Any]:
                 "validator %d: job %s finished during the check; not voting", validator, job_id
             )
             return abstain
-        repo.store_vote(s, job_id, validator, verdict, digest, problems, indices)
+        repo.store_vote(s, job_id, validator, verdict, digest, problems, indices, executed_on)
     with session_scope() as s:  # the stored vote, which is the first one on a race
         stored = s.query(Vote).filter_by(job_id=job_id, validator=validator).one()
         doc = _vote_doc(stored)

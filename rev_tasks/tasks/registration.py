@@ -62,11 +62,13 @@ def fingerprint(model_id: str, top_up: bool = False) -> str:
         rec = s.get(ModelRecord, model_id)
         if rec is None or rec.status != MODEL_PENDING:
             return "skipped"
-        path = rec.path
+        path, dtype = rec.path, rec.dtype or "float32"
     settings = get_settings()
     try:
         key = farm_key()
-        model = load_cached(path, memory_budget(None, path))  # the worker default, if any
+        # In the registration's dtype: the signatures, and the self-calibration that fixes
+        # precision's delta, are computed the way the jobs against it run their candidates.
+        model = load_cached(path, memory_budget(None, path), dtype)  # worker default budget
         doc = fingerprint_model(
             model,
             key,
@@ -156,13 +158,13 @@ def _top_up(model_id: str) -> str:
         if rec is None or fp is None or rec.status != MODEL_READY:
             return "skipped"
         path, bits, start = rec.path, fp.bits, max(repo.pool_indices(fp.document())) + 1
-        fp_key = fp.key_id
+        fp_key, dtype = fp.key_id, rec.dtype or "float32"
     settings = get_settings()
     try:
         key = farm_key()
         if key_id(key) != fp_key:  # its jobs fail with key_mismatch; nothing to add
             return "skipped"
-        model = load_cached(path, memory_budget(None, path))
+        model = load_cached(path, memory_budget(None, path), dtype)  # as the first signatures
         more = fingerprint_model(
             model,
             key,

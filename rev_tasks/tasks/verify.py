@@ -40,6 +40,7 @@ from rev_tasks.tasks.common import (
     JobFailed,
     farm_key,
     heartbeat,
+    job_dtype,
     load_cached,
     memory_budget,
 )
@@ -355,7 +356,7 @@ def _load(path: str, side: str, request: dict[str, Any]) -> Any:
     from rev_tasks.inference import ModelLoadError
 
     try:
-        return load_cached(path, memory_budget(request, path))
+        return load_cached(path, memory_budget(request, path), job_dtype(request))
     except ModelLoadError as exc:
         raise _load_error(side, exc) from exc
 
@@ -407,7 +408,7 @@ def _progress(
 
 def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     """Run the verification: ``decided`` when this delivery stored the job's transcript."""
-    from rev_tasks.engine import Verification
+    from rev_tasks.engine import DtypeMismatch, Verification
     from rev_tasks.inference import ModelLoadError
 
     key = farm_key()
@@ -434,6 +435,8 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
             nonce=bytes.fromhex(spec.challenge_nonce) if spec.challenge_nonce else None,
             indices=spec.challenge_indices,
         )
+    except DtypeMismatch as exc:  # refused at submit already (web/jobs.py); kept as a guard
+        raise FarmError("dtype_mismatch", str(exc)) from exc
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     if spec.commitment is not None and verification.committed_root != spec.commitment:
@@ -451,7 +454,7 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     except ValueError as exc:
         raise FarmError("verification_error", str(exc)) from exc
     result = dict(outcome.result)
-    result["executed_on"] = _executed_on(candidate)
+    result["executed_on"] = _executed_on(candidate, reference)
     result.update(attest.weights_digests(spec.candidate_path, spec.reference_path))
     with session_scope() as s:
         decided = jobs.record_decision(s, spec.id, result, outcome.transcript)
@@ -466,18 +469,35 @@ def _verify(spec: jobs.JobSpec, task: Any = None) -> str:
     return "decided"
 
 
-def _executed_on(model: Any) -> dict[str, Any]:
-    """Which worker and device ran the inference (operators ask; GPU pinning is checked)."""
+def _executed_on(model: Any, reference: Any = None) -> dict[str, Any]:
+    """Which worker, device and dtype ran the inference (operators ask; GPU pinning is
+    checked), and the dtype of each side: ``reference`` is the loaded reference model, or
+    a fingerprint document (computed at registration, in the dtype it names)."""
     from celery import current_task
 
     hostname = getattr(getattr(current_task, "request", None), "hostname", None)
     budget = getattr(model, "memory_budget_mb", None)  # set on layer-streamed models only
-    return {
+    out: dict[str, Any] = {
         "worker": hostname,
         "device": str(model.device),
+        "dtype": model.descriptor.get("dtype"),
         "execution": "streamed" if hasattr(model, "memory_budget_mb") else "in_memory",
         "memory_budget_mb": budget,
     }
+    if reference is not None:
+        ref_doc = reference if isinstance(reference, dict) else None
+        ref_dtype = (ref_doc or {}).get("descriptor", {}).get("dtype")
+        if ref_doc is None:
+            ref_dtype = reference.descriptor.get("dtype")
+        out["sides"] = {
+            "candidate": {"dtype": model.descriptor.get("dtype"), "device": str(model.device)},
+            "reference": (
+                {"dtype": ref_dtype, "device": None, "source": "fingerprint"}
+                if ref_doc is not None
+                else {"dtype": ref_dtype, "device": str(reference.device), "source": "model"}
+            ),
+        }
+    return out
 
 
 def _registry(

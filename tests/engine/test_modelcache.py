@@ -74,3 +74,49 @@ def test_a_bad_worker_default_stops_the_settings(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("REV_MEMORY_BUDGET_MB", "lots")
     with pytest.raises(ValueError, match="REV_MEMORY_BUDGET_MB='lots'"):
         Settings.from_env()
+
+
+def test_the_dtype_is_part_of_the_cache_key(tiny_gpt2: dict[str, Path]) -> None:
+    """A folder in float32 and in bfloat16 are two entries: a bf16 job never gets the fp32
+    model of an earlier job (or the other way round), and neither evicts the other."""
+    import torch
+
+    path = str(tiny_gpt2["a"])
+    fp32 = modelcache.get(path)
+    bf16 = modelcache.get(path, dtype="bfloat16")
+    fp16 = modelcache.get(path, dtype="float16")
+    assert len({id(fp32), id(bf16), id(fp16)}) == 3
+    assert [m.descriptor["dtype"] for m in (fp32, bf16, fp16)] == [
+        "float32",
+        "bfloat16",
+        "float16",
+    ]
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert modelcache.get(path, dtype="bfloat16") is bf16  # a hit, same dtype
+    assert modelcache.get(path, dtype="float32") is fp32  # the default is float32
+    # The streamed engine keys the same way: a budget and a dtype make one entry.
+    streamed = modelcache.get(path, dtype="bfloat16", memory_budget_mb=64)
+    assert streamed is not bf16 and streamed.descriptor["dtype"] == "bfloat16"
+    assert modelcache.get(path, dtype="bfloat16", memory_budget_mb=64) is streamed
+    assert modelcache.stats() == {"hits": 3, "misses": 4, "evictions": 0, "size": 4}
+    # bf16 compute gives other signatures than fp32 (what the key keeps apart).
+    prompts = ["The capital of France is"]
+    a = fp32.pooled_states(prompts, fp32.sites)
+    b = bf16.pooled_states(prompts, bf16.sites)
+    assert any((a[s] != b[s]).any() for s in fp32.sites)
+
+
+def test_load_cached_passes_the_jobs_dtype(
+    monkeypatch: pytest.MonkeyPatch, tiny_gpt2: dict[str, Path]
+) -> None:
+    from rev_tasks.tasks.common import job_dtype, load_cached
+
+    monkeypatch.setenv("REV_MODEL_ROOTS", str(tiny_gpt2["a"].parent))
+    reset_settings()
+    path = str(tiny_gpt2["a"])
+    assert job_dtype({}) == job_dtype(None) == job_dtype({"dtype": None}) == "float32"
+    assert job_dtype({"dtype": "float16"}) == "float16"
+    model = load_cached(path, None, job_dtype({"dtype": "float16"}))
+    assert model.descriptor["dtype"] == "float16"
+    assert load_cached(path) is not model  # float32: another entry
+    assert modelcache.stats()["size"] == 2

@@ -300,6 +300,8 @@ def rev_verify(
     ]  # fmt: skip
     if params.get("nonce"):  # a farm job's own challenges (its transcript's challenge_nonce)
         cmd += ["--nonce", str(params["nonce"])]
+    if params.get("dtype"):  # the job's compute dtype
+        cmd += ["--dtype", str(params["dtype"])]
     proc = subprocess.run(
         cmd,
         cwd=ROOT,
