@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +179,57 @@ def test_refused_submits_are_422_with_the_reason(farm, serve) -> None:
     assert resp.status_code == 422 and resp.get_json()["error"]["code"] == "credential_missing"
     resp = client.post("/v1/jobs", json=_endpoint_body(serve("f32").url, mode="chat"))  # not a mode
     assert resp.status_code == 422
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    """An allowed endpoint (127.0.0.1) that answers every request with a 307 to the trap."""
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _redirect(self) -> None:
+        self.server.seen.append(self.command + " " + self.path)  # type: ignore[attr-defined]
+        self.send_response(307)
+        self.send_header("Location", self.server.target + self.path)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _redirect  # noqa: N815 - http.server's names
+
+
+def test_live_submits_never_reach_a_disallowed_address(farm) -> None:
+    """A listening socket on 127.0.0.2 (loopback, outside REV_ENDPOINT_ALLOW=127.0.0.1): named
+    directly, the submit is a 422; behind an allowed host that redirects there, the job fails
+    with the reason. Either way the socket saw no connection at all."""
+    from tests.endpoints.egress_traps import Trap
+
+    trap = Trap()
+    probe = socket.create_connection((trap.host, trap.port), timeout=2)  # the trap is real
+    probe.close()
+    assert trap.connections() == 1
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    redirector.daemon_threads = True
+    redirector.seen = []  # type: ignore[attr-defined]
+    redirector.target = trap.url  # type: ignore[attr-defined]
+    threading.Thread(target=redirector.serve_forever, daemon=True).start()
+    client = farm["client"]
+    try:
+        resp = client.post("/v1/jobs", json=_endpoint_body(f"{trap.url}/v1"))
+        assert resp.status_code == 422, resp.get_json()
+        assert resp.get_json()["error"]["code"] == "endpoint_refused"
+        assert "127.0.0.2" in resp.get_json()["error"]["message"]
+
+        port = redirector.server_address[1]
+        doc = wait_job(client, submit(client, _endpoint_body(f"http://127.0.0.1:{port}/v1")))
+        assert doc["status"] == "failed", doc
+        assert "redirect" in doc["error"]["message"].lower(), doc["error"]
+        assert "127.0.0.2" in doc["error"]["message"], doc["error"]
+        assert redirector.seen, "the allowed endpoint was never asked"  # type: ignore[attr-defined]
+        assert trap.connections() == 0
+    finally:
+        redirector.shutdown()
+        redirector.server_close()
+        trap.sock.close()
 
 
 # ----------------------------------------------------------------------------- verdicts
