@@ -89,7 +89,7 @@ def _check(
         job, tr = s.get(Job, job_id), s.get(Transcript, job_id)
         facts = _identification_facts(s, job, tr) if job and tr and job.kind == "identify" else None
     if facts is not None:  # the models load and run outside the transaction
-        return _check_identification(facts)
+        return _check_identification(facts, executed_on)
     with session_scope() as s:
         job = s.get(Job, job_id)
         tr = s.get(Transcript, job_id)
@@ -227,7 +227,9 @@ def _identification_facts(session: Any, job: Job, tr: Transcript) -> dict[str, A
     }
 
 
-def _check_identification(facts: dict[str, Any]) -> tuple[str, str, list[str], list[int]]:
+def _check_identification(
+    facts: dict[str, Any], executed_on: dict[str, Any]
+) -> tuple[str, str, list[str], list[int]]:
     """An identify job's check: the evidence, the registry it claims, and a re-execution.
 
     The document must audit (every model's transcript: proofs, roots, distances, decision
@@ -271,7 +273,15 @@ def _check_identification(facts: dict[str, Any]) -> tuple[str, str, list[str], l
         try:
             key = farm_key()
             path = facts["candidate_path"]
-            candidate = load_cached(path, memory_budget(facts["request"], path))
+            dtype = job_dtype(facts["request"])  # the job's dtype, as the inference ran it
+            candidate = load_cached(path, memory_budget(facts["request"], path), dtype)
+            executed_on.update(device=str(candidate.device), dtype=candidate.descriptor["dtype"])
+            recorded_dtype = (doc.get("candidate") or {}).get("dtype")
+            if recorded_dtype is not None and recorded_dtype != executed_on["dtype"]:
+                problems.append(
+                    f"re-execution: the document's candidate ran in {recorded_dtype}, the job "
+                    f"asks for {executed_on['dtype']}"
+                )
             have = {f: candidate.descriptor.get(f) for f in COMPARED_FIELDS}
             claimed = {f: (doc.get("candidate") or {}).get(f) for f in COMPARED_FIELDS}
             if have != claimed:
