@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import requests
 
-from rev_tasks.queues import CPU_WORKER_QUEUES, INFERENCE_CPU, MAINTENANCE, Task
+from rev_tasks.queues import CPU_WORKER_QUEUES, INFERENCE_CPU, MAINTENANCE, Task, declared_queues
 from rev_tasks.testing.harness import ROOT, GroupProcess, free_port, reconfigure, wait_http
 from tests.conftest import DEFAULT_PG_ADMIN
 from tests.integration.farm import register, submit, wait_job
@@ -410,7 +410,7 @@ def test_metrics_count_the_job(
     assert value(merged, "queue_depth", queue=INFERENCE_CPU) == 0
     # Only the declared queues (REV_GPU_COUNT unset: no inference.cudaN), and none of the
     # series only workers record, not even as zeros.
-    assert {lab["queue"] for n, lab, _ in merged if n == "queue_depth"} == set(CPU_WORKER_QUEUES)
+    assert {lab["queue"] for n, lab, _ in merged if n == "queue_depth"} == set(declared_queues(0))
     names = {n for n, _, _ in merged}
     assert not names & {"models_cached", "consensus_validators_active", "rev_backup_failures_total",
                         "consensus_duration_seconds_count", "model_inference_duration_seconds_count",
