@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,29 +130,47 @@ def _params(args: argparse.Namespace) -> Any:
     )
 
 
-def cmd_verify_endpoint(args: argparse.Namespace) -> int:
+def _against_endpoint(
+    args: argparse.Namespace, key: bytes, paths: list[str], run: Callable[[list[Any], Any], Any]
+) -> Any:
+    """``run(references, client)`` against the endpoint; None (after one line on stderr)
+    when the endpoint failed.
+
+    Fingerprint files are read first: cheap, and a bad one is refused before anything
+    connects. The endpoint is asked for its model list before any reference folder loads.
+    """
     from rev_tasks.endpoints.client import EndpointError
     from rev_tasks.endpoints.fingerprint import FingerprintError
+
+    try:
+        early = {p: _reference(p, key) for p in paths if file_kind(p) is not None}
+    except FingerprintError as exc:
+        raise UserError(str(exc)) from exc
+    client = _client(args)
+    try:
+        client.check_model()  # fail fast, before loading a reference folder
+        refs = [early[p] if p in early else _reference(p, key) for p in paths]
+        return run(refs, client)
+    except FingerprintError as exc:
+        raise UserError(str(exc)) from exc
+    except EndpointError as exc:
+        print(f"rev: error: {exc}", file=sys.stderr)
+        return None
+    finally:
+        client.close()
+
+
+def cmd_verify_endpoint(args: argparse.Namespace) -> int:
     from rev_tasks.endpoints.verify import verify_endpoint
 
     if args.candidate:
         raise UserError("give either a candidate folder or --endpoint, not both")
     key = load_key(args.key_file)
-    early = file_kind(args.reference) is not None
-    reference = _reference(args.reference, key) if early else None
-    client = _client(args)
-    try:
-        client.check_model()  # fail fast, before loading the reference
-        if reference is None:
-            reference = _reference(args.reference, key)
-        outcome = verify_endpoint(reference, client, key, _params(args))
-    except FingerprintError as exc:
-        raise UserError(str(exc)) from exc
-    except EndpointError as exc:
-        print(f"rev: error: {exc}", file=sys.stderr)
+    outcome = _against_endpoint(
+        args, key, [args.reference], lambda refs, c: verify_endpoint(refs[0], c, key, _params(args))
+    )
+    if outcome is None:
         return 1
-    finally:
-        client.close()
     result = dict(outcome.result)
     if args.transcript:
         Path(args.transcript).write_text(json.dumps(outcome.transcript, indent=1) + "\n")
@@ -176,27 +195,22 @@ def cmd_verify_endpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from rev_tasks.endpoints.client import EndpointError
-    from rev_tasks.endpoints.fingerprint import FingerprintError
     from rev_tasks.endpoints.verify import identify_endpoint
 
     if not args.endpoint:
         raise UserError("identify needs --endpoint URL and --endpoint-model NAME")
     key = load_key(args.key_file)
-    # Fingerprints first: cheap, and a bad one is refused before anything connects.
-    early = {p: _reference(p, key) for p in args.references if file_kind(p) is not None}
-    client = _client(args)
-    try:
-        client.check_model()
-        refs = {p: early[p] if p in early else _reference(p, key) for p in args.references}
-        out = identify_endpoint(refs, client, key, _params(args))
-    except FingerprintError as exc:
-        raise UserError(str(exc)) from exc
-    except EndpointError as exc:
-        print(f"rev: error: {exc}", file=sys.stderr)
+    paths = list(args.references)
+    out = _against_endpoint(
+        args,
+        key,
+        paths,
+        lambda refs, c: identify_endpoint(
+            dict(zip(paths, refs, strict=True)), c, key, _params(args)
+        ),
+    )
+    if out is None:
         return 1
-    finally:
-        client.close()
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return 0
