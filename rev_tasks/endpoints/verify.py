@@ -219,30 +219,28 @@ def identify_endpoint(
     client: EndpointClient,
     key: bytes,
     params: EndpointParams,
+    *,
+    keep_transcripts: bool = False,
 ) -> dict[str, Any]:
     """Verify against each reference; rank SAME first, then by mismatch rate; "none of
-    these" when every reference reads DIFFERENT."""
-    rows = []
-    for name, ref in references.items():
-        out = verify_endpoint(ref, client, key, params)
-        r = out.result
-        finite = [v for v in out.values if v != float("inf")]
-        rows.append(
-            {
-                "reference": name,
-                "verdict": r["verdict"],
-                "queries_used": r["queries_used"],
-                "mean_value": (sum(finite) / len(finite)) if finite else None,
-                "inf_values": len(out.values) - len(finite),
-            }
-        )
-    order = {"SAME": 0, "UNDECIDED": 1, "DIFFERENT": 2}
-    rows.sort(key=lambda r: (order[r["verdict"]], r["inf_values"], r["mean_value"] or 0.0))
+    these" when every reference reads DIFFERENT. The ranking is derived from the
+    transcripts (rev_tasks/endpoints/identification.py), as the farm's validators derive
+    it; ``keep_transcripts`` returns them too (``transcripts``: name to transcript)."""
+    from rev_tasks.endpoints.identification import entry_from_transcript, rank
+
+    transcripts = {
+        name: verify_endpoint(ref, client, key, params).transcript
+        for name, ref in references.items()
+    }
+    rows = rank([entry_from_transcript(m, t) for m, t in transcripts.items()])
     best = rows[0]["reference"] if rows and rows[0]["verdict"] == "SAME" else None
     none = all(r["verdict"] == "DIFFERENT" for r in rows)
-    return {
+    out: dict[str, Any] = {
         "match": best,
         "none_of_these": none,
         "ranking": rows,
         "cost": client.cost.to_dict(),
     }
+    if keep_transcripts:
+        out["transcripts"] = transcripts
+    return out

@@ -87,7 +87,25 @@ def _check(
 
     with session_scope() as s:
         job, tr = s.get(Job, job_id), s.get(Transcript, job_id)
-        facts = _identification_facts(s, job, tr) if job and tr and job.kind == "identify" else None
+        identify = bool(job and tr and job.kind == "identify")
+        ident: dict[str, Any] | None = None
+        if identify and jobs.endpoint_of(job.request or {}) is not None:
+            # An endpoint identify job: per-model endpoint transcripts, re-asked below.
+            ident = {
+                "doc": tr.document(),
+                "root": tr.root,
+                "recorded": tr.verdict,
+                "request": dict(job.request or {}),
+                "tenant": job.tenant,
+                "started_at": job.started_at,
+            }
+            identify = False
+        facts = _identification_facts(s, job, tr) if identify else None
+    if ident is not None:
+        from rev_tasks.tasks.endpoint import check_endpoint_identification
+
+        problems, indices = check_endpoint_identification(**ident)
+        return ident["recorded"], ident["root"], problems, indices
     if facts is not None:  # the models load and run outside the transaction
         return _check_identification(facts, executed_on)
     with session_scope() as s:
@@ -450,7 +468,8 @@ def count_votes(
 
 @app.task(name=Task.CERTIFY, ignore_result=True, **DB_RETRY)
 def certify(job_id: str) -> bool:
-    """Sign a verdict published without a tally (an identify job's ranking).
+    """Sign a verdict published without a tally (identify jobs decided before identify had
+    a consensus round; no job sends it now, it serves messages still queued).
 
     It runs here, on ``consensus``, because only the consensus workers hold the signing key.
     """

@@ -16,7 +16,11 @@ Validators (:func:`check_endpoint_job`, called by rev_tasks/tasks/consensus.py) 
 that recorded the replies never votes on them. Each re-derives the decision from the
 recorded bytes (``audit_endpoint``), checks the challenges against the commitment, and asks
 the endpoint again a random sample of the recorded challenges: the new answers must lie
-within the job's tolerance (the calibrated serving noise) of the recorded ones.
+within the job's tolerance (the calibrated serving noise) of the recorded ones. An identify
+job stores one document of per-model transcripts and the ranking derived from them
+(rev_tasks/endpoints/identification.py); its validators
+(:func:`check_endpoint_identification`) run the same checks on every transcript and re-ask
+a sample drawn over all of them.
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ import base64
 import json
 import logging
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from rev_tasks import jobs, metrics
 from rev_tasks.celery import app
-from rev_tasks.db.session import after_commit, session_scope
+from rev_tasks.db.session import session_scope
 from rev_tasks.db.tables import MODEL_READY, EndpointFingerprint, ModelRecord
 from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
@@ -89,7 +92,11 @@ def _fingerprint_size(session: Any, model_id: str | None) -> int | None:
 
 
 def endpoint_commitment(session: Any, job: Any, key: bytes) -> dict[str, Any]:
-    """What ``prepare`` stores for an endpoint verify job: the root of its challenges."""
+    """What ``prepare`` stores for an endpoint verify job: the root of its challenges.
+
+    Identify jobs commit nothing here (several references, each its own n); their
+    validators check each transcript's challenges against :func:`committed_count` for that
+    model's fingerprint."""
     from rev_tasks.core.challenges import commitment, generate_challenges
 
     n = committed_count(
@@ -278,10 +285,16 @@ def _verify(spec: jobs.JobSpec) -> str:
 
 
 def _identify(spec: jobs.JobSpec) -> str:
+    """Verify the endpoint against every model of the tenant and commit the evidence.
+
+    ``decided`` when this delivery stored the job's evidence document
+    (rev_tasks/endpoints/identification.py): the validators' chord follows, as for an
+    endpoint verify job.
+    """
     from rev_tasks.core.keys import key_id
     from rev_tasks.endpoints.fingerprint import FingerprintReference
+    from rev_tasks.endpoints.identification import build_endpoint_identification, recorded_verdict
     from rev_tasks.endpoints.verify import identify_endpoint
-    from rev_tasks.tasks.verify import PUBLISH_RETRY
 
     key = farm_key()
     kid = key_id(key)
@@ -302,46 +315,61 @@ def _identify(spec: jobs.JobSpec) -> str:
         docs = {row.model_id: row.document() for row in rows}
     refs = {m: FingerprintReference(doc) for m, doc in docs.items() if doc is not None}
     ep = jobs.endpoint_of(spec.request) or {}
-    ranking: list[dict[str, Any]] = []
-    out: dict[str, Any] = {"match": None, "none_of_these": True, "cost": {}}
+    endpoint = {"url": _public(ep), "model": ep.get("model")}
+    out: dict[str, Any] = {"transcripts": {}, "cost": {}}
     if refs:
         client = _client(spec, params, len(refs))
         try:
-            out = identify_endpoint(refs, client, key, params)
+            out = identify_endpoint(refs, client, key, params, keep_transcripts=True)
         finally:
             client.close()
-        ranking = [
-            {
-                "model_id": r["reference"],
-                "verdict": r["verdict"],
-                "queries_used": r["queries_used"],
-                "mean_distance": r["mean_value"],
-                "inf_values": r["inf_values"],
-            }
-            for r in out["ranking"]
-        ]
+    doc = build_endpoint_identification(
+        key_id=kid,
+        mode=params.mode,
+        parameters={
+            "tolerance": params.tolerance,
+            "alpha": params.alpha,
+            "max_queries": params.max_queries,
+        },
+        endpoint=endpoint,
+        transcripts=out["transcripts"],
+    )
+    ranking = [
+        {
+            "model_id": r["reference"],
+            "verdict": r["verdict"],
+            "queries_used": r["queries_used"],
+            "mean_distance": r["mean_value"],
+            "inf_values": r["inf_values"],
+            "transcript_root": r["transcript_root"],
+        }
+        for r in doc["entries"]
+    ]
+    used = max((r["queries_used"] for r in ranking), default=0)
     result = {
         "ranking": ranking,
-        "best": out["match"],
-        "verdict": ranking[0]["verdict"] if ranking else None,
-        "none_of_these": out["none_of_these"],
+        "best": doc["best"],
+        "verdict": doc["verdict"],
+        "none_of_these": doc["none_of_these"],
         "compared": len(ranking),
         "registered": len(refs),
         "key_id": kid,
         "mode": params.mode,
-        "endpoint": {"url": _public(ep), "model": ep.get("model")},
+        "endpoint": endpoint,
         "cost": out["cost"],
+        "transcript_root": doc["root"],
+        "challenges_used": used,
+        "challenges_max": max(
+            (committed_count(params, ref.max_challenges) for ref in refs.values()), default=0
+        ),
         "executed_on": _executed_on(),
     }
-    used = max((r["queries_used"] for r in ranking), default=0)
     with session_scope() as s:
-        identified = jobs.record_identification(s, spec.id, result, used)
-        if identified:
-            send = partial(
-                app.send_task, Task.CERTIFY, (spec.id,), retry=True, retry_policy=PUBLISH_RETRY
-            )
-            after_commit(s, send)
-    return "identified" if identified else "already finished"
+        decided = jobs.record_decision(s, spec.id, result, doc, verdict=recorded_verdict(doc))
+    if not decided:
+        log.info("job %s: identified by another delivery, or finished; discarded", spec.id)
+        return "already decided"
+    return "decided"
 
 
 def _public(ep: dict[str, Any]) -> str:
@@ -351,37 +379,14 @@ def _public(ep: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- validators
-def check_endpoint_job(
-    doc: dict[str, Any],
-    *,
-    root: str,
-    request: dict[str, Any],
-    tenant: str,
-    job_commitment: str | None,
-    reference_model_id: str | None,
-) -> tuple[list[str], list[int]]:
-    """One validator's check of an endpoint job: (problems, re-queried record positions).
+def _transcript_problems(
+    doc: dict[str, Any], params: Any, ep: dict[str, Any], key: bytes, n: int
+) -> list[str]:
+    """One transcript against the job: its mode, endpoint, parameters, and every recorded
+    challenge the farm key's challenge of its index among the ``n`` the job may ask."""
+    from rev_tasks.core.challenges import generate_challenges
 
-    Re-derives the decision from the recorded bytes, checks the recorded challenges
-    against the commitment (with the farm key), then re-asks the endpoint a random sample
-    of them. An endpoint that cannot be reached now raises :class:`EndpointError`: the
-    validator abstains (no evidence of forgery either way).
-    """
-    from rev_tasks.core.blackbox import ENDPOINT_TOLERANCES
-    from rev_tasks.core.challenges import commitment, generate_challenges
-    from rev_tasks.core.keys import derive
-    from rev_tasks.endpoints.access import open_client
-    from rev_tasks.endpoints.calibration import requery_gap
-    from rev_tasks.endpoints.evidence import sampled_piece
-    from rev_tasks.endpoints.transcript import audit_endpoint
-    from rev_tasks.endpoints.verify import TOP_K
-    from rev_tasks.tasks.consensus import draw_sample
-
-    problems = [f"audit: {p}" for p in audit_endpoint(doc)]
-    if doc.get("root") != root:
-        problems.append("stored transcript root differs from the document's root")
-    ep = jobs.endpoint_of(request) or {}
-    params = endpoint_params(request)
+    problems: list[str] = []
     if doc.get("mode") != params.mode:
         problems.append(f"transcript mode {doc.get('mode')!r}, the job asked {params.mode!r}")
     if doc.get("endpoint") != {"url": _public(ep), "model": ep.get("model")}:
@@ -391,37 +396,48 @@ def check_endpoint_job(
         problems.append("the transcript's alpha is not the job's")
     if params.mode == "logprobs" and recorded_params.get("tolerance") != params.tolerance:
         problems.append("the transcript's tolerance is not the job's")
-    key = farm_key()
-    with session_scope() as s:
-        n = committed_count(params, _fingerprint_size(s, reference_model_id))
     derived = generate_challenges(key, n)
-    if job_commitment is not None and commitment(derived).hex() != job_commitment:
-        problems.append("challenges: the job's commitment is not that of the farm key's set")
-    records = doc.get("records") or []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(doc.get("records") or []):
         index = rec.get("index") if isinstance(rec, dict) else None
         if not isinstance(index, int) or not 0 <= index < n:
             problems.append(f"challenges: record {i} names a challenge outside the committed set")
         elif rec.get("challenge") != asdict(derived[index]):
             problems.append(f"challenges: record {i} is not the committed challenge {index}")
-    if problems:
-        return problems, []
-    indices = draw_sample(len(records), REQUERY_SAMPLE)
-    if not indices:
-        return problems, []
-    settings = get_settings()
+    return problems
+
+
+def _requery(
+    request: dict[str, Any],
+    tenant: str,
+    key: bytes,
+    sample: list[tuple[str, int, dict[str, Any]]],
+) -> list[str]:
+    """Ask the endpoint again each sampled record ((label, position, record)): the answer
+    must lie within the tolerance of the recorded one (logprobs) or sample the recorded
+    piece with the recorded seed (text)."""
+    from rev_tasks.core.blackbox import ENDPOINT_TOLERANCES
+    from rev_tasks.core.keys import derive
+    from rev_tasks.endpoints.access import open_client
+    from rev_tasks.endpoints.calibration import requery_gap
+    from rev_tasks.endpoints.evidence import sampled_piece
+    from rev_tasks.endpoints.verify import TOP_K
+
+    if not sample:
+        return []
+    ep = jobs.endpoint_of(request) or {}
+    params = endpoint_params(request)
     client = open_client(
         ep,
         tenant,
-        settings,
-        max_requests=4 * (len(indices) + 1),
+        get_settings(),
+        max_requests=4 * (len(sample) + 1),
         observer=metrics.EndpointObserver,
         in_flight=1,
     )
     delta = ENDPOINT_TOLERANCES[params.tolerance].delta
+    problems: list[str] = []
     try:
-        for i in indices:
-            rec = records[i]
+        for label, i, rec in sample:
             body = json.loads(base64.b64decode(rec["response_b64"]))
             prompt = rec["challenge"]["prompt"]
             if params.mode == "logprobs":
@@ -431,17 +447,136 @@ def check_endpoint_job(
                 gap = requery_gap(body, again)
                 if not gap <= delta:
                     problems.append(
-                        f"re-query: record {i}: the endpoint now answers {gap:.3f} nats from "
-                        f"the recorded reply (tolerance {delta})"
+                        f"re-query: {label}record {i}: the endpoint now answers {gap:.3f} nats "
+                        f"from the recorded reply (tolerance {delta})"
                     )
             else:
                 seed = int.from_bytes(derive(key, "endpoint-sample", i)[:4], "big")
                 again = client.completion(prompt, max_tokens=1, temperature=1.0, seed=seed).body
                 if sampled_piece(again) != sampled_piece(body):
                     problems.append(
-                        f"re-query: record {i}: the endpoint samples another piece with the "
-                        "recorded seed"
+                        f"re-query: {label}record {i}: the endpoint samples another piece with "
+                        "the recorded seed"
                     )
     finally:
         client.close()
+    return problems
+
+
+def check_endpoint_job(
+    doc: dict[str, Any],
+    *,
+    root: str,
+    request: dict[str, Any],
+    tenant: str,
+    job_commitment: str | None,
+    reference_model_id: str | None,
+) -> tuple[list[str], list[int]]:
+    """One validator's check of an endpoint verify job: (problems, re-queried positions).
+
+    Re-derives the decision from the recorded bytes, checks the recorded challenges
+    against the commitment (with the farm key), then re-asks the endpoint a random sample
+    of them. An endpoint that cannot be reached now raises :class:`EndpointError`: the
+    validator abstains (no evidence of forgery either way).
+    """
+    from rev_tasks.core.challenges import commitment, generate_challenges
+    from rev_tasks.endpoints.transcript import audit_endpoint
+    from rev_tasks.tasks.consensus import draw_sample
+
+    problems = [f"audit: {p}" for p in audit_endpoint(doc)]
+    if doc.get("root") != root:
+        problems.append("stored transcript root differs from the document's root")
+    params = endpoint_params(request)
+    key = farm_key()
+    with session_scope() as s:
+        n = committed_count(params, _fingerprint_size(s, reference_model_id))
+    if job_commitment is not None and commitment(generate_challenges(key, n)).hex() != (
+        job_commitment
+    ):
+        problems.append("challenges: the job's commitment is not that of the farm key's set")
+    problems += _transcript_problems(doc, params, jobs.endpoint_of(request) or {}, key, n)
+    if problems:
+        return problems, []
+    records = doc.get("records") or []
+    indices = draw_sample(len(records), REQUERY_SAMPLE)
+    problems += _requery(request, tenant, key, [("", i, records[i]) for i in indices])
+    return problems, indices
+
+
+def check_endpoint_identification(
+    doc: dict[str, Any],
+    *,
+    root: str,
+    recorded: str,
+    request: dict[str, Any],
+    tenant: str,
+    started_at: Any,
+) -> tuple[list[str], list[int]]:
+    """One validator's check of an endpoint identify job: (problems, re-queried positions).
+
+    The document must audit (every model's transcript replays to its decision; the ranking,
+    verdict and root follow from the transcripts), each transcript passes the verify job's
+    checks (the job's endpoint and parameters; every challenge the farm key's of its index
+    among those the job may ask that model, :func:`committed_count` with its fingerprint's
+    size: identify jobs commit nothing at ``prepare``), and names the model's stored
+    fingerprint. The listing covers every model of the tenant whose endpoint fingerprint
+    (farm key) was ready when the job started. Then :data:`REQUERY_SAMPLE` records drawn
+    over all transcripts (positions in the sorted models' concatenated records) are asked
+    again, as for a verify job.
+    """
+    from rev_tasks.core.keys import key_id
+    from rev_tasks.endpoints.fingerprint import FingerprintReference
+    from rev_tasks.endpoints.identification import audit_endpoint_identification, recorded_verdict
+    from rev_tasks.tasks.consensus import _aware, draw_sample
+
+    problems = [f"audit: {p}" for p in audit_endpoint_identification(doc)]
+    if doc.get("root") != root:
+        problems.append("stored root differs from the document's root")
+    if recorded_verdict(doc) != recorded:
+        problems.append("stored verdict differs from the document's")
+    params = endpoint_params(request)
+    ep = jobs.endpoint_of(request) or {}
+    key = farm_key()
+    kid = key_id(key)
+    if doc.get("key_id") != kid:
+        problems.append("the document was made with another key than the farm's")
+    transcripts: dict[str, Any] = doc.get("transcripts") or {}
+    started = _aware(started_at) if started_at is not None else None
+    with session_scope() as s:
+        rows = (
+            s.query(EndpointFingerprint, ModelRecord)
+            .join(ModelRecord, ModelRecord.id == EndpointFingerprint.model_id)
+            .filter(ModelRecord.tenant == tenant)
+            .all()
+        )
+        usable = {
+            efp.model_id: efp
+            for efp, rec in rows
+            if rec.status == MODEL_READY and efp.status == MODEL_READY and efp.key_id == kid
+        }
+        for m, efp in sorted(usable.items()):
+            if m not in transcripts and started is not None and _aware(efp.created_at) < started:
+                problems.append(f"listing: {m}, ready before the job started, is not listed")
+        for m, t in sorted(transcripts.items()):
+            efp = usable.get(m)
+            if efp is None:
+                problems.append(f"listing: {m} has no ready endpoint fingerprint of the tenant")
+                continue
+            stored = FingerprintReference(efp.document()).describe()
+            named = (t or {}).get("reference") or {}
+            if any(named.get(f) != stored[f] for f in ("fingerprint_sha256", "descriptor")):
+                problems.append(f"{m}: the transcript's reference is not its fingerprint")
+            n = committed_count(params, efp.n_challenges)
+            problems += [f"{m}: {p}" for p in _transcript_problems(t, params, ep, key, n)]
+    if problems:
+        return problems, []
+    flat = [
+        (m, i, rec)
+        for m, t in sorted(transcripts.items())
+        for i, rec in enumerate(t.get("records") or [])
+    ]
+    indices = draw_sample(len(flat), REQUERY_SAMPLE)
+    problems += _requery(
+        request, tenant, key, [(f"{flat[j][0]}: ", flat[j][1], flat[j][2]) for j in indices]
+    )
     return problems, indices

@@ -8,6 +8,7 @@ the last test replaces it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -35,6 +36,7 @@ from tests.integration.farm import (
     farm_environment,
     purge,
     submit,
+    wait_certificate,
     wait_job,
 )
 
@@ -242,13 +244,6 @@ def test_same_and_different_jobs_get_five_votes_and_the_clis_verdicts(
         "SAME": submit(client, _endpoint_body(same_url)),
         "DIFFERENT": submit(client, _endpoint_body(other_url)),
     }
-    identify = submit(
-        client,
-        {
-            "kind": "identify",
-            "candidate": {"endpoint": {"url": same_url, "model": MODEL}},
-        },
-    )
     docs = {want: wait_job(client, job_id, timeout=600) for want, job_id in jobs.items()}
     # The reference as a user has it: the model folder (torch), and the farm's own
     # endpoint fingerprint as a file (the same numbers the jobs read).
@@ -277,10 +272,56 @@ def test_same_and_different_jobs_get_five_votes_and_the_clis_verdicts(
         transcript = client.get(f"/v1/jobs/{doc['id']}/transcript")
         assert transcript.status_code == 200
         assert audit_endpoint(transcript.get_json()) == []
-    ident = wait_job(client, identify, timeout=300)
-    assert ident["status"] == "succeeded", ident["error"]
-    assert ident["result"]["best"] == MODEL
+
+
+def test_an_identify_job_gets_five_votes_and_a_certificate(farm, serve) -> None:
+    """An endpoint identify job goes through the five-validator consensus as a verify job."""
+    client = farm["client"]
+    body = {
+        "kind": "identify",
+        "candidate": {"endpoint": {"url": serve("f32").url, "model": MODEL}},
+    }
+    ident = wait_job(client, submit(client, body), timeout=300)
+    _check_identified(client, ident, "SAME")
+    assert ident["result"]["best"] == MODEL and ident["result"]["none_of_these"] is False
     assert ident["result"]["ranking"][0]["verdict"] == "SAME"
+
+
+def _check_identified(client: Any, ident: dict[str, Any], want: str) -> dict[str, Any]:
+    """An endpoint identify job went through consensus: five agreeing votes that re-asked
+    the endpoint, a certificate signed in the tally, and evidence whose ranking follows
+    from its per-model transcripts. Returns the stored evidence document."""
+    from rev_tasks.db.session import session_scope
+    from rev_tasks.db.tables import Transcript
+    from rev_tasks.endpoints.identification import audit_endpoint_identification
+
+    assert ident["status"] == "succeeded", ident["error"]
+    result = ident["result"]
+    assert result["verdict"] == want
+    consensus = result["consensus"]
+    assert consensus["agreeing"] == 5 and consensus["agreed"] is True, consensus
+    votes = _votes(ident)
+    assert len(votes) == 5 and {v["verdict"] for v in votes} == {want}
+    assert all(v["reexecuted"] for v in votes)  # each re-asked the endpoint
+    envelope = json.loads(wait_certificate(client, ident["id"]))  # signed in the tally
+    predicate = json.loads(base64.b64decode(envelope["payload"]))["predicate"]
+    assert predicate["verdict"] == want and predicate["consensus"]["agreeing"] == 5
+    assert predicate["evidence_root"] == result["transcript_root"]
+    with session_scope() as s:
+        tr = s.get(Transcript, ident["id"])
+        doc, root, recorded = tr.document(), tr.root, tr.verdict
+    assert (root, recorded) == (result["transcript_root"], want)
+    assert audit_endpoint_identification(doc) == []
+    assert sorted(doc["transcripts"]) == [r["model_id"] for r in result["ranking"]] == [MODEL]
+    for model_id, t in doc["transcripts"].items():
+        assert audit_endpoint(t) == [] and t["decision"]["verdict"] == want, model_id
+    # A ranking that does not follow from the transcripts fails the audit.
+    forged = json.loads(json.dumps(doc))
+    forged["entries"][0]["verdict"] = "DIFFERENT" if want == "SAME" else "SAME"
+    assert "listing: entries does not follow from the transcripts" in (
+        audit_endpoint_identification(forged)
+    )
+    return doc
 
 
 def test_a_text_mode_job_is_refuted_and_its_seeded_samples_re_asked(farm, serve) -> None:
@@ -358,7 +399,8 @@ def test_the_query_and_token_budgets_fail_the_job_with_the_reason(farm, serve) -
 def test_a_worker_that_forges_the_replies_is_voted_invalid(farm, serve) -> None:
     """The forging worker shifts every recorded log-probability by 0.5 nats and computes a
     consistent transcript from that (it audits clean): the validators' re-queries see that
-    the endpoint never answered so, and all five vote INVALID."""
+    the endpoint never answered so, and all five vote INVALID, on a verify job and on an
+    identify job."""
     farm["endpoint"].stop()
     farm["endpoint"] = _threads_worker(
         farm["env"],
@@ -381,4 +423,24 @@ def test_a_worker_that_forges_the_replies_is_voted_invalid(farm, serve) -> None:
     with session_scope() as s:
         problems = [p for v in s.query(Vote).filter_by(job_id=doc["id"]) for p in v.problems]
     assert problems and all(p.startswith("re-query: record") for p in problems), problems
+    # An identify job through the same forger: its evidence audits clean (the ranking follows
+    # from the forged transcripts), and the re-queries drawn over them vote it INVALID.
+    from rev_tasks.db.tables import Transcript
+    from rev_tasks.endpoints.identification import audit_endpoint_identification
+
+    body = {
+        "kind": "identify",
+        "candidate": {"endpoint": {"url": serve("f32").url, "model": MODEL}},
+    }
+    ident = wait_job(client, submit(client, body), timeout=300)
+    assert ident["status"] == "failed"
+    assert ident["error"]["code"] == "invalid_transcript", ident["error"]
+    votes = _votes(ident)
+    assert len(votes) == 5 and {v["verdict"] for v in votes} == {"INVALID"}
+    with session_scope() as s:
+        evidence = s.get(Transcript, ident["id"]).document()
+        problems = [p for v in s.query(Vote).filter_by(job_id=ident["id"]) for p in v.problems]
+    assert audit_endpoint_identification(evidence) == []
+    prefix = f"re-query: {MODEL}: record"
+    assert problems and all(p.startswith(prefix) for p in problems), problems
     assert_drained(farm["env"]["REDIS_URL"])
