@@ -69,7 +69,12 @@ def _init_child(**_: Any) -> None:
         torch.set_num_threads(threads)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    log.info("worker child %s: %d torch thread(s) for -c %d", os.getpid(), threads, concurrency)
+    from rev_tasks.ops.memory import active_allocator
+
+    log.info(
+        "worker child %s: %d torch thread(s) for -c %d, allocator %s",
+        os.getpid(), threads, concurrency, active_allocator(),
+    )  # fmt: skip
     from rev_tasks import telemetry
 
     telemetry.init_worker_process()

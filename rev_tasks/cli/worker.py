@@ -5,7 +5,9 @@ GPU pinning is a deployment fact, decided here and nowhere else: ``--gpu N`` set
 Celery process, and so torch, starts, then execs ``celery -A rev_tasks worker`` consuming
 that GPU's queue (``rev_tasks.queues.gpu_queue(N)``) with ``-c 1``: one process per device,
 and task code never picks one. ``--endpoint`` runs the endpoint jobs' I/O: the ``endpoint``
-queue on a threads pool (``-P threads -c 32``), since its tasks wait on HTTP.
+queue on a threads pool (``-P threads -c 32``), since its tasks wait on HTTP. The workers
+that run models (gpu, cpu, consensus) start with jemalloc preloaded when it is installed
+(``REV_WORKER_ALLOCATOR``, rev_tasks/ops/memory.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rev_tasks.ops.memory import allocator_env
 from rev_tasks.queues import (
     CONSENSUS_WORKER_QUEUES,
     ENDPOINT_WORKER_QUEUES,
@@ -68,6 +71,8 @@ def worker_command(
         name = hostname or "endpoint@%h"
     else:
         raise ValueError(f"unknown worker role {role!r}")
+    if role != "endpoint":  # the processes that run models: glibc's heap fragments
+        env = allocator_env(env)
     queues = tuple(dict.fromkeys(queues + tuple(extra_queues)))
     argv = [
         sys.executable, "-m", "celery", "-A", "rev_tasks", "worker",
@@ -116,7 +121,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"rev: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        pinned = {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "REV_WORKER_DEVICE") if k in env}
+        shown = ("CUDA_VISIBLE_DEVICES", "REV_WORKER_DEVICE", "LD_PRELOAD")
+        pinned = {k: env[k] for k in shown if k in env}
         prefix = " ".join(f"{k}={v}" for k, v in pinned.items())
         print(f"{prefix} {' '.join(argv)}".strip())
         return 0

@@ -16,12 +16,20 @@ which between them pull sympy and ~750 modules: ~70 MB of the main process's ~33
 (bench/bench_memory.py, the "steps" rows). Both stay importable: the first real use of
 dynamo imports it and replays the registrations made while it was deferred.
 
-``REV_WORKER_MEMORY_TUNING=0`` turns both off (the benchmark's "as it was").
+The allocator: glibc's malloc keeps the heap of a forward's freed activations and
+fragments it as batch shapes vary (a SmolLM2 child grew by ~60-120 MB over batches of
+mixed sizes, measured in bench/bench_memory.py); jemalloc returns freed pages to the kernel
+over time. :func:`allocator_env` makes the workers that run models start with jemalloc
+preloaded (``REV_WORKER_ALLOCATOR``: ``auto``, the default, uses it when
+``libjemalloc.so.2`` is installed; ``jemalloc`` insists; ``glibc`` keeps the C library's).
+
+``REV_WORKER_MEMORY_TUNING=0`` turns all three off (the benchmark's "as it was").
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import gc
 import importlib
 import importlib.abc
@@ -30,12 +38,60 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+ALLOCATORS = ("auto", "jemalloc", "glibc")
+JEMALLOC = "libjemalloc.so.2"
 
-def enabled() -> bool:
-    return os.environ.get("REV_WORKER_MEMORY_TUNING", "1").strip() != "0"
+
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get("REV_WORKER_MEMORY_TUNING", "1").strip() != "0"
+
+
+def find_jemalloc() -> str | None:
+    """The soname of an installed jemalloc (Debian: libjemalloc2), or None."""
+    name = ctypes.util.find_library("jemalloc")
+    return name if name == JEMALLOC else None
+
+
+def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a process that runs models: jemalloc preloaded where it applies.
+
+    It must be in the environment before the worker's interpreter starts (``LD_PRELOAD``),
+    so ``rev worker`` applies it before it execs Celery. Raises ValueError for an unknown
+    ``REV_WORKER_ALLOCATOR`` or for ``jemalloc`` when the library is not installed.
+    """
+    env = dict(environ)
+    choice = env.get("REV_WORKER_ALLOCATOR", "auto").strip().lower() or "auto"
+    if choice not in ALLOCATORS:
+        raise ValueError(
+            f"REV_WORKER_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {choice!r}"
+        )
+    if choice == "glibc" or not enabled(env):
+        return env
+    lib = find_jemalloc()
+    if lib is None:
+        if choice == "jemalloc":
+            raise ValueError(
+                f"REV_WORKER_ALLOCATOR=jemalloc, but {JEMALLOC} is not installed "
+                "(Debian/Ubuntu: apt-get install libjemalloc2)"
+            )
+        return env
+    preload = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+    if not any(os.path.basename(p) == lib for p in preload):
+        env["LD_PRELOAD"] = ":".join([lib, *preload])
+    return env
+
+
+def active_allocator(pid: int | str = "self") -> str:
+    """``jemalloc`` if the process has it mapped, else ``glibc`` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "jemalloc" if any("libjemalloc" in line for line in maps) else "glibc"
+    except OSError:
+        return "unknown"
 
 
 def freeze_preloaded() -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rev_tasks.ops.memory import allocator_env
 from rev_tasks.testing.harness import (
     ALL_QUEUES,
     ROOT,
@@ -163,7 +164,8 @@ class FarmWorker:
         self.queues = queues
         self.command = command
         self.preexec_fn = preexec_fn  # runs in the child before exec, e.g. a memory limit
-        self.env = {**os.environ, **env}
+        # what `rev worker` starts: jemalloc preloaded when installed (REV_WORKER_ALLOCATOR)
+        self.env = allocator_env({**os.environ, **env})
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
         self.proc: GroupProcess | None = None
 

@@ -24,6 +24,7 @@ import yaml
 
 from rev_tasks import queues
 from rev_tasks.metrics import METRIC_NAMES
+from rev_tasks.ops import memory
 from rev_tasks.ops.gpu import GPU_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -285,6 +286,32 @@ def test_compose_worker_memory_fits_the_limit() -> None:
             _check_memory_budget(name, argv, max_kb, svc["deploy"]["resources"]["limits"]["memory"])
             checked += 1
     assert checked == 6
+
+
+def _runs_models(argv: list[str]) -> bool:
+    """A worker consuming an inference or the consensus queue loads models."""
+    consumed = argv[argv.index("-Q") + 1].split(",")
+    return any(q.startswith("inference.") or q == queues.CONSENSUS for q in consumed)
+
+
+def test_the_workers_that_run_models_start_on_jemalloc() -> None:
+    """What `rev worker` preloads (rev_tasks/ops/memory.py), in the image and the manifests."""
+    assert re.search(r"apt-get install[^\n]*\blibjemalloc2\b", (DEPLOY / "Dockerfile").read_text())
+    services = {**_compose()["services"], **yaml.safe_load(COMPOSE_GPU.read_text())["services"]}
+    seen = []
+    for name, svc in services.items():
+        if name.startswith("worker-") and _runs_models([_default(a) for a in svc["command"]]):
+            assert svc["environment"].get("LD_PRELOAD") == memory.JEMALLOC, name
+            seen.append(name)
+    assert sorted(seen) == ["worker-consensus", "worker-cpu", "worker-gpu0", "worker-gpu1"]
+    pods = []
+    for path, doc in _workloads():
+        for c in _containers(doc):
+            if "worker" in c.get("args", []) and _runs_models(c["args"]):
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env.get("LD_PRELOAD") == memory.JEMALLOC, path.name
+                pods.append(path.name)
+    assert sorted(pods) == ["worker-consensus.yaml", "worker-cpu.yaml", "worker-gpu.yaml"]
 
 
 def test_compose_gpu_override_pins_one_worker_per_gpu() -> None:
