@@ -21,9 +21,11 @@ counted once whoever else maps it: what the worker alone would hold. Of those, f
 (libraries' code, the mmapped weights) are page cache the kernel can reclaim; the rest is
 anonymous memory. RSS, PSS and private (USS) from ``/proc/PID/smaps_rollup`` are beside it.
 
-Same run: the worker as it was (``REV_WORKER_MEMORY_TUNING=0``: no ``gc.freeze()`` before
-the fork) beside the worker as it is, with the batch times of both (the fix must not slow
-inference); ``--child stages``: one fresh process importing the worker's stack step by
+Same run: the worker as it was (``REV_WORKER_MEMORY_TUNING=0``: glibc's malloc, no
+deferred imports, no ``gc.freeze()`` before the fork) beside the worker as it is (jemalloc
+preloaded as ``rev worker`` does, when installed) and as it is on glibc, with the batch
+times of all three (a fix must not slow inference); ``--child mixed``: SmolLM2 over batches
+of mixed shapes, jemalloc against glibc; ``--child stages``: one fresh process importing the worker's stack step by
 step, each step's RSS and anonymous memory, so every contribution has a number; and
 ``--child malloc``: glibc's retention of freed activations (SmolLM2), the resident memory
 and batch time with its default dynamic thresholds, with fixed small ones (``mallopt``)
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from rev_tasks.ops.memory import active_allocator, allocator_env
 
 HEADROOM_MB = 300.0
 MB = 1024 * 1024
@@ -137,6 +140,7 @@ def child_worker(which: str, batches: int) -> dict[str, Any]:
             t = time.perf_counter()
             model = modelcache.get(str(model_path(which)))
             report["load_s"] = round(time.perf_counter() - t, 2)
+            report["allocator"] = active_allocator()
             _batches(model, 1)  # warm-up: oneDNN primitives, projections, allocator state
             report["batch_s"] = [round(x, 4) for x in _batches(model, batches)]
             gc.collect()
@@ -288,14 +292,55 @@ def child_malloc(which: str, rounds: int, batches: int) -> dict[str, Any]:
     }
 
 
-def _spawn(*argv: str, tuning: bool = True) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "REV_WORKER_CONCURRENCY": "2",  # -c 2 on two cores: one torch thread per child
-        "REV_WORKER_MEMORY_TUNING": "1" if tuning else "0",
-        "REV_METRICS_PORT": "0",
+def child_mixed(which: str, batches: int) -> dict[str, Any]:
+    """RSS over batches of mixed shapes (1-16 prompts, each 1-3 challenges long), one process.
+
+    A farm's batches vary: early stops leave short last batches, prompts differ in length.
+    The same seeded sequence in every run; one torch thread.
+    """
+    import random
+    import resource
+
+    import torch
+
+    from rev_tasks.core.challenges import generate_challenges
+    from rev_tasks.core.keys import DEMO_KEY
+    from rev_tasks.inference import load_model, site_signatures
+
+    torch.set_num_threads(1)
+    model = load_model(model_path(which))
+    pool = [c.prompt for c in generate_challenges(DEMO_KEY, 64)]
+    rng = random.Random(7)
+    rss: list[float] = []
+    started = time.perf_counter()
+    for _ in range(batches):
+        prompts = [p * rng.choice((1, 1, 2, 3)) for p in rng.sample(pool, rng.choice(_SIZES))]
+        site_signatures(model.pooled_states(prompts, model.sites), DEMO_KEY, 4096)
+        rss.append(rollup()["rss"])
+    return {
+        "allocator": active_allocator(),
+        "seconds": round(time.perf_counter() - started, 2),
+        "rss_first_mb": rss[0],
+        "rss_last_mb": rss[-1],
+        "rss_max_mb": max(rss),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+
+
+_SIZES = (1, 2, 4, 8, 12, 16)
+
+
+def _spawn(*argv: str, tuning: bool = True, allocator: str = "auto") -> dict[str, Any]:
+    env = allocator_env(
+        {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "REV_WORKER_CONCURRENCY": "2",  # -c 2 on two cores: one torch thread per child
+            "REV_WORKER_MEMORY_TUNING": "1" if tuning else "0",
+            "REV_WORKER_ALLOCATOR": allocator,  # what `rev worker` preloads
+            "REV_METRICS_PORT": "0",
+        }
+    )
     return common.run_json(
         [sys.executable, "-m", "bench.bench_memory", "--child", *argv],
         cwd=common.ROOT,
@@ -318,20 +363,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = weights_bytes(path) / MB
         limit = weights + HEADROOM_MB
         # as it was, then as it is, alternately: the batch times share the machine's load
-        runs = {"before": [], "after": []}
+        runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": [], "glibc": []}
         for _ in range(args.rounds):
             runs["before"].append(_spawn("worker", which, str(args.batches), tuning=False))
             runs["after"].append(_spawn("worker", which, str(args.batches), tuning=True))
+            runs["glibc"].append(_spawn("worker", which, str(args.batches), allocator="glibc"))
         stages = _spawn("stages", which)
-        after, before = runs["after"], runs["before"]
+        after, before, glibc = runs["after"], runs["before"], runs["glibc"]
+        t_glibc = statistics.median(x for r in glibc for x in r["batch_s"])
+        alloc = after[-1]["allocator"]
         t_after = statistics.median(x for r in after for x in r["batch_s"])
         t_before = statistics.median(x for r in before for x in r["batch_s"])
         results[which] = {"weights_mb": round(weights, 1), "after": after, "stages": stages}
-        baseline[which] = {"before": before}
+        baseline[which] = {"before": before, "glibc": glibc}
         # judged on the worst round: memory that a limit must allow for
         met[f"{which}_distinct_mb"] = _worst(after, "distinct_mb") <= limit
         met[f"{which}_child_peak_rss_mb"] = _worst(after, "peak_rss_mb") <= limit
         ratios[f"{which}_batch_time_after_over_before"] = round(t_after / t_before, 3)
+        ratios[f"{which}_batch_time_{alloc}_over_glibc"] = round(t_after / t_glibc, 3)
         floor = after[-1]["parent_before_fork"]["rss"]
         step = {st["step"].split(",")[0].split(" (")[0]: st["rss_mb"] for st in stages["steps"]}
         parts = [
@@ -378,6 +427,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 met[f"{which}_child_peak_rss_mb"],
             ),
             common.row(
+                f"{which}: the allocator alone: as it is ({alloc}) vs glibc with the other fixes "
+                "- distinct pages (file); child peak RSS; batch median s",
+                f"{_span(after, 'distinct_mb')} ({_span(after, 'distinct_file_mb')}); "
+                f"{_span(after, 'peak_rss_mb')}; {t_after:.3f}",
+                f"glibc: {_span(glibc, 'distinct_mb')} ({_span(glibc, 'distinct_file_mb')}); "
+                f"{_span(glibc, 'peak_rss_mb')}; {t_glibc:.3f} (x{t_after / t_glibc:.2f})",
+            ),
+            common.row(
                 f"{which}: what one more child adds (pages only it maps, MB)",
                 _span(after, "child_only_mb"),
                 f"as it was: {_span(before, 'child_only_mb')}",
@@ -399,8 +456,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"of dynamo/sympy/DTensor: {', '.join(stages['imported_by_the_batches']) or 'none'}",
             ),
         ]
+    if args.mixed_batches > 0:
+        mixed: dict[str, list[dict[str, Any]]] = {"auto": [], "glibc": []}
+        for _ in range(args.rounds):
+            for allocator in mixed:
+                mixed[allocator].append(
+                    _spawn("mixed", "smollm2", str(args.mixed_batches), allocator=allocator)
+                )
+        results["mixed"], baseline["mixed"] = mixed["auto"], mixed["glibc"]
+        ours, base = mixed["auto"], mixed["glibc"]
+        t_ours = statistics.median(r["seconds"] for r in ours)
+        t_base = statistics.median(r["seconds"] for r in base)
+        ratios["mixed_time_over_glibc"] = round(t_ours / t_base, 3)
+        ratios["mixed_peak_over_glibc"] = round(
+            statistics.median(r["peak_rss_mb"] for r in ours)
+            / statistics.median(r["peak_rss_mb"] for r in base),
+            3,
+        )
+
+        def shown(runs: list[dict[str, Any]], t: float) -> str:
+            return (
+                f"RSS after the first {_span(runs, 'rss_first_mb')}, after the last "
+                f"{_span(runs, 'rss_last_mb')}, peak {_span(runs, 'peak_rss_mb')} MB; {t:.1f} s"
+            )
+
+        rows.append(
+            common.row(
+                f"smollm2, {args.mixed_batches} batches of mixed shapes in one process "
+                f"({'/'.join(map(str, _SIZES))} prompts, 1-3x long): {ours[0]['allocator']}",
+                shown(ours, t_ours),
+                f"glibc: {shown(base, t_base)} (time x{t_ours / t_base:.2f})",
+            )
+        )
     if args.malloc_rounds > 0:
-        alloc = _spawn("malloc", "smollm2", str(args.malloc_rounds), "2")
+        alloc = _spawn("malloc", "smollm2", str(args.malloc_rounds), "2", allocator="glibc")
         results["malloc_whatif"] = alloc
         d = alloc["default"]
         rows.append(
@@ -422,8 +511,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "process and its pool child, each counted once (the honest figure: RSS double-counts "
         "shared pages, PSS divides them with unrelated processes on this shared machine)",
         "as it was / as it is: REV_WORKER_MEMORY_TUNING=0 / 1 in the same run, alternated "
-        "(both in the main process, rev_tasks/ops/memory.py: transformers imported with "
-        "torch._dynamo, sympy and DTensor deferred, and gc.freeze() after the preload)",
+        "(rev_tasks/ops/memory.py: in the main process transformers imported with "
+        "torch._dynamo, sympy and DTensor deferred and gc.freeze() after the preload; both "
+        "processes on jemalloc, preloaded as `rev worker` does, REV_WORKER_ALLOCATOR); "
+        "'glibc': as it is but REV_WORKER_ALLOCATOR=glibc, the allocator's share",
         "the child is the real worker_process_init handler with -c 2 (one torch thread) and "
         "the worker's model cache; batches: 8 challenges, pooled states + 4,096-bit "
         "signatures at every site, after one warm-up batch",
@@ -467,12 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--malloc-rounds", type=int, default=1, help="0: no glibc what-if")
+    ap.add_argument("--mixed-batches", type=int, default=20, help="0: no mixed-shape rows")
     ap.add_argument("--json", nargs="?", const="", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     if args.child:
         kind, which, *rest = args.child
         if kind == "worker":
             out = child_worker(which, int(rest[0]))
+        elif kind == "mixed":
+            out = child_mixed(which, int(rest[0]))
         elif kind == "malloc":
             out = child_malloc(which, int(rest[0]), int(rest[1]))
         else:

@@ -21,7 +21,7 @@ from bench import common
 PLAN: list[tuple[str, str, list[str], int, int]] = [
     ("hamming", "bench.bench_hamming", [], 5, 120),
     ("inference", "bench.bench_inference", [], 110, 300),
-    ("memory", "bench.bench_memory", [], 260, 480),
+    ("memory", "bench.bench_memory", [], 420, 720),
     ("consensus", "bench.bench_consensus", [], 120, 300),
     ("e2e", "bench.bench_e2e", [], 100, 300),
     ("api", "bench.bench_api", [], 240, 420),
