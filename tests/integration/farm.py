@@ -266,9 +266,20 @@ def submit(client: Any, body: dict[str, Any]) -> str:
     return doc["id"]
 
 
-def register(client: Any, model_id: str, path: Path, timeout: float = 300.0) -> dict[str, Any]:
-    """Register a model and wait until its fingerprint is ready (or it failed)."""
-    resp = client.post("/v1/models", json={"id": model_id, "path": str(path)})
+def register(
+    client: Any,
+    model_id: str,
+    path: Path,
+    timeout: float = 300.0,
+    fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Register a model and wait until its fingerprint is ready (or it failed).
+
+    ``fields`` adds to the request body (``endpoint_evidence``: the model's status stays
+    pending until its endpoint fingerprint is computed too).
+    """
+    body = {"id": model_id, "path": str(path), **(fields or {})}
+    resp = client.post("/v1/models", json=body)
     assert resp.status_code in (202, 409), resp.get_json()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
