@@ -107,7 +107,7 @@ def farm(
         }
         try:
             # SmolLM2 with its endpoint fingerprint: the status waits for both.
-            doc = register(client, MODEL, smollm2, 900.0, {"endpoint_evidence": True})
+            doc = register(client, MODEL, smollm2, 900.0, {"endpoint_evidence": True}, new=True)
             assert doc["status"] == "ready" and doc["endpoint_fingerprint"], doc
             state["model"] = doc
             yield state

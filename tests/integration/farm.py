@@ -330,15 +330,19 @@ def register(
     path: Path,
     timeout: float = 300.0,
     fields: dict[str, Any] | None = None,
+    new: bool = False,
 ) -> dict[str, Any]:
     """Register a model and wait until its fingerprint is ready (or it failed).
 
     ``fields`` adds to the request body (``endpoint_evidence``: the model's status stays
-    pending until its endpoint fingerprint is computed too).
+    pending until its endpoint fingerprint is computed too). ``new``: the model must not
+    exist yet (202, every fingerprint the request asks for still pending), not 409.
     """
     body = {"id": model_id, "path": str(path), **(fields or {})}
     resp = client.post("/v1/models", json=body)
-    assert resp.status_code in (202, 409), resp.get_json()
+    assert resp.status_code in ((202,) if new else (202, 409)), resp.get_json()
+    if new and fields and fields.get("endpoint_evidence"):
+        assert resp.get_json()["endpoint_fingerprint"]["status"] == "pending", resp.get_json()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         doc = client.get(f"/v1/models/{model_id}").get_json()
