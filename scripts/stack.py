@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +89,26 @@ def minilm_dir() -> Path | None:
         return None
 
 
-def ensure_secret_key(path: Path) -> Path:
-    """32 random bytes, created once (O_EXCL), readable only by the owner."""
+def _create_private_once(path: Path, content: Callable[[], bytes], what: str) -> None:
+    """Write ``content()`` to ``path`` unless it exists, mode 0600 from the first byte.
+
+    O_EXCL: of two ``up`` runs racing, the first file is kept and the second writes nothing
+    (so a key is never replaced under a member already using it). ``content`` is called only
+    when this run creates the file; ``what`` names it in the log line.
+    """
     if path.exists():
-        return path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-        log(f"created secret key {path}")
+            fh.write(content())
+        log(f"created {what}")
+
+
+def ensure_secret_key(path: Path) -> Path:
+    """32 random bytes, created once (O_EXCL), readable only by the owner."""
+    _create_private_once(path, lambda: secrets.token_bytes(32), f"secret key {path}")
     return path
 
 
@@ -106,13 +117,11 @@ def ensure_flower_auth(path: Path) -> str:
 
     Flower's API can revoke tasks and shut workers down: the local one is not open either.
     """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"rev:{secrets.token_urlsafe(24)}\n")
-            log(f"created Flower credentials {_shown(path)}")
+    _create_private_once(
+        path,
+        lambda: f"rev:{secrets.token_urlsafe(24)}\n".encode(),
+        f"Flower credentials {_shown(path)}",
+    )
     return path.read_text().strip()
 
 
@@ -142,12 +151,11 @@ def ensure_credential_key(path: Path) -> Path:
         return path
     from rev_tasks import credentials
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(credentials.generate_key() + "\n")
-        log(f"created credential master key {path}")
+    _create_private_once(
+        path,
+        lambda: (credentials.generate_key() + "\n").encode(),
+        f"credential master key {path}",
+    )
     return path
 
 

@@ -31,8 +31,6 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from rev_tasks import jobs, metrics
 from rev_tasks.celery import app
 from rev_tasks.db.session import session_scope
@@ -40,13 +38,11 @@ from rev_tasks.db.tables import MODEL_READY, EndpointFingerprint, ModelRecord
 from rev_tasks.queues import Task
 from rev_tasks.settings import get_settings
 from rev_tasks.tasks.common import (
-    DB_ERRORS,
     DB_RETRY,
     FarmError,
     JobFailed,
     check_folder,
     farm_key,
-    heartbeat,
 )
 from rev_tasks.testing import faults
 
@@ -187,48 +183,32 @@ def _as_farm_error(exc: Exception) -> FarmError:
 
 @app.task(name=Task.RUN_ENDPOINT, bind=True, throws=(JobFailed,), **DB_RETRY)
 def run_endpoint(self: Any, job_id: str) -> str:
-    """Query the job's endpoint to a verdict (verify) or a ranking (identify); persist."""
+    """Query the job's endpoint to a verdict (verify) or a ranking (identify); persist.
+
+    Started, counted, stopped and failed like an inference (:func:`deliver`); an endpoint
+    that fails is the job's failure with the client's one-line reason.
+    """
     from rev_tasks.endpoints.client import EndpointError
     from rev_tasks.endpoints.egress import EgressRefused
     from rev_tasks.endpoints.fingerprint import FingerprintError
-    from rev_tasks.tasks.verify import _fail, _left, _LeftInference, _start, dispatch_consensus
+    from rev_tasks.tasks.verify import deliver
 
-    try:
-        spec, outcome = _start(job_id, new_attempt=not self.request.retries)
-    except jobs.IllegalTransition as exc:
-        log.warning("%s; this delivery leaves the job alone", exc)
-        return "skipped"
-    if spec is None:
-        return outcome
-    try:
-        if spec.attempts > get_settings().max_attempts:
-            raise FarmError(
-                "worker_lost",
-                f"the endpoint job was interrupted {spec.attempts - 1} times; not retried again",
-            )
-        with heartbeat(job_id, spec.attempts):
-            outcome = _identify(spec) if spec.kind == "identify" else _verify(spec)
-    except _LeftInference:
-        return _left(job_id)
-    except FarmError as exc:
-        return _fail(job_id, exc.code, exc.message)
-    except (EndpointError, EgressRefused) as exc:
-        err = _as_farm_error(exc)
-        return _fail(job_id, err.code, err.message)
-    except FingerprintError as exc:
-        return _fail(job_id, "verification_error", str(exc))
-    except SoftTimeLimitExceeded:
-        return _fail(job_id, "timeout", "the job ran past REV_JOB_TIME_LIMIT")
-    except DB_ERRORS:
-        raise
-    except Exception as exc:
-        log.exception("job %s: unexpected error", job_id)
-        with session_scope() as s:
-            jobs.fail(s, job_id, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
-        raise
-    if outcome == "decided":
-        dispatch_consensus(job_id)
-    return outcome
+    def work(spec: jobs.JobSpec) -> str:
+        try:
+            return _identify(spec) if spec.kind == "identify" else _verify(spec)
+        except (EndpointError, EgressRefused) as exc:
+            raise _as_farm_error(exc) from exc
+        except FingerprintError as exc:
+            raise FarmError("verification_error", str(exc)) from exc
+
+    return deliver(
+        self,
+        job_id,
+        work,
+        lambda interrupted: (
+            f"the endpoint job was interrupted {interrupted} times; not retried again"
+        ),
+    )
 
 
 def _progress(job_id: str, attempt: int) -> Any:

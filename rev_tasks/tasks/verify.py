@@ -20,6 +20,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -283,14 +284,44 @@ def _request_topup(session: Any, fp: Fingerprint, queue: str) -> None:
 def run_inference(self: Any, job_id: str) -> str:
     """Run the job's batches on this worker's device; persist; start consensus.
 
-    Each delivery that starts the inference counts as an attempt (a database retry does
-    not); while it runs, the job heartbeats, and its progress writes carry its attempt, so
-    that a delivery overtaken by a later one (after the watchdog resumed the job) stops. A job whose inference keeps killing its worker (a model that exhausts memory, a
-    crash in native code) fails with ``worker_lost`` after ``REV_MAX_ATTEMPTS`` instead of
-    being redelivered forever.
+    A job whose inference keeps killing its worker (a model that exhausts memory, a crash
+    in native code) fails with ``worker_lost`` after ``REV_MAX_ATTEMPTS`` instead of being
+    redelivered forever (:func:`deliver`).
+    """
+
+    def work(spec: jobs.JobSpec) -> str:
+        faults.before_inference(spec.candidate_path)
+        return _identify(spec, self) if spec.kind == "identify" else _verify(spec, self)
+
+    return deliver(
+        self,
+        job_id,
+        work,
+        lambda interrupted: (
+            f"the inference was interrupted {interrupted} times (worker killed: out "
+            "of memory, or a crash in native code); it is not retried again"
+        ),
+    )
+
+
+def deliver(
+    task: Any,
+    job_id: str,
+    work: Callable[[jobs.JobSpec], str],
+    interrupted: Callable[[int], str],
+) -> str:
+    """One delivery of a job's device step (``run_inference``, ``run_endpoint``) to its outcome.
+
+    Shared so that both steps count attempts, stop and fail alike. Each delivery that starts
+    the job counts as an attempt (a database retry does not); while ``work`` runs, the job
+    heartbeats, and its progress writes carry its attempt, so that a delivery overtaken by a
+    later one (after the watchdog resumed the job) stops. Past ``REV_MAX_ATTEMPTS`` the job
+    fails with ``worker_lost`` and ``interrupted(attempts - 1)`` as its message. ``work``
+    returns ``decided`` when it stored the transcript (the consensus chord is dispatched), and
+    raises :class:`FarmError` for a failure of the job.
     """
     try:
-        spec, outcome = _start(job_id, new_attempt=not self.request.retries)
+        spec, outcome = _start(job_id, new_attempt=not task.request.retries)
     except jobs.IllegalTransition as exc:  # another delivery moved the job meanwhile
         log.warning("%s; this delivery leaves the job alone", exc)
         return "skipped"
@@ -298,14 +329,9 @@ def run_inference(self: Any, job_id: str) -> str:
         return outcome
     try:
         if spec.attempts > get_settings().max_attempts:
-            raise FarmError(
-                "worker_lost",
-                f"the inference was interrupted {spec.attempts - 1} times (worker killed: out "
-                "of memory, or a crash in native code); it is not retried again",
-            )
+            raise FarmError("worker_lost", interrupted(spec.attempts - 1))
         with heartbeat(job_id, spec.attempts):  # the watchdog resumes a job that goes silent
-            faults.before_inference(spec.candidate_path)
-            outcome = _identify(spec, self) if spec.kind == "identify" else _verify(spec, self)
+            outcome = work(spec)
     except _LeftInference:
         return _left(job_id)
     except FarmError as exc:

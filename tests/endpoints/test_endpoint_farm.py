@@ -35,6 +35,7 @@ from tests.integration.farm import (
     create_key,
     farm_environment,
     purge,
+    register,
     submit,
     wait_certificate,
     wait_job,
@@ -105,29 +106,15 @@ def farm(
             "key_file": env["REV_SECRET_KEY_FILE"],
         }
         try:
-            doc = _register(client, smollm2)
-            assert doc["status"] == "ready", doc
+            # SmolLM2 with its endpoint fingerprint: the status waits for both.
+            doc = register(client, MODEL, smollm2, 900.0, {"endpoint_evidence": True}, new=True)
+            assert doc["status"] == "ready" and doc["endpoint_fingerprint"], doc
             state["model"] = doc
             yield state
         finally:
             for w in (state["endpoint"], cpu):
                 w.stop()
             purge(env["REDIS_URL"])
-
-
-def _register(client: Any, path: Path, timeout: float = 900.0) -> dict[str, Any]:
-    """Register SmolLM2 with its endpoint fingerprint; wait until both are computed."""
-    body = {"id": MODEL, "path": str(path), "endpoint_evidence": True}
-    resp = client.post("/v1/models", json=body)
-    assert resp.status_code == 202, resp.get_json()
-    assert resp.get_json()["endpoint_fingerprint"]["status"] == "pending"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(f"/v1/models/{MODEL}").get_json()
-        if doc["status"] != "pending":
-            return doc
-        time.sleep(0.5)
-    raise AssertionError(f"{MODEL} still pending after {timeout}s")
 
 
 def _endpoint_body(url: str, **extra: Any) -> dict[str, Any]:

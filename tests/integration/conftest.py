@@ -31,7 +31,7 @@ from tests.integration.farm import (
     FarmWorker,
     authed_client,
     create_key,
-    farm_environment,
+    farm_env_fixture,
     purge,
 )
 
@@ -65,17 +65,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- environment
-@pytest.fixture(scope="module")
-def farm_env(
-    redis_url: str, postgres_url: str, model_dirs: dict[str, Path], tmp_path_factory: Any
-) -> Iterator[dict[str, str]]:
-    """The farm's environment, applied to this process and passed to every worker.
-
-    Module-scoped and restored afterwards, so tests outside tests/integration never see
-    the farm's DATABASE_URL or key file in their environment.
-    """
-    with farm_environment(redis_url, postgres_url, model_dirs, tmp_path_factory) as env:
-        yield env
+# The farm's environment, applied to this process and passed to every worker (module-scoped,
+# restored afterwards); a module that needs other settings defines its own farm_env.
+farm_env = farm_env_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from rev_tasks.ops.memory import allocator_env
 from rev_tasks.testing.harness import (
@@ -98,6 +101,27 @@ def farm_environment(
     with applied_environment(env):
         purge(redis_url)
         yield env
+
+
+def farm_env_fixture(**extra: str) -> Any:
+    """A module-scoped ``farm_env`` fixture: :func:`farm_environment` with ``extra`` set.
+
+    Applied to this process and passed to every worker, restored afterwards, so tests outside
+    tests/integration never see the farm's DATABASE_URL or key file in their environment.
+    The conftest's has no extras; a module whose workers all need other settings (fewer
+    fingerprint challenges) defines its own with them.
+    """
+
+    @pytest.fixture(scope="module")
+    def farm_env(
+        redis_url: str, postgres_url: str, model_dirs: dict[str, Path], tmp_path_factory: Any
+    ) -> Iterator[dict[str, str]]:
+        with farm_environment(
+            redis_url, postgres_url, model_dirs, tmp_path_factory, **extra
+        ) as env:
+            yield env
+
+    return farm_env
 
 
 def empty_database(database_url: str) -> None:
@@ -234,6 +258,40 @@ class FarmWorker:
         self.proc = None
 
 
+def worker_fixture(name: str) -> Any:
+    """A module-scoped ``worker`` fixture: one worker on every queue (``start_worker``).
+
+    ``name`` names its log and its Celery node, so that a failing module's worker is found.
+    """
+
+    @pytest.fixture(scope="module")
+    def worker(start_worker: Any) -> Iterator[FarmWorker]:
+        w = start_worker(name=name)
+        yield w
+        w.stop()
+
+    return worker
+
+
+def api_url_fixture() -> Any:
+    """A module-scoped ``api_url`` fixture: the test app over real HTTP, for the ``rev`` client.
+
+    The Flask test client has no port; the CLI needs one (a werkzeug server thread).
+    """
+
+    @pytest.fixture(scope="module")
+    def api_url(app: Any) -> Iterator[str]:
+        from werkzeug.serving import make_server
+
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_port}"
+        server.shutdown()
+
+    return api_url
+
+
 def wait_job(client: Any, job_id: str, timeout: float = 300.0) -> dict[str, Any]:
     """Poll GET /v1/jobs/<id> until it is finished (TERMINAL); return the document."""
     deadline = time.monotonic() + timeout
@@ -268,10 +326,25 @@ def submit(client: Any, body: dict[str, Any]) -> str:
     return doc["id"]
 
 
-def register(client: Any, model_id: str, path: Path, timeout: float = 300.0) -> dict[str, Any]:
-    """Register a model and wait until its fingerprint is ready (or it failed)."""
-    resp = client.post("/v1/models", json={"id": model_id, "path": str(path)})
-    assert resp.status_code in (202, 409), resp.get_json()
+def register(
+    client: Any,
+    model_id: str,
+    path: Path,
+    timeout: float = 300.0,
+    fields: dict[str, Any] | None = None,
+    new: bool = False,
+) -> dict[str, Any]:
+    """Register a model and wait until its fingerprint is ready (or it failed).
+
+    ``fields`` adds to the request body (``endpoint_evidence``: the model's status stays
+    pending until its endpoint fingerprint is computed too). ``new``: the model must not
+    exist yet (202, every fingerprint the request asks for still pending), not 409.
+    """
+    body = {"id": model_id, "path": str(path), **(fields or {})}
+    resp = client.post("/v1/models", json=body)
+    assert resp.status_code in ((202,) if new else (202, 409)), resp.get_json()
+    if new and fields and fields.get("endpoint_evidence"):
+        assert resp.get_json()["endpoint_fingerprint"]["status"] == "pending", resp.get_json()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         doc = client.get(f"/v1/models/{model_id}").get_json()

@@ -13,8 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +20,23 @@ import pytest
 
 from rev_tasks.testing import variants as V
 from tests.integration.farm import (
+    api_url_fixture,
     assert_drained,
-    farm_environment,
+    farm_env_fixture,
     register,
     rev_verify,
     submit,
     wait_job,
+    worker_fixture,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def farm_env(
-    redis_url: str, postgres_url: str, model_dirs: dict[str, Path], tmp_path_factory: Any
-) -> Iterator[dict[str, str]]:
-    """The farm's environment with 32-challenge fingerprints (MiniLM registers twice)."""
-    with farm_environment(
-        redis_url, postgres_url, model_dirs, tmp_path_factory, REV_FINGERPRINT_CHALLENGES="32"
-    ) as env:
-        yield env
-
-
-@pytest.fixture(scope="module")
-def worker(start_worker: Any) -> Any:
-    w = start_worker(name="dtype")
-    yield w
-    w.stop()
+# 32-challenge fingerprints (MiniLM registers twice).
+farm_env = farm_env_fixture(REV_FINGERPRINT_CHALLENGES="32")
+worker = worker_fixture("dtype")
+api_url = api_url_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +45,6 @@ def bf16_cast(model_dirs: dict[str, Path]) -> Path:
     return V.save_transformed(
         model_dirs["minilm"], model_dirs["root"] / "minilm-bf16-cast", V.cast("bfloat16")
     )
-
-
-@pytest.fixture(scope="module")
-def api_url(app: Any) -> Iterator[str]:
-    """The test app over real HTTP (a werkzeug server thread), for the ``rev`` client."""
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 def _rev(api_url: str, token: str, *argv: str) -> dict[str, Any]:

@@ -24,16 +24,13 @@ from tests.integration.farm import (
     rev_verify,
     submit,
     wait_job,
+    worker_fixture,
 )
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def worker(start_worker: Any) -> Any:
-    w = start_worker(name="farm")
-    yield w
-    w.stop()
+worker = worker_fixture("farm")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.farm import farm_environment, register, rev_verify, submit, wait_job
+from tests.integration.farm import (
+    api_url_fixture,
+    farm_environment,
+    register,
+    rev_verify,
+    submit,
+    wait_job,
+)
 from tests.integration.memlimit import MemoryLimit
 
 pytestmark = pytest.mark.integration
@@ -143,16 +150,7 @@ class _PeakRSS:
         self._thread.join()
 
 
-@pytest.fixture(scope="module")
-def api_url(app: Any) -> Iterator[str]:
-    """The test app over real HTTP (a werkzeug server thread), for the ``rev`` client."""
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+api_url = api_url_fixture()
 
 
 def _job(big_model: Path, **extra: Any) -> dict[str, Any]:
