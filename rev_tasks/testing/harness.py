@@ -209,6 +209,22 @@ class GroupProcess:
 
 
 # ----------------------------------------------------------------------------- celery workers
+def python_json(script: str, *args: str, env: Mapping[str, str], timeout: float = 600.0) -> Any:
+    """Run ``script`` in a fresh interpreter with ``env`` (ROOT on its path); its last stdout
+    line, parsed as JSON. A failure raises AssertionError with the end of its stderr."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def worker_argv(
     queues: str,
     node: str,

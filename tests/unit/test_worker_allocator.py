@@ -7,7 +7,6 @@ depend on which allocator served its tensors.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 
 from rev_tasks.cli.worker import worker_command
 from rev_tasks.ops import memory
-from rev_tasks.testing.harness import ROOT
+from rev_tasks.testing.harness import ROOT, python_json
 from rev_tasks.testing.variants import build_tiny_llama
 from tests.conftest import service_unavailable
 
@@ -104,16 +103,7 @@ SIGNATURES = textwrap.dedent(
 
 
 def _signatures(model: Path, environ: dict[str, str]) -> dict[str, object]:
-    env = {**environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", SIGNATURES, str(model)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    return python_json(SIGNATURES, str(model), env=environ, timeout=300)
 
 
 def test_signatures_are_the_same_bits_under_either_allocator(jemalloc: str, tmp_path: Path) -> None:

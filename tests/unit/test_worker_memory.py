@@ -7,7 +7,6 @@ ones the child copied). Linux only (/proc/self/smaps_rollup).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rev_tasks.testing.harness import ROOT
+from rev_tasks.testing.harness import ROOT, python_json
 from rev_tasks.testing.variants import build_tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -113,16 +112,7 @@ LEAN = textwrap.dedent(
 
 
 def _lean(tuning: str, llama: Path) -> dict:
-    env = {**os.environ, "REV_WORKER_MEMORY_TUNING": tuning, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", LEAN, str(llama)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return python_json(LEAN, str(llama), env={**os.environ, "REV_WORKER_MEMORY_TUNING": tuning})
 
 
 def test_lean_imports_defer_dynamo_and_keep_signatures(tmp_path: Path) -> None:
