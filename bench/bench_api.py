@@ -434,9 +434,12 @@ def _miss_cause(runs: dict[str, Any], health: dict[str, Any], load: float | None
     after = runs["after"]
     mix, cpu = after["mix"], after["cpu_ms_per_request"]
     cores = (cpu["web"] + cpu["postgresql"] + cpu["redis"] + cpu["generator"]) * RATE / 1e3
+    total = common.machine()["cores"]
     parts = [
-        f"the mix needs {cores:.2f} cores at {RATE}/s (CPU per request x rate), "
-        f"load average {load} on {common.machine()['cores']} cores from other work"
+        f"the mix needs {cores:.2f} of this machine's {total} cores at {RATE}/s (CPU per "
+        f"request x rate: {100 * cores / total:.0f}% busy), so requests queue behind one "
+        f"another and the tail grows with the CPU each one costs here; load average {load} "
+        "at the end, this run's own server, database and generator included"
     ]
     if mix["achieved_rps"] < 0.98 * RATE:
         parts.append(f"the server answered {mix['achieved_rps']:.0f}/s of {RATE}/s: saturated")
