@@ -73,6 +73,27 @@ def draw_sample(n_records: int, k: int = REEXEC_SAMPLE) -> list[int]:
     return sorted(random.SystemRandom().sample(range(n_records), min(k, n_records)))
 
 
+def _load_candidate(
+    request: dict[str, Any],
+    path: str,
+    doc: dict[str, Any],
+    executed_on: dict[str, Any],
+    problems: list[str],
+) -> Any:
+    """The candidate loaded as the inference ran it (the job's dtype); where it ran goes in
+    ``executed_on``, a transcript recorded in another dtype is a problem."""
+    dtype = job_dtype(request)
+    candidate = load_cached(path, memory_budget(request, path), dtype)
+    executed_on.update(device=str(candidate.device), dtype=candidate.descriptor["dtype"])
+    recorded_dtype = (doc.get("candidate") or {}).get("dtype")
+    if recorded_dtype is not None and recorded_dtype != executed_on["dtype"]:
+        problems.append(
+            f"re-execution: the transcript's candidate ran in {recorded_dtype}, the job "
+            f"asks for {executed_on['dtype']}"
+        )
+    return candidate
+
+
 def _check(
     job_id: str, validator: int, executed_on: dict[str, Any] | None = None
 ) -> tuple[str, str, list[str], list[int]]:
@@ -154,18 +175,11 @@ def _check(
     if indices:
         try:
             key = farm_key()
-            dtype = job_dtype(request)  # the job's dtype, as the inference ran it
-            candidate = load_cached(cand_path, memory_budget(request, cand_path), dtype)
-            executed_on.update(device=str(candidate.device), dtype=candidate.descriptor["dtype"])
-            recorded_dtype = (doc.get("candidate") or {}).get("dtype")
-            if recorded_dtype is not None and recorded_dtype != executed_on["dtype"]:
-                problems.append(
-                    f"re-execution: the transcript's candidate ran in {recorded_dtype}, the job "
-                    f"asks for {executed_on['dtype']}"
-                )
+            candidate = _load_candidate(request, cand_path, doc, executed_on, problems)
             reference: Any = ref_fp
             if reference is None:
-                reference = load_cached(str(ref_path), memory_budget(request, str(ref_path)), dtype)
+                budget = memory_budget(request, str(ref_path))
+                reference = load_cached(str(ref_path), budget, job_dtype(request))
             problems += [
                 f"re-execution: {p}"
                 for p in reexecute_sample(doc, reference, candidate, key, indices)
@@ -291,15 +305,7 @@ def _check_identification(
         try:
             key = farm_key()
             path = facts["candidate_path"]
-            dtype = job_dtype(facts["request"])  # the job's dtype, as the inference ran it
-            candidate = load_cached(path, memory_budget(facts["request"], path), dtype)
-            executed_on.update(device=str(candidate.device), dtype=candidate.descriptor["dtype"])
-            recorded_dtype = (doc.get("candidate") or {}).get("dtype")
-            if recorded_dtype is not None and recorded_dtype != executed_on["dtype"]:
-                problems.append(
-                    f"re-execution: the document's candidate ran in {recorded_dtype}, the job "
-                    f"asks for {executed_on['dtype']}"
-                )
+            candidate = _load_candidate(facts["request"], path, doc, executed_on, problems)
             have = {f: candidate.descriptor.get(f) for f in COMPARED_FIELDS}
             claimed = {f: (doc.get("candidate") or {}).get(f) for f in COMPARED_FIELDS}
             if have != claimed:
